@@ -1,0 +1,219 @@
+"""``gristmill``: manage datasets from the command line.
+
+With the server packages installed it also runs servers and manages API keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from google.protobuf.json_format import MessageToDict
+
+from gristmill.client.channel import DEFAULT_ADDRESS
+from gristmill.client.errors import GristmillError
+from gristmill.client.hub import DEFAULT_CACHE_DIR, Hub
+
+__all__ = ["main"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _connection_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection")
+    g.add_argument("--address", help=f"server host:port (env GRISTMILL_ADDRESS; default "
+                   f"{DEFAULT_ADDRESS})")
+    g.add_argument("--api-key", help="API key (env GRISTMILL_API_KEY)")
+    g.add_argument("--ca-file", type=Path, help="PEM root certificate for TLS (env "
+                   "GRISTMILL_CA_FILE)")
+    g.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                   help="download cache (env GRISTMILL_CACHE_DIR; default %(default)s)")
+    return p
+
+
+def _hub(args: argparse.Namespace) -> Hub:
+    return Hub(args.address, args.api_key, args.cache_dir, ca_file=args.ca_file)
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    with _hub(args) as hub:
+        ds = hub.create_dataset(args.name, args.description)
+    print(f"created dataset {ds.name}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _hub(args) as hub:
+        datasets = hub.list_datasets()
+    if args.json:
+        _print_json([MessageToDict(d, preserving_proto_field_name=True) for d in datasets])
+        return 0
+    if not datasets:
+        print("no datasets; create one with `gristmill dataset create NAME`")
+    for d in datasets:
+        latest = d.latest_version[:12] or "-"
+        print(f"{d.name:32} {d.file_count:>9} files {_size(d.total_bytes):>11}  version {latest}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _hub(args) as hub:
+        ds = hub.get_dataset(args.name)
+        versions = hub.list_versions(args.name)
+    if args.json:
+        _print_json({"dataset": MessageToDict(ds, preserving_proto_field_name=True),
+                     "versions": [MessageToDict(v, preserving_proto_field_name=True)
+                                  for v in versions]})
+        return 0
+    print(f"dataset      {ds.name}")
+    if ds.description:
+        print(f"description  {ds.description}")
+    print(f"created      {ds.create_time.ToDatetime().isoformat()}Z")
+    print(f"files        {ds.file_count} ({_size(ds.total_bytes)})")
+    print(f"versions     {len(versions)}")
+    for v in versions:
+        print(f"  {v.id}  {v.create_time.ToDatetime().isoformat()}Z  {v.file_count} files  "
+              f"{_size(v.total_bytes)}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    if not args.yes:
+        print(f"refusing to delete dataset {args.name!r} without --yes", file=sys.stderr)
+        return 2
+    with _hub(args) as hub:
+        resp = hub.delete_dataset(args.name)
+    print(f"deleted dataset {args.name} ({resp.blobs_deleted} blobs, "
+          f"{_size(resp.bytes_freed)} freed)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    with _hub(args) as hub:
+        report = hub.import_folder(args.name, args.folder, create=not args.no_create)
+    print(f"imported {args.folder} into {args.name}: {report}")
+    for path, why in report.failed:
+        print(f"  failed: {path}: {why}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    with _hub(args) as hub:
+        manifest = hub.get_manifest(args.name, args.version)
+    if args.json:
+        _print_json(MessageToDict(manifest, preserving_proto_field_name=True))
+        return 0
+    print(f"# {manifest.dataset} @ {manifest.version}: {len(manifest.files)} files")
+    for e in manifest.files:
+        dims = f"{e.image.width}x{e.image.height} {e.image.format}" if e.HasField("image") else ""
+        print(f"{e.sha256[:12]}  {e.size:>10}  {e.media_type:24} {dims:18} {e.path}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    with _hub(args) as hub:
+        paths = hub.download_dataset(args.name, version=args.version, dest=args.dest)
+    print(f"downloaded {len(paths)} files of {args.name} into {args.dest}")
+    return 0
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    with _hub(args) as hub:
+        version = hub.commit_version(args.name)
+    print(f"{args.name} version {version.id} ({version.file_count} files)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree (server commands come from installed packages)."""
+    parser = argparse.ArgumentParser(
+        prog="gristmill", description="gristmill: datasets, decoding and training streams "
+        "over gRPC. Run `gristmill COMMAND --help` for details.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    conn = _connection_flags()
+
+    ds = commands.add_parser("dataset", help="create, list, import, download datasets",
+                             description="Manage datasets on a gristmill store.")
+    dsc = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def add(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
+        p = dsc.add_parser(name, help=help_, description=help_, parents=[conn])
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("create", cmd_create, "create an empty dataset")
+    p.add_argument("name")
+    p.add_argument("--description", default="")
+    p = add("list", cmd_list, "list datasets")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = add("show", cmd_show, "show a dataset and its versions")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = add("delete", cmd_delete, "delete a dataset (admin key); blobs used elsewhere stay")
+    p.add_argument("name")
+    p.add_argument("--yes", action="store_true", help="really delete")
+    p = add("import", cmd_import, "upload a folder recursively (skips files already stored)")
+    p.add_argument("name")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--no-create", action="store_true", help="fail if the dataset is missing")
+    p = add("manifest", cmd_manifest, "print a version's manifest")
+    p.add_argument("name")
+    p.add_argument("--version", default="latest", help="version id (or prefix) or 'latest'")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = add("download", cmd_download, "download a dataset into a folder (resumable)")
+    p.add_argument("name")
+    p.add_argument("dest", type=Path)
+    p.add_argument("--version", default="latest", help="version id (or prefix) or 'latest'")
+    p = add("commit", cmd_commit, "freeze the dataset's current files as a version")
+    p.add_argument("name")
+
+    found = False
+    for ep in entry_points(group="gristmill.server"):
+        ep.load()(commands)
+        found = True
+    if not found:
+        p = commands.add_parser("serve", help="run a server (needs the server packages)")
+        p.set_defaults(handler=lambda _a: _missing_server())
+    return parser
+
+
+def _missing_server() -> int:
+    print("error: the gristmill server packages are not installed; install gristmill-store "
+          "(and gristmill-common) next to gristmill-client", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gristmill`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except GristmillError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Generated gRPC API of gristmill (package gristmill.v1). Do not edit."""

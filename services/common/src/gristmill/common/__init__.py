@@ -1,0 +1,1 @@
+"""gristmill server kit: config, server bootstrap, health, metrics, auth, errors, logs."""

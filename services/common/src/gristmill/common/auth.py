@@ -1,0 +1,140 @@
+"""API keys: issued once, stored only as sha256 hashes, compared in constant time.
+
+A key looks like ``gm_<id>_<secret>``: the id finds the row, the secret is
+checked with :func:`hmac.compare_digest` against its stored hash. Secrets are
+256 random bits, so a fast hash is enough (no password stretching needed).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import threading
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+import sqlite_utils
+
+from gristmill.client.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+
+__all__ = ["ApiKey", "KeyStore", "Role"]
+
+
+class Role(IntEnum):
+    """Ordered roles: a higher role may do all that a lower one may."""
+
+    READER = 1
+    WRITER = 2
+    ADMIN = 3
+
+    @classmethod
+    def parse(cls, name: str) -> Role:
+        """Role from its name ("reader", "writer", "admin")."""
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise InvalidArgument("role", f"unknown role {name!r}; use one of reader, writer, "
+                                  "admin") from None
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A stored key's public facts (never the secret)."""
+
+    key_id: str
+    role: Role
+    name: str
+    created: str
+    revoked: str | None
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class KeyStore:
+    """API keys in a SQLite file (shared by services reading the same file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        self._db = sqlite_utils.Database(conn)
+        self._lock = threading.Lock()
+        self._db.table("keys").create(
+            {"key_id": str, "secret_sha256": str, "role": str, "name": str, "created": str,
+             "revoked": str},
+            pk="key_id", not_null={"secret_sha256", "role", "created"}, if_not_exists=True,
+        )
+        self.path.chmod(0o600)
+
+    def create(self, role: Role, name: str = "") -> tuple[str, ApiKey]:
+        """Create a key; returns (the full key, shown only now, and its record)."""
+        key_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+        created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        with self._lock:
+            self._db.table("keys").insert({"key_id": key_id, "secret_sha256": _hash(secret),
+                                     "role": role.name.lower(), "name": name, "created": created,
+                                     "revoked": None})
+        return f"gm_{key_id}_{secret}", ApiKey(key_id, role, name, created, None)
+
+    def list(self) -> list[ApiKey]:
+        """Every key, revoked ones included, oldest first."""
+        with self._lock:
+            rows = list(self._db.table("keys").rows_where(order_by="created, key_id"))
+        return [ApiKey(r["key_id"], Role.parse(r["role"]), r["name"] or "", r["created"],
+                       r["revoked"]) for r in rows]
+
+    def revoke(self, key_id: str) -> None:
+        """Revoke a key by id (the part after ``gm_``); it stops working at once."""
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        with self._lock:
+            cur = self._db.execute("UPDATE keys SET revoked = ? WHERE key_id = ? AND revoked IS "
+                                   "NULL", [now, key_id])
+        if cur.rowcount == 0:
+            raise NotFound(f"no active API key with id {key_id!r}; see `gristmill keys list`")
+
+    def count_active(self) -> int:
+        """Number of keys not revoked."""
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM keys WHERE revoked IS NULL")
+                       .fetchone()[0])
+
+    def authenticate(self, key: str) -> ApiKey:
+        """The record of a valid key, or :class:`Unauthenticated`."""
+        parts = key.split("_", 2)
+        if len(parts) != 3 or parts[0] != "gm":
+            raise Unauthenticated("malformed API key; expected 'authorization: Bearer gm_<id>_"
+                                  "<secret>' as printed by `gristmill keys create`")
+        _, key_id, secret = parts
+        with self._lock:
+            row = self._db.execute("SELECT secret_sha256, role, name, created, revoked FROM keys "
+                                   "WHERE key_id = ?", [key_id]).fetchone()
+        # compare even when the id is unknown, so timing does not tell ids apart
+        stored = row[0] if row else "0" * 64
+        ok = hmac.compare_digest(stored.encode(), _hash(secret).encode())
+        if row is None or not ok:
+            raise Unauthenticated("invalid API key; create one with `gristmill keys create`")
+        if row[4] is not None:
+            raise Unauthenticated(f"API key {key_id} was revoked at {row[4]}; ask an admin for "
+                                  "a new one")
+        return ApiKey(key_id, Role.parse(row[1]), row[2] or "", row[3], row[4])
+
+    @staticmethod
+    def require(key: ApiKey, needed: Role, method: str) -> None:
+        """Raise :class:`PermissionDenied` unless ``key`` has at least ``needed``."""
+        if key.role < needed:
+            raise PermissionDenied(
+                f"{method} needs the {needed.name.lower()} role; API key {key.key_id} is a "
+                f"{key.role.name.lower()}. Ask an admin for a key with that role.")
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.conn.close()

@@ -1,0 +1,118 @@
+"""Server commands of the ``gristmill`` CLI: ``serve`` and ``keys``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from gristmill.common.auth import KeyStore, Role
+from gristmill.common.config import ConfigError, load_config
+from gristmill.common.logs import setup_logging
+
+__all__ = ["register"]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gristmill.common.server import serve
+
+    overrides: dict[str, Any] = {
+        "data_dir": args.data, "host": args.host, "port": args.port,
+        "metrics_port": args.metrics_port, "log_level": args.log_level,
+    }
+    if args.no_metrics:
+        overrides["metrics_port"] = None
+    if args.services:
+        overrides["services"] = [s.strip() for s in args.services.split(",") if s.strip()]
+    if args.no_auth:
+        overrides["auth"] = {"enabled": False}
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.no_metrics:
+        config = config.model_copy(update={"metrics_port": None})
+    setup_logging(config.log_level)
+    try:
+        return serve(config, ready_file=args.ready_file)
+    except (ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _keys_store(args: argparse.Namespace) -> KeyStore:
+    try:
+        config = load_config(args.config, overrides={"data_dir": args.data})
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    return KeyStore(config.keys_file)
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    keys = _keys_store(args)
+    key, record = keys.create(Role.parse(args.role), args.name)
+    keys.close()
+    print(key)
+    print(f"created {record.role.name.lower()} key {record.key_id}; it is shown only now",
+          file=sys.stderr)
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    keys = _keys_store(args)
+    for k in keys.list():
+        state = f"revoked {k.revoked}" if k.revoked else "active"
+        print(f"{k.key_id}  {k.role.name.lower():6}  {k.created}  {state:30}  {k.name}")
+    keys.close()
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    keys = _keys_store(args)
+    try:
+        keys.revoke(args.key_id)
+    finally:
+        keys.close()
+    print(f"revoked key {args.key_id}")
+    return 0
+
+
+def register(commands: Any) -> None:
+    """Add ``serve`` and ``keys`` to the CLI's sub-commands."""
+    p = commands.add_parser(
+        "serve", help="run gristmill services (all installed ones by default)",
+        description="Run gristmill services in one process on one port. Without --services, "
+        "every installed service runs (the embedded default: filesystem storage under --data). "
+        "Settings come from --config (YAML), GRISTMILL_* variables and these flags.")
+    p.add_argument("--data", type=Path, help="data directory (config key data_dir)")
+    p.add_argument("--config", type=Path, help="YAML config file (env GRISTMILL_CONFIG)")
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gRPC port (default 7450; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9450)")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument("--services", help="comma-separated subset, e.g. 'store'")
+    p.add_argument("--no-auth", action="store_true", help="accept calls without API keys "
+                   "(for local experiments only)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--ready-file", type=Path, help="write {\"port\": ..., \"metrics_port\": ...} "
+                   "as JSON here once serving")
+    p.set_defaults(handler=_serve)
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys",
+                               description="Manage API keys stored (hashed) in the data "
+                               "directory. Servers see changes at once.")
+    kc = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", type=Path, help="data directory of the server")
+    common.add_argument("--config", type=Path, help="YAML config file")
+    p = kc.add_parser("create", parents=[common], help="create a key and print it (only once)")
+    p.add_argument("--role", default="reader", choices=["reader", "writer", "admin"])
+    p.add_argument("--name", default="", help="who or what the key is for")
+    p.set_defaults(handler=_keys_create)
+    p = kc.add_parser("list", parents=[common], help="list keys (ids and roles, no secrets)")
+    p.set_defaults(handler=_keys_list)
+    p = kc.add_parser("revoke", parents=[common], help="revoke a key by id")
+    p.add_argument("key_id")
+    p.set_defaults(handler=_keys_revoke)

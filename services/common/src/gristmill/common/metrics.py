@@ -1,0 +1,42 @@
+"""The one place gristmill metrics are defined (all prefixed ``gristmill_``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+__all__ = [
+    "RPC_DURATION",
+    "RPC_IN_FLIGHT",
+    "RPC_TOTAL",
+    "STORE_BLOBS_CREATED",
+    "STORE_BYTES_READ",
+    "STORE_BYTES_WRITTEN",
+    "STORE_ITEM_ERRORS",
+    "start_metrics_server",
+]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+RPC_TOTAL = Counter(
+    "gristmill_rpc_requests", "Finished RPCs by method and status code",
+    ["service", "method", "code"],
+)
+RPC_DURATION = Histogram(
+    "gristmill_rpc_duration_seconds", "RPC latency (streams: until the last message)",
+    ["service", "method"], buckets=_LATENCY_BUCKETS,
+)
+RPC_IN_FLIGHT = Gauge("gristmill_rpc_in_flight", "RPCs being served", ["service", "method"])
+
+STORE_BYTES_WRITTEN = Counter("gristmill_store_bytes_written", "File bytes received by PutFiles")
+STORE_BYTES_READ = Counter("gristmill_store_bytes_read", "File bytes sent by ReadFiles")
+STORE_BLOBS_CREATED = Counter("gristmill_store_blobs_created", "New content-addressed blobs")
+STORE_ITEM_ERRORS = Counter(
+    "gristmill_store_item_errors", "Per-file errors in batch calls", ["reason"],
+)
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1") -> tuple[object, int]:
+    """Serve /metrics over HTTP; returns (server, bound port). Port 0 picks one."""
+    server, _thread = start_http_server(port, addr=host)
+    return server, int(server.server_port)

@@ -1,0 +1,171 @@
+"""Building, running and gracefully stopping a gristmill gRPC server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gristmill.common.auth import KeyStore, Role
+from gristmill.common.config import ServerConfig
+from gristmill.common.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from gristmill.common.metrics import start_metrics_server
+from gristmill.common.service import ServiceContext, ServiceSpec, select_services
+
+__all__ = ["GristmillServer", "create_server", "ensure_admin_key", "serve"]
+
+log = logging.getLogger("gristmill.server")
+
+
+@dataclass
+class GristmillServer:
+    """A built gRPC server with its health service and what it must close."""
+
+    grpc_server: grpc.Server
+    health: health.HealthServicer
+    context: ServiceContext
+    services: list[ServiceSpec]
+    keys: KeyStore | None
+    grace: float
+
+    def start(self) -> None:
+        """Start serving and report SERVING on health."""
+        self.grpc_server.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for spec in self.services:
+            self.health.set(spec.full_name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight ones finish, close."""
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(self.grace if grace is None else grace).wait()
+        for res in reversed(self.context.resources):
+            res.close()
+        if self.keys is not None:
+            self.keys.close()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (or the timeout passes)."""
+        return bool(self.grpc_server.wait_for_termination(timeout))
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls is None:
+        return None
+    tls = config.tls
+    pair = (tls.key_file.read_bytes(), tls.cert_file.read_bytes())
+    if tls.client_ca_file is not None:
+        return grpc.ssl_server_credentials([pair], tls.client_ca_file.read_bytes(),
+                                           require_client_auth=True)
+    return grpc.ssl_server_credentials([pair])
+
+
+def create_server(config: ServerConfig,
+                  services: list[ServiceSpec] | None = None) -> tuple[GristmillServer, int]:
+    """Build (not start) a server for ``config``; returns it and the bound port.
+
+    Binding port 0 picks a free port, which is what tests do.
+    """
+    specs = services if services is not None else select_services(config.services)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    keys = KeyStore(config.keys_file) if config.auth.enabled else None
+    roles: dict[str, Role] = {}
+    for spec in specs:
+        roles.update(spec.method_roles())
+    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(), ErrorInterceptor()]
+    if keys is not None:
+        interceptors.append(AuthInterceptor(keys, roles))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers,
+                                   thread_name_prefix="gristmill-rpc"),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    ctx = ServiceContext(config=config)
+    for spec in specs:
+        spec.build(ctx, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [s.full_name for s in specs] + [health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    address = f"{config.host}:{config.port}"
+    creds = _credentials(config)
+    port = (server.add_secure_port(address, creds) if creds is not None
+            else server.add_insecure_port(address))
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: is the port in use? Pick another with "
+                      "--port")
+    return GristmillServer(server, health_servicer, ctx, specs, keys,
+                           config.shutdown_grace_seconds), port
+
+
+def ensure_admin_key(config: ServerConfig) -> Path | None:
+    """On a data directory without keys, create an admin key; returns its file."""
+    if not config.auth.enabled:
+        return None
+    keys = KeyStore(config.keys_file)
+    try:
+        if keys.count_active() or keys.list():
+            return None
+        key, record = keys.create(Role.ADMIN, name="initial admin")
+    finally:
+        keys.close()
+    path = config.data_dir / "admin.key"
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return path
+
+
+def serve(config: ServerConfig, ready_file: Path | None = None) -> int:
+    """Run until SIGTERM or SIGINT, then drain gracefully; returns the exit code.
+
+    With ``ready_file``, writes ``{"port": ..., "metrics_port": ...}`` there once
+    serving (atomically), so scripts can use port 0.
+    """
+    admin_file = ensure_admin_key(config)
+    if admin_file is not None:
+        print(f"created an admin API key, stored in {admin_file} (readable by you only)",
+              file=sys.stderr, flush=True)
+    server, port = create_server(config)
+    server.start()
+    metrics_port = None
+    if config.metrics_port is not None:
+        _, metrics_port = start_metrics_server(config.metrics_port, config.metrics_host)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("serving", extra={"address": f"{config.host}:{port}", "metrics_port": metrics_port,
+                               "services": [s.name for s in server.services],
+                               "tls": config.tls is not None})
+    print(f"gristmill serving {', '.join(s.name for s in server.services)} on "
+          f"{config.host}:{port}" + (f", metrics on :{metrics_port}" if metrics_port else ""),
+          file=sys.stderr, flush=True)
+    if ready_file is not None:
+        tmp = ready_file.with_name(ready_file.name + ".tmp")
+        tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port}))
+        os.replace(tmp, ready_file)
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,1 @@
+"""The gristmill store service: datasets of content-addressed files."""

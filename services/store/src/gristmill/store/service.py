@@ -1,0 +1,166 @@
+"""StoreService over gRPC: validates, delegates to :class:`Store`, converts."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from gristmill.common.auth import Role
+from gristmill.common.paging import decode_page_token, encode_page_token, page_size
+from gristmill.common.service import ServiceContext, ServiceSpec
+from gristmill.store.blobs import FsBlobStore
+from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
+from gristmill.store.names import validate_dataset_name
+from gristmill.store.store import Store
+from gristmill.v1 import store_pb2, store_pb2_grpc
+
+__all__ = ["SERVICE", "StoreServicer", "open_store"]
+
+
+def _timestamp(iso: str) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(dt.datetime.fromisoformat(iso))
+    return ts
+
+
+def dataset_message(row: DatasetRow) -> store_pb2.Dataset:
+    """Proto view of a dataset row."""
+    return store_pb2.Dataset(name=row.name, description=row.description,
+                             create_time=_timestamp(row.created), file_count=row.file_count,
+                             total_bytes=row.total_bytes, latest_version=row.latest_version)
+
+
+def version_message(row: VersionRow) -> store_pb2.Version:
+    """Proto view of a version row."""
+    return store_pb2.Version(id=row.id, dataset=row.dataset, create_time=_timestamp(row.created),
+                             file_count=row.file_count, total_bytes=row.total_bytes)
+
+
+class StoreServicer(store_pb2_grpc.StoreServiceServicer):
+    """gRPC front of the store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def CreateDataset(self, request: store_pb2.CreateDatasetRequest,
+                      context: grpc.ServicerContext) -> store_pb2.CreateDatasetResponse:
+        row = self.store.create_dataset(request.name, request.description)
+        return store_pb2.CreateDatasetResponse(dataset=dataset_message(row))
+
+    def GetDataset(self, request: store_pb2.GetDatasetRequest,
+                   context: grpc.ServicerContext) -> store_pb2.GetDatasetResponse:
+        return store_pb2.GetDatasetResponse(
+            dataset=dataset_message(self.store.get_dataset(request.name)))
+
+    def ListDatasets(self, request: store_pb2.ListDatasetsRequest,
+                     context: grpc.ServicerContext) -> store_pb2.ListDatasetsResponse:
+        size = page_size(request.page_size, 100, 1000)
+        after = decode_page_token(request.page_token, "datasets")
+        rows = self.store.list_datasets(after, size + 1)
+        token = encode_page_token("datasets", rows[size - 1].name) if len(rows) > size else ""
+        return store_pb2.ListDatasetsResponse(
+            datasets=[dataset_message(r) for r in rows[:size]], next_page_token=token)
+
+    def DeleteDataset(self, request: store_pb2.DeleteDatasetRequest,
+                      context: grpc.ServicerContext) -> store_pb2.DeleteDatasetResponse:
+        blobs, freed = self.store.delete_dataset(request.name)
+        return store_pb2.DeleteDatasetResponse(blobs_deleted=blobs, bytes_freed=freed)
+
+    def PutFiles(self, request_iterator: Iterator[store_pb2.PutFilesRequest],
+                 context: grpc.ServicerContext) -> store_pb2.PutFilesResponse:
+        _, result = self.store.put_files(request_iterator, context.is_active)
+        return store_pb2.PutFilesResponse(files=result.entries,
+                                          bytes_received=result.bytes_received,
+                                          blobs_created=result.blobs_created)
+
+    def FindBlobs(self, request: store_pb2.FindBlobsRequest,
+                  context: grpc.ServicerContext) -> store_pb2.FindBlobsResponse:
+        return store_pb2.FindBlobsResponse(present=self.store.find_blobs(list(request.sha256)))
+
+    def DeleteFiles(self, request: store_pb2.DeleteFilesRequest,
+                    context: grpc.ServicerContext) -> store_pb2.DeleteFilesResponse:
+        n = self.store.delete_files(request.dataset, list(request.paths))
+        return store_pb2.DeleteFilesResponse(deleted=n)
+
+    def ListManifest(self, request: store_pb2.ListManifestRequest,
+                     context: grpc.ServicerContext) -> store_pb2.ListManifestResponse:
+        size = page_size(request.page_size, 1000, 10_000)
+        validate_dataset_name(request.dataset, "dataset")
+        query = ["manifest", request.dataset, request.version or "latest", request.prefix]
+        after = decode_page_token(request.page_token, query)
+        version, entries = self.store.list_manifest(request.dataset, request.version, after,
+                                                    size + 1, request.prefix)
+        token = encode_page_token(query, entries[size - 1].path) if len(entries) > size else ""
+        return store_pb2.ListManifestResponse(files=entries[:size], next_page_token=token,
+                                              version=version)
+
+    def GetManifest(self, request: store_pb2.GetManifestRequest,
+                    context: grpc.ServicerContext) -> Iterator[store_pb2.GetManifestResponse]:
+        for version, count, piece in self.store.manifest_chunks(request.dataset,
+                                                                request.version):
+            yield store_pb2.GetManifestResponse(version=version, file_count=count, data=piece)
+
+    def ReadFiles(self, request: store_pb2.ReadFilesRequest,
+                  context: grpc.ServicerContext) -> Iterator[store_pb2.ReadFilesResponse]:
+        for batch in self.store.read_files(
+                request.dataset, request.version, list(request.paths), verify=request.verify,
+                offset=request.offset, length=request.length, budget=request.max_message_bytes):
+            yield store_pb2.ReadFilesResponse(files=batch)
+
+    def CommitVersion(self, request: store_pb2.CommitVersionRequest,
+                      context: grpc.ServicerContext) -> store_pb2.CommitVersionResponse:
+        row, created = self.store.commit_version(request.dataset)
+        return store_pb2.CommitVersionResponse(version=version_message(row), created=created)
+
+    def ListVersions(self, request: store_pb2.ListVersionsRequest,
+                     context: grpc.ServicerContext) -> store_pb2.ListVersionsResponse:
+        size = page_size(request.page_size, 100, 1000)
+        validate_dataset_name(request.dataset, "dataset")
+        query = ["versions", request.dataset]
+        after = decode_page_token(request.page_token, query)
+        rows = self.store.list_versions(request.dataset, after, size + 1)
+        token = (encode_page_token(query, f"{rows[size - 1].created}|{rows[size - 1].id}")
+                 if len(rows) > size else "")
+        return store_pb2.ListVersionsResponse(versions=[version_message(r) for r in rows[:size]],
+                                              next_page_token=token)
+
+
+def open_store(ctx: ServiceContext) -> Store:
+    """The store for a server config (filesystem backend under data_dir/store)."""
+    cfg = ctx.config
+    root = cfg.data_dir / "store"
+    return Store(Catalog(root / "catalog.sqlite"), FsBlobStore(root),
+                 read_message_bytes=cfg.store.read_message_bytes,
+                 read_chunk_bytes=cfg.store.read_chunk_bytes,
+                 max_message_bytes=cfg.max_message_bytes)
+
+
+def _build(ctx: ServiceContext, server: grpc.Server) -> None:
+    store = open_store(ctx)
+    ctx.local["store"] = store
+    ctx.resources.append(store)
+    store_pb2_grpc.add_StoreServiceServicer_to_server(StoreServicer(store), server)
+
+
+SERVICE = ServiceSpec(
+    name="store",
+    full_name="gristmill.v1.StoreService",
+    build=_build,
+    roles={
+        "CreateDataset": Role.WRITER,
+        "GetDataset": Role.READER,
+        "ListDatasets": Role.READER,
+        "DeleteDataset": Role.ADMIN,
+        "PutFiles": Role.WRITER,
+        "FindBlobs": Role.WRITER,
+        "DeleteFiles": Role.WRITER,
+        "ListManifest": Role.READER,
+        "GetManifest": Role.READER,
+        "ReadFiles": Role.READER,
+        "CommitVersion": Role.WRITER,
+        "ListVersions": Role.READER,
+    },
+)

@@ -1,0 +1,378 @@
+"""The store's domain logic, independent of gRPC (used in-process too)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from gristmill.client.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    GristmillError,
+    InvalidArgument,
+    NotFound,
+)
+from gristmill.common import metrics
+from gristmill.store.blobs import BlobStore, BlobWriter
+from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
+from gristmill.store.images import sniff
+from gristmill.store.names import validate_dataset_name, validate_path, validate_sha256
+from gristmill.v1 import common_pb2, store_pb2
+
+__all__ = ["LATEST", "PutResult", "Store"]
+
+LATEST = "latest"
+MAX_PATHS_PER_CALL = 10_000
+_HASH_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass
+class PutResult:
+    """What one PutFiles call stored."""
+
+    entries: list[store_pb2.FileEntry] = field(default_factory=list)
+    bytes_received: int = 0
+    blobs_created: int = 0
+
+
+@dataclass
+class _Upload:
+    path: str
+    size: int
+    sha256: str
+    writer: BlobWriter
+
+
+def item_error(error: GristmillError) -> common_pb2.ItemError:
+    """A per-item error record from a domain error."""
+    metrics.STORE_ITEM_ERRORS.labels(error.reason).inc()
+    return common_pb2.ItemError(code=error.code.value[0], reason=error.reason,
+                                message=error.message)
+
+
+class Store:
+    """Datasets, manifests, versions and blobs."""
+
+    def __init__(self, catalog: Catalog, blobs: BlobStore, *, read_message_bytes: int,
+                 read_chunk_bytes: int, max_message_bytes: int) -> None:
+        self.catalog = catalog
+        self.blobs = blobs
+        self.read_message_bytes = read_message_bytes
+        self.read_chunk_bytes = read_chunk_bytes
+        self.max_message_bytes = max_message_bytes
+        # blobs written by uploads not yet committed: garbage collection skips them
+        self._pinned: Counter[str] = Counter()
+        self._pin_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close catalog and backend."""
+        self.catalog.close()
+        self.blobs.close()
+
+    # datasets -------------------------------------------------------------
+    def create_dataset(self, name: str, description: str = "") -> DatasetRow:
+        """Create an empty dataset."""
+        validate_dataset_name(name)
+        if len(description) > 4096:
+            raise InvalidArgument("description", "longer than 4096 characters")
+        if not self.catalog.create_dataset(name, description):
+            raise AlreadyExists(f"dataset {name!r} already exists; pick another name or use it",
+                                reason="DATASET_EXISTS")
+        return self.get_dataset(name)
+
+    def get_dataset(self, name: str, field: str = "name") -> DatasetRow:
+        """A dataset or NotFound."""
+        validate_dataset_name(name, field)
+        row = self.catalog.dataset(name)
+        if row is None:
+            raise NotFound(f"dataset {name!r} does not exist; create it with `gristmill dataset "
+                           f"create {name}`", reason="DATASET_NOT_FOUND",
+                           metadata={"dataset": name})
+        return row
+
+    def list_datasets(self, after: str | None, limit: int) -> list[DatasetRow]:
+        """Datasets sorted by name."""
+        return self.catalog.datasets(after, limit)
+
+    def delete_dataset(self, name: str) -> tuple[int, int]:
+        """Delete a dataset; returns (blobs deleted, bytes freed)."""
+        self.get_dataset(name)
+        return self._collect(self.catalog.delete_dataset(name))
+
+    def _collect(self, unreferenced: list[tuple[str, int]]) -> tuple[int, int]:
+        deleted = freed = 0
+        with self._pin_lock:
+            for sha, _size in unreferenced:
+                if self._pinned[sha]:
+                    continue
+                freed += self.blobs.delete(sha)
+                deleted += 1
+        return deleted, freed
+
+    # versions -------------------------------------------------------------
+    def resolve(self, dataset: str, version: str, field: str = "version") -> str:
+        """"latest" or the full id of an existing version."""
+        self.get_dataset(dataset, "dataset")
+        if version in ("", LATEST):
+            return LATEST
+        resolved = self.catalog.resolve_version(dataset, version)
+        if resolved is None:
+            raise NotFound(f"version {version!r} of dataset {dataset!r} does not exist; list "
+                           f"versions with `gristmill dataset show {dataset}`",
+                           reason="VERSION_NOT_FOUND", metadata={"dataset": dataset})
+        return resolved
+
+    def commit_version(self, dataset: str) -> tuple[VersionRow, bool]:
+        """Freeze the head; the id is the sha256 of its canonical manifest."""
+        self.get_dataset(dataset, "dataset")
+        with self.catalog.lock:  # no upload may land between hashing and freezing
+            rows = self.catalog.head_rows(dataset)
+            digest = hashlib.sha256()
+            for path, size, sha in rows:
+                digest.update(f"{path}\t{size}\t{sha}\n".encode())
+            return self.catalog.commit_version(dataset, digest.hexdigest(), len(rows))
+
+    def list_versions(self, dataset: str, after: str | None, limit: int) -> list[VersionRow]:
+        """Versions newest first."""
+        self.get_dataset(dataset, "dataset")
+        return self.catalog.versions(dataset, after, limit)
+
+    # manifests -------------------------------------------------------------
+    def list_manifest(self, dataset: str, version: str, after: str | None, limit: int,
+                      prefix: str = "") -> tuple[str, list[store_pb2.FileEntry]]:
+        """A page of entries and the resolved version."""
+        resolved = self.resolve(dataset, version)
+        return resolved, self.catalog.entries(dataset, resolved, after, limit, prefix)
+
+    def manifest_chunks(self, dataset: str, version: str, chunk: int = 1024 * 1024
+                        ) -> Iterator[tuple[str, int, bytes]]:
+        """The whole manifest, zlib-compressed, as (version, count, piece) tuples."""
+        resolved = self.resolve(dataset, version)
+        entries = self.catalog.entries(dataset, resolved)
+        blob = zlib.compress(store_pb2.Manifest(dataset=dataset, version=resolved,
+                                                files=entries).SerializeToString(), 6)
+        for i in range(0, max(len(blob), 1), chunk):
+            yield resolved, len(entries), blob[i:i + chunk]
+
+    # uploads ---------------------------------------------------------------
+    def find_blobs(self, shas: list[str]) -> list[str]:
+        """The stored subset of ``shas``."""
+        if len(shas) > MAX_PATHS_PER_CALL:
+            raise InvalidArgument("sha256", f"at most {MAX_PATHS_PER_CALL} hashes per call; "
+                                  "split the request")
+        for i, sha in enumerate(shas):
+            validate_sha256(sha, f"sha256[{i}]")
+        known = self.catalog.known_blobs(shas)
+        return [s for s in shas if s in known and self.blobs.exists(s)]
+
+    def _pin(self, sha: str, delta: int) -> None:
+        with self._pin_lock:
+            self._pinned[sha] += delta
+            if self._pinned[sha] <= 0:
+                del self._pinned[sha]
+
+    def put_files(self, requests: Iterable[store_pb2.PutFilesRequest],
+                  is_active: Callable[[], bool] = lambda: True) -> tuple[str, PutResult]:
+        """Receive a PutFiles stream; entries land in the head only if it completes."""
+        result = PutResult()
+        dataset = ""
+        upload: _Upload | None = None
+        pinned: list[str] = []
+        try:
+            for n, req in enumerate(requests):
+                if req.dataset and dataset and req.dataset != dataset:
+                    raise InvalidArgument("dataset", f"message {n} names dataset "
+                                          f"{req.dataset!r} but the stream is for {dataset!r}; "
+                                          "use one PutFiles call per dataset")
+                if not dataset:
+                    if not req.dataset:
+                        raise InvalidArgument("dataset", "the first PutFiles message must name "
+                                              "the dataset")
+                    dataset = req.dataset
+                    self.get_dataset(dataset, "dataset")
+                for chunk in req.chunks:
+                    if upload is None:
+                        upload = self._start(chunk, result, pinned)
+                        if upload is None:
+                            continue
+                    elif chunk.path and chunk.path != upload.path:
+                        raise InvalidArgument("chunks.path", f"file {upload.path!r} is not "
+                                              f"finished (no chunk with last=true) when "
+                                              f"{chunk.path!r} starts")
+                    if chunk.data:
+                        if upload.writer.size + len(chunk.data) > upload.size:
+                            raise InvalidArgument("chunks.data", f"file {upload.path!r}: more "
+                                                  f"bytes than its declared size {upload.size}",
+                                                  reason="SIZE_MISMATCH")
+                        upload.writer.write(chunk.data)
+                        result.bytes_received += len(chunk.data)
+                        metrics.STORE_BYTES_WRITTEN.inc(len(chunk.data))
+                    if chunk.last:
+                        self._finish(upload, result, pinned)
+                        upload = None
+            if upload is not None:
+                raise InvalidArgument("chunks.last", f"the stream ended inside file "
+                                      f"{upload.path!r}; send its remaining bytes and a chunk "
+                                      "with last=true")
+            if not dataset:
+                raise InvalidArgument("dataset", "empty PutFiles stream; send at least one "
+                                      "message naming the dataset")
+            if not is_active():
+                raise FailedPrecondition("the upload was cancelled; nothing was stored")
+            if result.entries:
+                self.catalog.add_files(dataset, result.entries)
+            return dataset, result
+        finally:
+            if upload is not None:
+                upload.writer.abort()
+            for sha in pinned:
+                self._pin(sha, -1)
+
+    def _start(self, chunk: store_pb2.FileChunk, result: PutResult, pinned: list[str]
+               ) -> _Upload | None:
+        path = validate_path(chunk.path, "chunks.path")
+        if chunk.size < 0:
+            raise InvalidArgument("chunks.size", f"file {path!r}: size must not be negative")
+        if chunk.sha256:
+            validate_sha256(chunk.sha256, "chunks.sha256")
+        if not chunk.reuse_blob:
+            return _Upload(path, chunk.size, chunk.sha256, self.blobs.writer())
+        if not chunk.sha256 or not chunk.last or chunk.data:
+            raise InvalidArgument("chunks.reuse_blob", f"file {path!r}: reuse_blob needs sha256 "
+                                  "and size, no data, and last=true")
+        self._pin(chunk.sha256, 1)
+        pinned.append(chunk.sha256)
+        known = self.catalog.blob_known(chunk.sha256)
+        if known is None or not self.blobs.exists(chunk.sha256):
+            raise FailedPrecondition(f"file {path!r}: blob {chunk.sha256} is not stored; upload "
+                                     "its bytes instead", reason="BLOB_NOT_FOUND")
+        if known != chunk.size:
+            raise InvalidArgument("chunks.size", f"file {path!r}: declared {chunk.size} bytes but "
+                                  f"blob {chunk.sha256} has {known}", reason="SIZE_MISMATCH")
+        self._add_entry(path, chunk.sha256, chunk.size, result)
+        return None
+
+    def _finish(self, upload: _Upload, result: PutResult, pinned: list[str]) -> None:
+        # pin before the blob becomes visible so a concurrent delete cannot collect it
+        writer = upload.writer
+        sha, created = writer.finish(upload.sha256, upload.size)
+        self._pin(sha, 1)
+        pinned.append(sha)
+        if created:
+            result.blobs_created += 1
+            metrics.STORE_BLOBS_CREATED.inc()
+        self._add_entry(upload.path, sha, upload.size, result)
+
+    def _add_entry(self, path: str, sha: str, size: int, result: PutResult) -> None:
+        with self.blobs.open(sha) as reader:
+            media_type, image = sniff(path, reader)
+        entry = store_pb2.FileEntry(path=path, size=size, sha256=sha, media_type=media_type)
+        if image is not None:
+            entry.image.CopyFrom(image)
+        result.entries.append(entry)
+
+    def delete_files(self, dataset: str, paths: list[str]) -> int:
+        """Remove paths from the head; returns how many were present."""
+        self.get_dataset(dataset, "dataset")
+        for i, p in enumerate(paths):
+            validate_path(p, f"paths[{i}]")
+        deleted, unreferenced = self.catalog.delete_files(dataset, paths)
+        self._collect(unreferenced)
+        return deleted
+
+    # reads ------------------------------------------------------------------
+    def verify_blob(self, entry: store_pb2.FileEntry) -> None:
+        """DataLoss unless the stored bytes still hash to the entry's sha256."""
+        digest = hashlib.sha256()
+        size = 0
+        while True:
+            data = self.blobs.read(entry.sha256, size, _HASH_CHUNK)
+            if not data:
+                break
+            digest.update(data)
+            size += len(data)
+        if size != entry.size or digest.hexdigest() != entry.sha256:
+            raise DataLoss(f"stored blob for {entry.path!r} is corrupt (expected sha256 "
+                           f"{entry.sha256}, {entry.size} bytes; found {digest.hexdigest()}, "
+                           f"{size} bytes); re-upload the file", reason="BLOB_CORRUPT")
+
+    def read_files(self, dataset: str, version: str, paths: list[str], *, verify: bool = False,
+                   offset: int = 0, length: int = 0, budget: int = 0
+                   ) -> Iterator[list[store_pb2.FileData]]:
+        """Yield batches of FileData, each at most ``budget`` payload bytes."""
+        if not paths:
+            raise InvalidArgument("paths", "no paths given; name at least one file")
+        if len(paths) > MAX_PATHS_PER_CALL:
+            raise InvalidArgument("paths", f"at most {MAX_PATHS_PER_CALL} paths per call; split "
+                                  "the request")
+        for i, p in enumerate(paths):
+            validate_path(p, f"paths[{i}]")
+        if offset < 0 or length < 0:
+            raise InvalidArgument("offset" if offset < 0 else "length", "must not be negative")
+        ranged = offset > 0 or length > 0
+        if ranged and len(paths) != 1:
+            raise InvalidArgument("paths", "a ranged read (offset/length) names exactly one path")
+        if budget < 0 or (budget and not 64 * 1024 <= budget <= self.max_message_bytes - 65536):
+            raise InvalidArgument("max_message_bytes", f"must be 0 (default) or between 65536 "
+                                  f"and {self.max_message_bytes - 65536}")
+        budget = budget or self.read_message_bytes
+        resolved = self.resolve(dataset, version)
+        found = self.catalog.lookup(dataset, resolved, paths)
+        batch: list[store_pb2.FileData] = []
+        used = 0
+        for path in paths:
+            entry = found.get(path)
+            if entry is None:
+                err = NotFound(f"file {path!r} is not in dataset {dataset!r} ({resolved})",
+                               reason="FILE_NOT_FOUND")
+                batch.append(store_pb2.FileData(path=path, error=item_error(err)))
+                continue
+            start = min(offset, entry.size)
+            end = entry.size if not length else min(entry.size, start + length)
+            try:
+                if verify:
+                    self.verify_blob(entry)
+                pieces = self._pieces(entry, start, end, budget, used)
+                for piece in pieces:
+                    if used and used + len(piece.data) > budget:
+                        yield batch
+                        batch, used = [], 0
+                    batch.append(piece)
+                    used += len(piece.data)
+                    metrics.STORE_BYTES_READ.inc(len(piece.data))
+            except GristmillError as e:
+                batch = [p for p in batch if p.path != path or p.eof]
+                batch.append(store_pb2.FileData(path=path, sha256=entry.sha256, size=entry.size,
+                                                error=item_error(e)))
+        if batch:
+            yield batch
+
+    def _pieces(self, entry: store_pb2.FileEntry, start: int, end: int, budget: int, used: int
+                ) -> Iterator[store_pb2.FileData]:
+        if end - start <= max(budget - used, 0) or end == start:
+            # small: whole file (or range) in one piece
+            data = self.blobs.read(entry.sha256, start, end - start)
+            self._check_len(entry, data, end - start)
+            yield store_pb2.FileData(path=entry.path, sha256=entry.sha256, size=entry.size,
+                                     offset=start, data=data, eof=True)
+            return
+        pos = start
+        step = min(self.read_chunk_bytes, budget)
+        while pos < end:
+            n = min(step, end - pos)
+            data = self.blobs.read(entry.sha256, pos, n)
+            self._check_len(entry, data, n)
+            yield store_pb2.FileData(path=entry.path, sha256=entry.sha256, size=entry.size,
+                                     offset=pos, data=data, eof=pos + n >= end)
+            pos += n
+
+    @staticmethod
+    def _check_len(entry: store_pb2.FileEntry, data: bytes, expected: int) -> None:
+        if len(data) != expected:
+            raise DataLoss(f"stored blob for {entry.path!r} is shorter than its recorded size "
+                           f"{entry.size}; re-upload the file", reason="BLOB_CORRUPT")
