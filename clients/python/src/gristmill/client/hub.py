@@ -18,6 +18,7 @@ import grpc
 from gristmill.client.cache import FileCache, safe_component
 from gristmill.client.channel import ConnectionOptions, open_channel
 from gristmill.client.errors import GristmillError, InvalidArgument, NotFound, from_rpc_error
+from gristmill.client.names import validate_path
 from gristmill.client.progress import Progress, progress
 from gristmill.v1 import store_pb2, store_pb2_grpc
 
@@ -400,6 +401,12 @@ class Hub:
         for src in sources:
             rel = src.relative_to(root).as_posix()
             try:
+                validate_path(rel)
+            except InvalidArgument as e:
+                report.failed.append((rel, e.message))
+                bar.update()
+                continue
+            try:
                 sha, size = _sha256_file(src)
                 local.append(_LocalFile(rel, src, size, sha))
             except OSError as e:
@@ -443,7 +450,7 @@ class Hub:
                 resp = _rpc(self._stub.PutFiles,
                             self._requests(dataset, batch, stored, bar, unreadable))
             except GristmillError as e:
-                bad = [f for f in batch if f.path in e.message] or batch
+                bad = [f for f in batch if repr(f.path) in e.message] or batch
                 report.failed.extend((f.path, e.message) for f in bad)
                 batch = [f for f in batch if f not in bad]
                 if not batch:

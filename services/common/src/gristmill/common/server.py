@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gristmill.client.tuning import tune_malloc
 from gristmill.common.auth import KeyStore, Role
 from gristmill.common.config import ServerConfig
 from gristmill.common.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
@@ -137,6 +138,7 @@ def serve(config: ServerConfig, ready_file: Path | None = None) -> int:
     With ``ready_file``, writes ``{"port": ..., "metrics_port": ...}`` there once
     serving (atomically), so scripts can use port 0.
     """
+    tune_malloc()
     admin_file = ensure_admin_key(config)
     if admin_file is not None:
         print(f"created an admin API key, stored in {admin_file} (readable by you only)",

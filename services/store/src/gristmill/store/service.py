@@ -8,12 +8,12 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from gristmill.client.names import validate_dataset_name
 from gristmill.common.auth import Role
 from gristmill.common.paging import decode_page_token, encode_page_token, page_size
 from gristmill.common.service import ServiceContext, ServiceSpec
 from gristmill.store.blobs import FsBlobStore
 from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
-from gristmill.store.names import validate_dataset_name
 from gristmill.store.store import Store
 from gristmill.v1 import store_pb2, store_pb2_grpc
 
@@ -105,10 +105,9 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
 
     def ReadFiles(self, request: store_pb2.ReadFilesRequest,
                   context: grpc.ServicerContext) -> Iterator[store_pb2.ReadFilesResponse]:
-        for batch in self.store.read_files(
-                request.dataset, request.version, list(request.paths), verify=request.verify,
-                offset=request.offset, length=request.length, budget=request.max_message_bytes):
-            yield store_pb2.ReadFilesResponse(files=batch)
+        yield from self.store.read_files(
+            request.dataset, request.version, list(request.paths), verify=request.verify,
+            offset=request.offset, length=request.length, budget=request.max_message_bytes)
 
     def CommitVersion(self, request: store_pb2.CommitVersionRequest,
                       context: grpc.ServicerContext) -> store_pb2.CommitVersionResponse:

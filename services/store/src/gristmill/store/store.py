@@ -17,11 +17,11 @@ from gristmill.client.errors import (
     InvalidArgument,
     NotFound,
 )
+from gristmill.client.names import validate_dataset_name, validate_path, validate_sha256
 from gristmill.common import metrics
 from gristmill.store.blobs import BlobStore, BlobWriter
 from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
 from gristmill.store.images import sniff
-from gristmill.store.names import validate_dataset_name, validate_path, validate_sha256
 from gristmill.v1 import common_pb2, store_pb2
 
 __all__ = ["LATEST", "PutResult", "Store"]
@@ -303,8 +303,12 @@ class Store:
 
     def read_files(self, dataset: str, version: str, paths: list[str], *, verify: bool = False,
                    offset: int = 0, length: int = 0, budget: int = 0
-                   ) -> Iterator[list[store_pb2.FileData]]:
-        """Yield batches of FileData, each at most ``budget`` payload bytes."""
+                   ) -> Iterator[store_pb2.ReadFilesResponse]:
+        """Yield responses of at most ``budget`` payload bytes, files in request order.
+
+        Pieces are added to the response in place: copying a built FileData
+        into a response would copy its bytes once more on the hot path.
+        """
         if not paths:
             raise InvalidArgument("paths", "no paths given; name at least one file")
         if len(paths) > MAX_PATHS_PER_CALL:
@@ -314,8 +318,7 @@ class Store:
             validate_path(p, f"paths[{i}]")
         if offset < 0 or length < 0:
             raise InvalidArgument("offset" if offset < 0 else "length", "must not be negative")
-        ranged = offset > 0 or length > 0
-        if ranged and len(paths) != 1:
+        if (offset > 0 or length > 0) and len(paths) != 1:
             raise InvalidArgument("paths", "a ranged read (offset/length) names exactly one path")
         if budget < 0 or (budget and not 64 * 1024 <= budget <= self.max_message_bytes - 65536):
             raise InvalidArgument("max_message_bytes", f"must be 0 (default) or between 65536 "
@@ -323,56 +326,46 @@ class Store:
         budget = budget or self.read_message_bytes
         resolved = self.resolve(dataset, version)
         found = self.catalog.lookup(dataset, resolved, paths)
-        batch: list[store_pb2.FileData] = []
+        resp = store_pb2.ReadFilesResponse()
         used = 0
         for path in paths:
             entry = found.get(path)
             if entry is None:
                 err = NotFound(f"file {path!r} is not in dataset {dataset!r} ({resolved})",
                                reason="FILE_NOT_FOUND")
-                batch.append(store_pb2.FileData(path=path, error=item_error(err)))
+                resp.files.add(path=path).error.CopyFrom(item_error(err))
                 continue
             start = min(offset, entry.size)
             end = entry.size if not length else min(entry.size, start + length)
+            first_piece = len(resp.files)
             try:
                 if verify:
                     self.verify_blob(entry)
-                pieces = self._pieces(entry, start, end, budget, used)
-                for piece in pieces:
-                    if used and used + len(piece.data) > budget:
-                        yield batch
-                        batch, used = [], 0
-                    batch.append(piece)
-                    used += len(piece.data)
-                    metrics.STORE_BYTES_READ.inc(len(piece.data))
+                pos = start
+                while True:
+                    room = budget - used
+                    if used and room < min(end - pos, self.read_chunk_bytes):
+                        yield resp
+                        resp, used, first_piece = store_pb2.ReadFilesResponse(), 0, 0
+                        room = budget
+                    # the rest in one piece if it fits, else a chunk of what room is left
+                    n = end - pos if end - pos <= room else min(self.read_chunk_bytes, room)
+                    data = self.blobs.read(entry.sha256, pos, n)
+                    if len(data) != n:
+                        raise DataLoss(f"stored blob for {path!r} is shorter than its recorded "
+                                       f"size {entry.size}; re-upload the file",
+                                       reason="BLOB_CORRUPT")
+                    resp.files.add(path=path, sha256=entry.sha256, size=entry.size, offset=pos,
+                                   data=data, eof=pos + n >= end)
+                    used += n
+                    pos += n
+                    metrics.STORE_BYTES_READ.inc(n)
+                    if pos >= end:
+                        break
             except GristmillError as e:
-                batch = [p for p in batch if p.path != path or p.eof]
-                batch.append(store_pb2.FileData(path=path, sha256=entry.sha256, size=entry.size,
-                                                error=item_error(e)))
-        if batch:
-            yield batch
+                del resp.files[first_piece:]
+                resp.files.add(path=path, sha256=entry.sha256, size=entry.size
+                               ).error.CopyFrom(item_error(e))
+        if len(resp.files):
+            yield resp
 
-    def _pieces(self, entry: store_pb2.FileEntry, start: int, end: int, budget: int, used: int
-                ) -> Iterator[store_pb2.FileData]:
-        if end - start <= max(budget - used, 0) or end == start:
-            # small: whole file (or range) in one piece
-            data = self.blobs.read(entry.sha256, start, end - start)
-            self._check_len(entry, data, end - start)
-            yield store_pb2.FileData(path=entry.path, sha256=entry.sha256, size=entry.size,
-                                     offset=start, data=data, eof=True)
-            return
-        pos = start
-        step = min(self.read_chunk_bytes, budget)
-        while pos < end:
-            n = min(step, end - pos)
-            data = self.blobs.read(entry.sha256, pos, n)
-            self._check_len(entry, data, n)
-            yield store_pb2.FileData(path=entry.path, sha256=entry.sha256, size=entry.size,
-                                     offset=pos, data=data, eof=pos + n >= end)
-            pos += n
-
-    @staticmethod
-    def _check_len(entry: store_pb2.FileEntry, data: bytes, expected: int) -> None:
-        if len(data) != expected:
-            raise DataLoss(f"stored blob for {entry.path!r} is shorter than its recorded size "
-                           f"{entry.size}; re-upload the file", reason="BLOB_CORRUPT")

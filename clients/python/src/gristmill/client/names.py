@@ -1,4 +1,8 @@
-"""Validation of dataset names, file paths and hashes (the store's safety rules)."""
+"""Validation of dataset names, file paths and hashes: the store's safety rules.
+
+Shared by the server (which enforces them) and the Hub (which checks before
+uploading, so a bad file name is reported without a round trip).
+"""
 
 from __future__ import annotations
 
