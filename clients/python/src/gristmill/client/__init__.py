@@ -12,6 +12,7 @@ from gristmill.client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from gristmill.client.hub import Hub, ImportReport
 
 __all__ = [
     "AlreadyExists",
@@ -19,6 +20,8 @@ __all__ = [
     "DataLoss",
     "FailedPrecondition",
     "GristmillError",
+    "Hub",
+    "ImportReport",
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
