@@ -63,7 +63,8 @@ def test_same_content_is_stored_once(server: Running, hub: Hub, tmp_path: Path) 
     (src / "copy").mkdir()
     (src / "copy" / "b.bin").write_bytes(payload)
     (src / "c.bin").write_bytes(b"other")
-    hub.import_folder("one", src)
+    first = hub.import_folder("one", src)
+    assert first.uploaded == 3 and first.reused == 0  # both copies' bytes went in one call
     report = hub.import_folder("two", src)
     assert report.uploaded == 0 and report.reused == 3
     assert len(blob_files(server.config.data_dir)) == 2

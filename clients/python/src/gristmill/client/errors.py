@@ -28,6 +28,7 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "from_item_error",
     "from_rpc_error",
 ]
 
@@ -140,6 +141,14 @@ _BY_CODE: dict[grpc.StatusCode, type[GristmillError]] = {
     for cls in (NotFound, AlreadyExists, FailedPrecondition, DataLoss, Unauthenticated,
                 PermissionDenied, ResourceExhausted, Unavailable, Internal)
 }
+
+
+def from_item_error(code: int, reason: str, message: str) -> GristmillError:
+    """The exception for a per-item error record (``gristmill.v1.ItemError`` fields)."""
+    status = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    if status == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument("item", message, reason=reason)
+    return _BY_CODE.get(status, GristmillError)(message, reason=reason)
 
 
 def from_rpc_error(error: grpc.RpcError) -> GristmillError:

@@ -11,13 +11,19 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
 from gristmill.client.cache import FileCache, safe_component
 from gristmill.client.channel import ConnectionOptions, open_channel
-from gristmill.client.errors import GristmillError, InvalidArgument, NotFound, from_rpc_error
+from gristmill.client.errors import (
+    GristmillError,
+    InvalidArgument,
+    NotFound,
+    from_item_error,
+    from_rpc_error,
+)
 from gristmill.client.names import validate_path
 from gristmill.client.progress import Progress, progress
 from gristmill.v1 import store_pb2, store_pb2_grpc
@@ -67,6 +73,24 @@ def _rpc(method: Callable[[R], T], request: R) -> T:
         return method(request)
     except grpc.RpcError as e:
         raise from_rpc_error(e) from None
+
+
+class _PagedRequest(Protocol):
+    page_token: str
+
+
+P = TypeVar("P", bound=_PagedRequest)
+
+
+def _pages(method: Callable[[P], T], request: P) -> Iterator[T]:
+    """Every page of an AIP-158 list call (the request's page_token is advanced)."""
+    while True:
+        page = _rpc(method, request)
+        yield page
+        token: str = getattr(page, "next_page_token")  # noqa: B009 - on every list response
+        if not token:
+            return
+        request.page_token = token
 
 
 def _stream(it: Iterable[T]) -> Iterator[T]:
@@ -143,15 +167,8 @@ class Hub:
 
     def list_datasets(self, page_size: int = 0) -> list[store_pb2.Dataset]:
         """Every dataset, sorted by name (pages are fetched as needed)."""
-        out: list[store_pb2.Dataset] = []
-        token = ""
-        while True:
-            req = store_pb2.ListDatasetsRequest(page_size=page_size, page_token=token)
-            resp = _rpc(self._stub.ListDatasets, req)
-            out.extend(resp.datasets)
-            token = resp.next_page_token
-            if not token:
-                return out
+        req = store_pb2.ListDatasetsRequest(page_size=page_size)
+        return [d for page in _pages(self._stub.ListDatasets, req) for d in page.datasets]
 
     def delete_dataset(self, name: str) -> store_pb2.DeleteDatasetResponse:
         """Delete a dataset (admin); blobs used elsewhere are kept."""
@@ -168,15 +185,8 @@ class Hub:
 
     def list_versions(self, dataset: str) -> list[store_pb2.Version]:
         """Versions, newest first."""
-        out: list[store_pb2.Version] = []
-        token = ""
-        while True:
-            req = store_pb2.ListVersionsRequest(dataset=dataset, page_token=token)
-            resp = _rpc(self._stub.ListVersions, req)
-            out.extend(resp.versions)
-            token = resp.next_page_token
-            if not token:
-                return out
+        req = store_pb2.ListVersionsRequest(dataset=dataset)
+        return [v for page in _pages(self._stub.ListVersions, req) for v in page.versions]
 
     # manifests -------------------------------------------------------------
     def get_manifest(self, dataset: str, version: str = LATEST,
@@ -215,15 +225,9 @@ class Hub:
     def list_manifest(self, dataset: str, version: str = LATEST, prefix: str = ""
                       ) -> Iterator[store_pb2.FileEntry]:
         """Stream manifest entries page by page (no caching)."""
-        token = ""
-        while True:
-            req = store_pb2.ListManifestRequest(dataset=dataset, version=version,
-                                                page_token=token, prefix=prefix)
-            resp = _rpc(self._stub.ListManifest, req)
-            yield from resp.files
-            token = resp.next_page_token
-            if not token:
-                return
+        req = store_pb2.ListManifestRequest(dataset=dataset, version=version, prefix=prefix)
+        for page in _pages(self._stub.ListManifest, req):
+            yield from page.files
 
     def _entry(self, dataset: str, path: str, version: str) -> store_pb2.FileEntry:
         for entry in self.get_manifest(dataset, version).files:
@@ -444,6 +448,7 @@ class Hub:
     def _put_batch(self, dataset: str, batch: list[_LocalFile], stored: set[str],
                    report: ImportReport, bar: Progress) -> None:
         """One PutFiles call; a file that fails is reported and the rest retried once."""
+        linked = {f.path for f in batch if f.sha256 in stored}  # sent as reuse_blob, no bytes
         for _attempt in range(2):
             unreadable: list[tuple[str, str]] = []
             try:
@@ -461,7 +466,7 @@ class Hub:
             for f in batch:
                 if f.path not in done:
                     continue
-                if f.sha256 in stored:
+                if f.path in linked:
                     report.reused += 1
                 else:
                     report.uploaded += 1
@@ -506,12 +511,5 @@ class Hub:
 
 
 def _item_error(piece: store_pb2.FileData) -> GristmillError:
-    import grpc as _grpc
-
-    from gristmill.client import errors
-
-    code = next((c for c in _grpc.StatusCode if c.value[0] == piece.error.code),
-                _grpc.StatusCode.UNKNOWN)
-    cls = {c.code: c for c in (errors.NotFound, errors.DataLoss, errors.FailedPrecondition)
-           }.get(code, GristmillError)
-    return cls(f"{piece.path}: {piece.error.message}", reason=piece.error.reason)
+    return from_item_error(piece.error.code, piece.error.reason,
+                           f"{piece.path}: {piece.error.message}")
