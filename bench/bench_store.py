@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,22 +31,13 @@ from gristmill.client.channel import ConnectionOptions, open_channel  # noqa: E4
 from gristmill.client.hub import Hub  # noqa: E402
 from gristmill.client.tuning import tune_malloc  # noqa: E402
 from gristmill.v1 import store_pb2, store_pb2_grpc  # noqa: E402
+from scripts.processes import start_and_wait  # noqa: E402
 
 MiB = 1024 * 1024
 SMALL_COUNT = int(os.environ.get("BENCH_SMALL_COUNT", "2000"))
 SMALL_SIZE = 100_000
 LARGE_SIZE = int(os.environ.get("BENCH_LARGE_MIB", "512")) * MiB
 REPEATS = int(os.environ.get("BENCH_REPEATS", "5"))
-
-
-def _start(cmd: list[str], ready: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not ready.exists() or not ready.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{cmd} did not start")
-        time.sleep(0.05)
-    return proc
 
 
 def median_time(fn: Callable[[], int], expect: int) -> float:
@@ -102,14 +92,14 @@ def main() -> int:
             for i in range(LARGE_SIZE // MiB):
                 f.write(i.to_bytes(8, "little") + block[8:])
         ready = work / "ready.json"
-        server = _start([str(Path(sys.executable).parent / "gristmill"), "serve", "--data",
+        server = start_and_wait([str(Path(sys.executable).parent / "gristmill"), "serve", "--data",
                          str(work / "data"), "--port", "0", "--no-metrics", "--ready-file",
                          str(ready)], ready)
         grpc_port_file, tcp_port_file = work / "grpc.port", work / "tcp.port"
         baselines = [
-            _start([sys.executable, str(ROOT / "bench" / "baselines.py"), "grpc",
+            start_and_wait([sys.executable, str(ROOT / "bench" / "baselines.py"), "grpc",
                     str(grpc_port_file)], grpc_port_file),
-            _start([sys.executable, str(ROOT / "bench" / "baselines.py"), "tcp",
+            start_and_wait([sys.executable, str(ROOT / "bench" / "baselines.py"), "tcp",
                     str(tcp_port_file)], tcp_port_file),
         ]
         try:

@@ -15,13 +15,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.processes import start_and_wait  # noqa: E402
 from scripts.sample_data import make_sample_folder  # noqa: E402
 
 GRISTMILL = str(Path(sys.executable).parent / "gristmill")
@@ -51,16 +51,10 @@ def main() -> int:
         print(f"{len(paths)} files, {sum(p.stat().st_size for p in paths) / 1e6:.1f} MB")
 
         step("starting the all-in-one server: gristmill serve --data ... --port 0")
-        log = open(work / "server.log", "wb")  # noqa: SIM115
-        server = subprocess.Popen([GRISTMILL, "serve", "--data", str(data), "--port", "0",
-                                   "--metrics-port", "0", "--ready-file", str(ready)],
-                                  stdout=log, stderr=subprocess.STDOUT)
+        server = start_and_wait([GRISTMILL, "serve", "--data", str(data), "--port", "0",
+                                 "--metrics-port", "0", "--ready-file", str(ready)],
+                                ready, log=work / "server.log")
         try:
-            deadline = time.monotonic() + 30
-            while not ready.exists():
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("server did not start:\n" + (work / "server.log").read_text())
-                time.sleep(0.05)
             info = json.loads(ready.read_text())
             print(f"serving on 127.0.0.1:{info['port']}, metrics on :{info['metrics_port']}; "
                   f"admin key in {data / 'admin.key'}")
@@ -102,7 +96,6 @@ def main() -> int:
             step("stopping the server with SIGTERM (graceful)")
             server.send_signal(signal.SIGTERM)
             code = server.wait(60)
-            log.close()
         print(f"server exited with {code}")
         if code != 0:
             print((work / "server.log").read_text(), file=sys.stderr)

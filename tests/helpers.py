@@ -6,11 +6,9 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from gristmill.common.auth import KeyStore, Role
 from gristmill.common.config import ServerConfig, load_config
 from gristmill.common.server import GristmillServer, create_server, ensure_admin_key
 from gristmill.v1 import store_pb2_grpc
+from scripts.processes import start_and_wait
 from scripts.sample_data import photo_like
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,23 +68,13 @@ def start_in_process(data_dir: Path, **overrides: object) -> Running:
     return Running(f"127.0.0.1:{port}", config, key_file.read_text().strip(), server=server)
 
 
-def spawn_server(data_dir: Path, *extra: str, env: dict[str, str] | None = None,
-                 timeout: float = 30) -> Running:
+def spawn_server(data_dir: Path, *extra: str, timeout: float = 30) -> Running:
     """`gristmill serve` in a subprocess on port 0; waits until it serves."""
     ready = data_dir.parent / f"{data_dir.name}.ready.json"
-    ready.unlink(missing_ok=True)
-    log = open(data_dir.parent / f"{data_dir.name}.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen(
+    proc = start_and_wait(
         [sys.executable, "-m", "gristmill.cli.main", "serve", "--data", str(data_dir),
          "--port", "0", "--metrics-port", "0", "--ready-file", str(ready), *extra],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + timeout
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server did not start: "
-                               f"{(data_dir.parent / f'{data_dir.name}.log').read_text()}")
-        time.sleep(0.05)
+        ready, log=data_dir.parent / f"{data_dir.name}.log", timeout=timeout)
     info = json.loads(ready.read_text())
     config = config_for(data_dir)
     return Running(f"127.0.0.1:{info['port']}", config,
