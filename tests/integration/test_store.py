@@ -14,7 +14,7 @@ import grpc
 import pytest
 from PIL import Image
 
-from gristmill.client.errors import DataLoss, InvalidArgument, NotFound
+from gristmill.client.errors import DataLoss, InvalidArgument, NotFound, from_rpc_error
 from gristmill.client.hub import Hub
 from gristmill.v1 import store_pb2
 from tests.helpers import Running, make_image_tree, sha256_of, spawn_server, stop_process
@@ -331,6 +331,7 @@ def test_upload_validation_errors(server: Running) -> None:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "received 2" in (err.details() or "")
     err = put(store_pb2.FileChunk(path="a", size=2, sha256="0" * 64, data=b"ab", last=True))
     assert err.code() == grpc.StatusCode.DATA_LOSS
+    assert from_rpc_error(err).metadata["path"] == "a"  # clients can retry without it
     err = put(store_pb2.FileChunk(path="a", size=2, data=b"ab"))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "ended inside" in (err.details() or "")

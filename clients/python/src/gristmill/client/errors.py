@@ -168,6 +168,7 @@ def from_rpc_error(error: grpc.RpcError) -> GristmillError:
         err: GristmillError = InvalidArgument(field, message, reason=reason)
         err.message = message
         err.args = (message,)
+        err.metadata.update(metadata)
         return err
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Unavailable(f"deadline exceeded: {message}", reason="DEADLINE_EXCEEDED")

@@ -455,7 +455,7 @@ class Hub:
                 resp = _rpc(self._stub.PutFiles,
                             self._requests(dataset, batch, stored, bar, unreadable))
             except GristmillError as e:
-                bad = [f for f in batch if repr(f.path) in e.message] or batch
+                bad = [f for f in batch if f.path == e.metadata.get("path")] or batch
                 report.failed.extend((f.path, e.message) for f in bad)
                 batch = [f for f in batch if f not in bad]
                 if not batch:

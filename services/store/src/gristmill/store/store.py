@@ -196,25 +196,12 @@ class Store:
                     dataset = req.dataset
                     self.get_dataset(dataset, "dataset")
                 for chunk in req.chunks:
-                    if upload is None:
-                        upload = self._start(chunk, result, pinned)
-                        if upload is None:
-                            continue
-                    elif chunk.path and chunk.path != upload.path:
-                        raise InvalidArgument("chunks.path", f"file {upload.path!r} is not "
-                                              f"finished (no chunk with last=true) when "
-                                              f"{chunk.path!r} starts")
-                    if chunk.data:
-                        if upload.writer.size + len(chunk.data) > upload.size:
-                            raise InvalidArgument("chunks.data", f"file {upload.path!r}: more "
-                                                  f"bytes than its declared size {upload.size}",
-                                                  reason="SIZE_MISMATCH")
-                        upload.writer.write(chunk.data)
-                        result.bytes_received += len(chunk.data)
-                        metrics.STORE_BYTES_WRITTEN.inc(len(chunk.data))
-                    if chunk.last:
-                        self._finish(upload, result, pinned)
-                        upload = None
+                    try:
+                        upload = self._receive(chunk, upload, result, pinned)
+                    except GristmillError as e:
+                        # name the file for clients that retry without it
+                        e.metadata.setdefault("path", upload.path if upload else chunk.path)
+                        raise
             if upload is not None:
                 raise InvalidArgument("chunks.last", f"the stream ended inside file "
                                       f"{upload.path!r}; send its remaining bytes and a chunk "
@@ -232,6 +219,28 @@ class Store:
                 upload.writer.abort()
             for sha in pinned:
                 self._pin(sha, -1)
+
+    def _receive(self, chunk: store_pb2.FileChunk, upload: _Upload | None, result: PutResult,
+                 pinned: list[str]) -> _Upload | None:
+        """Take one chunk; returns the file still being received, if any."""
+        if upload is None:
+            upload = self._start(chunk, result, pinned)
+            if upload is None:
+                return None
+        elif chunk.path and chunk.path != upload.path:
+            raise InvalidArgument("chunks.path", f"file {upload.path!r} is not finished (no "
+                                  f"chunk with last=true) when {chunk.path!r} starts")
+        if chunk.data:
+            if upload.writer.size + len(chunk.data) > upload.size:
+                raise InvalidArgument("chunks.data", f"file {upload.path!r}: more bytes than its "
+                                      f"declared size {upload.size}", reason="SIZE_MISMATCH")
+            upload.writer.write(chunk.data)
+            result.bytes_received += len(chunk.data)
+            metrics.STORE_BYTES_WRITTEN.inc(len(chunk.data))
+        if chunk.last:
+            self._finish(upload, result, pinned)
+            return None
+        return upload
 
     def _start(self, chunk: store_pb2.FileChunk, result: PutResult, pinned: list[str]
                ) -> _Upload | None:
