@@ -79,18 +79,23 @@ class _PagedRequest(Protocol):
     page_token: str
 
 
+class _Page(Protocol):
+    @property
+    def next_page_token(self) -> str: ...
+
+
 P = TypeVar("P", bound=_PagedRequest)
+Pg = TypeVar("Pg", bound=_Page)
 
 
-def _pages(method: Callable[[P], T], request: P) -> Iterator[T]:
+def _pages(method: Callable[[P], Pg], request: P) -> Iterator[Pg]:
     """Every page of an AIP-158 list call (the request's page_token is advanced)."""
     while True:
         page = _rpc(method, request)
         yield page
-        token: str = getattr(page, "next_page_token")  # noqa: B009 - on every list response
-        if not token:
+        if not page.next_page_token:
             return
-        request.page_token = token
+        request.page_token = page.next_page_token
 
 
 def _stream(it: Iterable[T]) -> Iterator[T]:
