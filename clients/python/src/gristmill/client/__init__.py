@@ -1,6 +1,8 @@
 """The gristmill Python client."""
 
+from gristmill.client.buckets import Bucket, BucketConfig, BucketTable, bucket_table
 from gristmill.client.channel import ConnectionOptions, open_channel
+from gristmill.client.decoding import DecodeClient, to_array
 from gristmill.client.errors import (
     AlreadyExists,
     DataLoss,
@@ -16,8 +18,12 @@ from gristmill.client.hub import Hub, ImportReport
 
 __all__ = [
     "AlreadyExists",
+    "Bucket",
+    "BucketConfig",
+    "BucketTable",
     "ConnectionOptions",
     "DataLoss",
+    "DecodeClient",
     "FailedPrecondition",
     "GristmillError",
     "Hub",
@@ -27,5 +33,7 @@ __all__ = [
     "PermissionDenied",
     "Unauthenticated",
     "Unavailable",
+    "bucket_table",
     "open_channel",
+    "to_array",
 ]

@@ -20,6 +20,7 @@ __all__ = [
     "CLIENT_ENV_VARS",
     "AuthConfig",
     "ConfigError",
+    "DecodeConfig",
     "ServerConfig",
     "StoreConfig",
     "TLSConfig",
@@ -70,6 +71,24 @@ class StoreConfig(_Strict):
     read_chunk_bytes: int = Field(default=1 * MiB, ge=64 * 1024)
 
 
+class DecodeConfig(_Strict):
+    """The decode service."""
+
+    #: Decoding threads (native code, outside the GIL); 0 means one per core.
+    workers: int = Field(default=0, ge=0, le=256)
+    #: Samples one Decode stream may have in flight (read but not yet sent).
+    #: The stream stops reading requests at this bound: backpressure.
+    max_inflight_samples: int = Field(default=64, ge=1, le=65536)
+    #: Images with more pixels than this are refused before decoding.
+    max_pixels: int = Field(default=100_000_000, ge=1)
+    #: Store for ``ref`` sources when the store service is not in this process:
+    #: its address (host:port), the API key to read with (a reader key), and
+    #: the CA certificate when the store serves TLS.
+    store_address: str | None = None
+    store_api_key: str | None = None
+    store_ca_file: Path | None = None
+
+
 class ServerConfig(_Strict):
     """Everything a gristmill server process needs."""
 
@@ -90,6 +109,7 @@ class ServerConfig(_Strict):
     auth: AuthConfig = AuthConfig()
     tls: TLSConfig | None = None
     store: StoreConfig = StoreConfig()
+    decode: DecodeConfig = DecodeConfig()
 
     @property
     def keys_file(self) -> Path:

@@ -1,0 +1,55 @@
+"""gristmill decode: JPEG, PNG and friends to pixels in aspect-ratio buckets.
+
+The pipeline used by the decode service, as a plain Python API::
+
+    from gristmill.decode import Decoder, SampleInput, Transform
+    from gristmill.client.buckets import BucketConfig
+
+    transform = Transform(buckets=BucketConfig(512, 16))
+    with Decoder() as decoder:
+        result = decoder.decode(SampleInput(open("cat.jpg", "rb").read()), transform)
+"""
+
+from gristmill.client.buckets import Bucket, BucketConfig, BucketTable, bucket_table
+from gristmill.decode.errors import DecodeError, Reason
+from gristmill.decode.pipeline import (
+    DEFAULT_MAX_PIXELS,
+    DecodedImage,
+    DecodedSample,
+    crop_window,
+    decode_sample,
+)
+from gristmill.decode.pool import Decoder, SampleInput, SampleResult
+from gristmill.decode.transform import (
+    Color,
+    CompanionTransform,
+    Crop,
+    Encoding,
+    Resample,
+    Transform,
+    transform_from_proto,
+)
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "Bucket",
+    "BucketConfig",
+    "BucketTable",
+    "Color",
+    "CompanionTransform",
+    "Crop",
+    "DecodeError",
+    "DecodedImage",
+    "DecodedSample",
+    "Decoder",
+    "Encoding",
+    "Reason",
+    "Resample",
+    "SampleInput",
+    "SampleResult",
+    "Transform",
+    "bucket_table",
+    "crop_window",
+    "decode_sample",
+    "transform_from_proto",
+]

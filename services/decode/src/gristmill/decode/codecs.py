@@ -1,0 +1,281 @@
+"""Bytes to pixels and back, in native code: simplejpeg for JPEG, libvips for the rest.
+
+Everything here releases the GIL while it works (libjpeg-turbo through
+simplejpeg, libvips through cffi, OpenCV), so a thread pool scales with cores.
+The format is sniffed from the bytes, never taken from a file name.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass, field
+
+# libvips would otherwise start a thread pool per image on top of ours
+os.environ.setdefault("VIPS_CONCURRENCY", "1")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pyvips  # noqa: E402
+import simplejpeg  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from gristmill.decode.errors import DecodeError, Reason  # noqa: E402
+from gristmill.decode.transform import Color, Encoding  # noqa: E402
+
+__all__ = ["Probe", "decode_oriented", "encode", "probe"]
+
+cv2.setNumThreads(1)
+# libvips' operation cache would keep decoded images of past requests alive
+pyvips.cache_set_max(0)
+# never hand untrusted bytes to ImageMagick and the other loaders libvips marks unsafe
+pyvips.block_untrusted_set(True)
+
+#: libvips loaders allowed (besides JPEG, which libjpeg-turbo decodes directly).
+VIPS_FORMATS = frozenset({"jpeg", "png", "webp", "tiff", "gif", "heif", "jp2k", "jxl"})
+_SUPPORTED = "JPEG, PNG, WebP, TIFF, GIF (and HEIF, JPEG 2000, JPEG XL where libvips has them)"
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_EXIF_ORIENTATION = 0x0112
+_PNG_PALETTE = 3
+
+Array = np.ndarray
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What an image's header says, read before any pixel is decoded.
+
+    Attributes:
+        format: "jpeg", "png", "webp", ... (sniffed from the bytes).
+        width: width after EXIF orientation.
+        height: height after EXIF orientation.
+        orientation: EXIF orientation 1-8 (1: as stored).
+        jpeg_colorspace: libjpeg-turbo's colour space for JPEGs it decodes
+            directly; None when libvips decodes the image.
+    """
+
+    format: str
+    width: int
+    height: int
+    orientation: int = 1
+    jpeg_colorspace: str | None = None
+    #: A palette (indexed colour) PNG.
+    palette: bool = False
+    vips: pyvips.Image | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def stored_size(self) -> tuple[int, int]:
+        """(width, height) as stored, before orientation."""
+        return (self.height, self.width) if self.orientation >= 5 else (self.width, self.height)
+
+
+def _looks_truncated(data: bytes, fmt: str, detail: str) -> bool:
+    text = detail.lower()
+    if "premature end" in text or "truncat" in text or "unexpected end" in text:
+        return True
+    if fmt == "jpeg":
+        return b"\xff\xd9" not in data[-64:]
+    if fmt == "png":
+        return _png_ends_early(data)
+    return False
+
+
+def _png_ends_early(data: bytes) -> bool:
+    """Walk the chunks: True if they run past the end before IEND, False if one is garbage."""
+    pos = len(_PNG_MAGIC)
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if not kind.isalpha() or length > 2**31 - 1:
+            return False
+        if kind == b"IEND":
+            return False
+        pos += 12 + length
+    return True
+
+
+def failure(data: bytes, fmt: str, detail: str) -> DecodeError:
+    """TRUNCATED when the bytes stop early, else CORRUPT, with the decoder's words."""
+    detail = " ".join(detail.split()) or "the decoder gave no detail"
+    if _looks_truncated(data, fmt, detail):
+        return DecodeError(Reason.TRUNCATED, f"{fmt} file ends before its image data does "
+                           f"({len(data)} bytes; {detail}); re-upload the complete file")
+    return DecodeError(Reason.CORRUPT, f"{fmt} data is corrupt ({detail}); re-encode or drop "
+                       f"the file")
+
+
+def _check_pixels(fmt: str, width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise DecodeError(Reason.CORRUPT, f"{fmt} header declares an empty image "
+                          f"({width}x{height})")
+    if width * height > max_pixels:
+        raise DecodeError(Reason.TOO_LARGE, f"{fmt} image is {width}x{height} = "
+                          f"{width * height / 1e6:.1f} MP, over the limit of "
+                          f"{max_pixels / 1e6:.1f} MP; downscale the file or raise the limit "
+                          f"(decode.max_pixels)")
+
+
+def _jpeg_orientation(data: bytes) -> int:
+    # Pillow parses only the header here (about 35 us)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            value = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block is not a broken image: keep it as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _oriented(fmt: str, w: int, h: int, orientation: int, **kw: object) -> Probe:
+    if orientation >= 5:
+        w, h = h, w
+    return Probe(fmt, w, h, orientation, **kw)  # type: ignore[arg-type]
+
+
+def probe(data: bytes, max_pixels: int) -> Probe:
+    """Read the header; DecodeError for empty, unknown, broken or too large images."""
+    if not data:
+        raise DecodeError(Reason.CORRUPT, "the file is empty (0 bytes); re-upload it")
+    if data.startswith(_JPEG_MAGIC):
+        try:
+            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError as e:
+            raise failure(data, "jpeg", str(e)) from None
+        _check_pixels("jpeg", w, h, max_pixels)
+        orientation = _jpeg_orientation(data)
+        if colorspace in ("CMYK", "YCCK"):
+            # libjpeg-turbo cannot convert these to RGB; libvips does, with ICC profiles
+            return _oriented("jpeg", w, h, orientation, vips=_vips_header(data, "jpeg"))
+        return _oriented("jpeg", w, h, orientation, jpeg_colorspace=colorspace)
+    fmt = "png" if data.startswith(_PNG_MAGIC) else "image"
+    img = _vips_header(data, fmt)
+    fmt = str(img.get("vips-loader")).removesuffix("_buffer").removesuffix("load")
+    if fmt not in VIPS_FORMATS:
+        raise _unsupported(data, f"{fmt} is not on the list of formats decoded here")
+    _check_pixels(fmt, img.width, img.height, max_pixels)
+    orientation = int(img.get("orientation")) if img.get_typeof("orientation") else 1
+    palette = fmt == "png" and len(data) > 25 and data[25] == _PNG_PALETTE  # IHDR colour type
+    return _oriented(fmt, img.width, img.height, orientation if 1 <= orientation <= 8 else 1,
+                     vips=img, palette=palette)
+
+
+def _vips_header(data: bytes, fmt: str) -> pyvips.Image:
+    try:
+        return pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="truncated")
+    except pyvips.Error as e:
+        if "not in a known format" in e.detail or "is blocked" in e.detail:
+            raise _unsupported(data, "no decoder recognises it") from None
+        raise failure(data, fmt, e.detail) from None
+
+
+def _unsupported(data: bytes, why: str) -> DecodeError:
+    return DecodeError(Reason.UNSUPPORTED_FORMAT, f"not an image format this server decodes "
+                       f"({why}; first bytes {data[:8].hex()}); use {_SUPPORTED}")
+
+
+# orientation (EXIF 1-8) -> view that shows the stored array upright
+def _apply_orientation(a: Array, orientation: int) -> Array:
+    if orientation == 2:
+        return a[:, ::-1]
+    if orientation == 3:
+        return a[::-1, ::-1]
+    if orientation == 4:
+        return a[::-1]
+    if orientation == 5:
+        return a.transpose(1, 0, 2)
+    if orientation == 6:
+        return a.transpose(1, 0, 2)[:, ::-1]
+    if orientation == 7:
+        return a[::-1, ::-1].transpose(1, 0, 2)
+    if orientation == 8:
+        return a.transpose(1, 0, 2)[::-1]
+    return a
+
+
+_JPEG_COLORSPACE = {Color.RGB: "RGB", Color.RGBA: "RGBA", Color.GRAY: "GRAY"}
+
+
+def decode_oriented(data: bytes, info: Probe, scale: float, color: Color,
+                    background: tuple[int, int, int], box_ok: bool) -> Array:
+    """Decode to an upright H x W x C uint8 array at least ``scale`` times the full size.
+
+    JPEGs are decoded by libjpeg-turbo at the smallest DCT scale (1/8 ... 1) that is
+    still at least ``scale``, so the resize that follows is small. Other formats
+    go through libvips, shrunk by an integer box filter first when ``box_ok``
+    (not for masks: a box filter mixes labels).
+
+    The returned array may be a strided view (orientation is applied as a view).
+    """
+    scale = min(1.0, scale)
+    if info.jpeg_colorspace is not None:
+        w, h = info.stored_size
+        cs = (("GRAY" if info.jpeg_colorspace == "Gray" else "RGB") if color is Color.KEEP
+              else _JPEG_COLORSPACE[color])
+        try:
+            a = simplejpeg.decode_jpeg(data, colorspace=cs, strict=True,
+                                       min_width=math.ceil(w * scale),
+                                       min_height=math.ceil(h * scale))
+        except ValueError as e:
+            raise failure(data, "jpeg", str(e)) from None
+    else:
+        a = _decode_vips(data, info, scale, color, background, box_ok)
+    return _apply_orientation(a, info.orientation)
+
+
+def _palette_indices(data: bytes) -> Array:
+    # libvips expands palettes to colours; a label mask needs the indices themselves
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im)[..., None]
+    except Exception as e:
+        raise failure(data, "png", str(e)) from None
+
+
+def _decode_vips(data: bytes, info: Probe, scale: float, color: Color,
+                 background: tuple[int, int, int], box_ok: bool) -> Array:
+    if color is Color.KEEP and info.palette:
+        return _palette_indices(data)
+    img = info.vips
+    assert img is not None
+    try:
+        if color is Color.KEEP:
+            if img.format != "uchar":
+                img = img.colourspace("b-w" if img.bands <= 2 else "srgb")
+        else:
+            img = img.colourspace("srgb")
+            if color is Color.RGBA:
+                if not img.hasalpha():
+                    img = img.bandjoin(255)
+            elif img.hasalpha():
+                img = img.flatten(background=list(background))
+        if img.format != "uchar":
+            img = img.cast("uchar")
+        shrink = math.floor(1 / scale) if box_ok else 1
+        if shrink >= 2:
+            img = img.shrink(shrink, shrink)
+        raw = img.write_to_memory()
+    except pyvips.Error as e:
+        raise failure(data, info.format, e.detail) from None
+    a: Array = np.frombuffer(raw, np.uint8).reshape(img.height, img.width, img.bands)
+    if color is Color.GRAY and a.shape[2] >= 3:
+        a = cv2.cvtColor(a[..., :3], cv2.COLOR_RGB2GRAY)[..., None]
+    return a
+
+
+def encode(pixels: Array, encoding: Encoding, quality: int) -> bytes:
+    """Re-encode an H x W x C uint8 array as JPEG or PNG."""
+    channels = pixels.shape[2]
+    if encoding is Encoding.JPEG:
+        cs = {1: "GRAY", 3: "RGB"}.get(channels)
+        if cs is None:
+            raise ValueError(f"JPEG cannot carry {channels} channels; use PNG or RAW")
+        return bytes(simplejpeg.encode_jpeg(pixels, quality=quality, colorspace=cs))
+    if channels == 3:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+    elif channels == 4:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGBA2BGRA)
+    ok, buf = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()

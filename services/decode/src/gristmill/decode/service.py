@@ -1,0 +1,218 @@
+"""DecodeService over gRPC: a bidirectional stream of batches onto a bounded pool."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import grpc
+
+from gristmill.client.buckets import Bucket, BucketConfig, bucket_table
+from gristmill.client.errors import GristmillError, InvalidArgument
+from gristmill.client.names import validate_dataset_name, validate_path
+from gristmill.common import metrics
+from gristmill.common.auth import Role
+from gristmill.common.service import ServiceContext, ServiceSpec
+from gristmill.decode.errors import DecodeError, Reason
+from gristmill.decode.pipeline import DecodedImage
+from gristmill.decode.pool import Decoder, InflightLimit, SampleInput, SampleResult
+from gristmill.decode.sources import FileSource, RemoteStore, read_refs
+from gristmill.decode.transform import Encoding, Transform, transform_from_proto
+from gristmill.v1 import decode_pb2, decode_pb2_grpc
+
+__all__ = ["SERVICE", "DecodeServicer", "bucket_message"]
+
+log = logging.getLogger(__name__)
+
+#: Samples in one request.
+MAX_SAMPLES_PER_REQUEST = 4096
+
+_REASON = {r: decode_pb2.DecodeErrorReason.Value(f"DECODE_ERROR_REASON_{r.value}")
+           for r in Reason}
+_ENCODING = {Encoding.RAW: decode_pb2.ENCODING_RAW, Encoding.JPEG: decode_pb2.ENCODING_JPEG,
+             Encoding.PNG: decode_pb2.ENCODING_PNG}
+
+
+def bucket_message(bucket: Bucket) -> decode_pb2.Bucket:
+    """Proto view of a bucket."""
+    return decode_pb2.Bucket(index=bucket.index, width=bucket.width, height=bucket.height,
+                             aspect=bucket.aspect)
+
+
+def _image_message(image: DecodedImage) -> decode_pb2.DecodedImage:
+    return decode_pb2.DecodedImage(data=image.payload(), width=image.width, height=image.height,
+                                   channels=image.channels, encoding=_ENCODING[image.encoding])
+
+
+def result_message(sample_id: str, result: SampleResult) -> decode_pb2.DecodeResult:
+    """Proto view of one sample's outcome."""
+    if isinstance(result, DecodeError):
+        return decode_pb2.DecodeResult(id=sample_id, error=decode_pb2.SampleError(
+            reason=_REASON[result.reason], message=result.message,
+            image_index=result.image_index))
+    msg = decode_pb2.DecodeResult(id=sample_id)
+    out = msg.sample
+    out.image.CopyFrom(_image_message(result.image))
+    out.companions.extend(_image_message(c) for c in result.companions)
+    if result.bucket is not None:
+        out.bucket.CopyFrom(bucket_message(result.bucket))
+    out.source_width, out.source_height = result.source_size
+    return msg
+
+
+@dataclass
+class _Batch:
+    index: int
+    ids: list[str]
+    futures: list[Future[SampleResult]]
+
+
+def _done(result: SampleResult) -> Future[SampleResult]:
+    f: Future[SampleResult] = Future()
+    f.set_result(result)
+    return f
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
+    """gRPC front of a :class:`Decoder`."""
+
+    def __init__(self, decoder: Decoder, source: FileSource | None,
+                 max_inflight_samples: int) -> None:
+        self.decoder = decoder
+        self.source = source
+        self.max_inflight_samples = max_inflight_samples
+
+    def ListBuckets(self, request: decode_pb2.ListBucketsRequest,
+                    context: grpc.ServicerContext) -> decode_pb2.ListBucketsResponse:
+        if not request.HasField("config"):
+            raise InvalidArgument("config", "give a bucket config, e.g. image_size 1024 and "
+                                  "downsampling 32")
+        c = request.config
+        config = BucketConfig(c.image_size, c.downsampling or 16, c.min_aspect or 0.5,
+                              c.max_aspect or 2.0)
+        try:
+            table = bucket_table(config)
+        except ValueError as e:
+            raise InvalidArgument("config", str(e)) from None
+        return decode_pb2.ListBucketsResponse(buckets=[bucket_message(b) for b in table])
+
+    def Decode(self, request_iterator: Iterator[decode_pb2.DecodeRequest],
+               context: grpc.ServicerContext) -> Iterator[decode_pb2.DecodeResponse]:
+        # A reader thread takes requests and queues their samples on the pool while
+        # this generator sends finished batches in order. The reader stops reading
+        # (so gRPC flow control pushes back on the client) while too many samples
+        # are read but not yet sent.
+        limit = InflightLimit(self.max_inflight_samples)
+        cancelled = threading.Event()
+        batches: queue.Queue[_Batch | BaseException | None] = queue.Queue()
+        context.add_callback(cancelled.set)
+        reader = threading.Thread(target=self._read, name="decode-reader", daemon=True,
+                                  args=(request_iterator, limit, cancelled, batches))
+        reader.start()
+        try:
+            while True:
+                item = batches.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                results = [result_message(i, f.result()) for i, f in zip(item.ids, item.futures,
+                                                                          strict=True)]
+                response = decode_pb2.DecodeResponse(results=results, batch_index=item.index)
+                metrics.DECODE_BYTES_OUT.inc(response.ByteSize())
+                limit.release(len(item.futures))
+                yield response
+        finally:
+            cancelled.set()
+
+    def _read(self, requests: Iterator[decode_pb2.DecodeRequest], limit: InflightLimit,
+              cancelled: threading.Event, out: queue.Queue[_Batch | BaseException | None]
+              ) -> None:
+        transform: Transform | None = None
+        try:
+            for index, request in enumerate(requests):
+                if request.HasField("transform"):
+                    transform = transform_from_proto(request.transform)
+                elif transform is None:
+                    raise InvalidArgument("transform", "the first request of a stream must "
+                                          "carry a transform (later ones may omit it)")
+                samples = self._samples(request)
+                if not limit.acquire(len(samples), cancelled):
+                    return
+                futures = [s if isinstance(s, Future) else self.decoder.submit(s, transform)
+                           for s in samples]
+                out.put(_Batch(index, [s.id for s in request.samples], futures))
+            out.put(None)
+        except GristmillError as e:
+            out.put(e)
+        except grpc.RpcError:  # the client went away
+            out.put(None)
+        except Exception as e:
+            log.exception("decode stream reader failed")
+            out.put(e)
+
+    def _samples(self, request: decode_pb2.DecodeRequest
+                 ) -> list[SampleInput | Future[SampleResult]]:
+        """Inputs of a request, store references resolved (a failed read fails its sample)."""
+        if len(request.samples) > MAX_SAMPLES_PER_REQUEST:
+            raise InvalidArgument("samples", f"at most {MAX_SAMPLES_PER_REQUEST} samples per "
+                                  f"request, got {len(request.samples)}; split the batch")
+        refs: list[decode_pb2.StoreRef] = []
+        for i, s in enumerate(request.samples):
+            for j, src in enumerate([s.image, *s.companions]):
+                name = f"samples[{i}].image" if j == 0 else f"samples[{i}].companions[{j - 1}]"
+                kind = src.WhichOneof("source")
+                if kind is None:
+                    raise InvalidArgument(name, "set data (the encoded bytes) or ref (a store "
+                                          "file)")
+                if kind == "ref":
+                    validate_dataset_name(src.ref.dataset, f"{name}.ref.dataset")
+                    validate_path(src.ref.path, f"{name}.ref.path")
+                    refs.append(src.ref)
+        fetched = iter(read_refs(self.source, refs)) if refs else iter(())
+        out: list[SampleInput | Future[SampleResult]] = []
+        for s in request.samples:
+            datas: list[bytes] = []
+            failed: DecodeError | None = None
+            for j, src in enumerate([s.image, *s.companions]):
+                if src.WhichOneof("source") == "data":
+                    datas.append(src.data)
+                    continue
+                got = next(fetched)
+                if isinstance(got, GristmillError) and failed is None:
+                    failed = DecodeError(Reason.SOURCE_UNAVAILABLE,
+                                         f"{src.ref.dataset}:{src.ref.path}: {got.message}",
+                                         j - 1)
+                datas.append(got if isinstance(got, bytes) else b"")
+            if failed is not None:
+                metrics.DECODE_ERRORS.labels(failed.reason.value).inc()
+                out.append(_done(failed))
+            else:
+                out.append(SampleInput(datas[0], tuple(datas[1:]), s.seed, s.id))
+        return out
+
+
+def _build(ctx: ServiceContext, server: grpc.Server) -> None:
+    cfg = ctx.config.decode
+    decoder = Decoder(cfg.workers, cfg.max_pixels)
+    ctx.local["decode"] = decoder
+    ctx.resources.append(decoder)
+    source: FileSource | None = ctx.local.get("store")
+    if cfg.store_address:
+        remote = RemoteStore(cfg, ctx.config.max_message_bytes)
+        ctx.resources.append(remote)
+        source = remote
+    decode_pb2_grpc.add_DecodeServiceServicer_to_server(
+        DecodeServicer(decoder, source, cfg.max_inflight_samples), server)
+
+
+SERVICE = ServiceSpec(
+    name="decode",
+    full_name="gristmill.v1.DecodeService",
+    build=_build,
+    roles={"Decode": Role.READER, "ListBuckets": Role.READER},
+)
