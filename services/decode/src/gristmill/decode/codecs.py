@@ -9,24 +9,22 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from dataclasses import dataclass, field
 
-# libvips would otherwise start a thread pool per image on top of ours
-os.environ.setdefault("VIPS_CONCURRENCY", "1")
+import cv2
+import numpy as np
+import pyvips
+import simplejpeg
+from PIL import Image
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import pyvips  # noqa: E402
-import simplejpeg  # noqa: E402
-from PIL import Image  # noqa: E402
+from gristmill.decode.errors import DecodeError, Reason
+from gristmill.decode.transform import Color, Encoding
 
-from gristmill.decode.errors import DecodeError, Reason  # noqa: E402
-from gristmill.decode.transform import Color, Encoding  # noqa: E402
+__all__ = ["Probe", "decode_oriented", "encode", "probe", "to_color"]
 
-__all__ = ["Probe", "decode_oriented", "encode", "probe"]
-
+# one thread per image: our pool runs images in parallel, libraries must not add threads
 cv2.setNumThreads(1)
+pyvips.concurrency_set(1)
 # libvips' operation cache would keep decoded images of past requests alive
 pyvips.cache_set_max(0)
 # never hand untrusted bytes to ImageMagick and the other loaders libvips marks unsafe
@@ -197,13 +195,14 @@ _JPEG_COLORSPACE = {Color.RGB: "RGB", Color.RGBA: "RGBA", Color.GRAY: "GRAY"}
 
 
 def decode_oriented(data: bytes, info: Probe, scale: float, color: Color,
-                    background: tuple[int, int, int], box_ok: bool) -> Array:
+                    background: tuple[int, int, int]) -> Array:
     """Decode to an upright H x W x C uint8 array at least ``scale`` times the full size.
 
     JPEGs are decoded by libjpeg-turbo at the smallest DCT scale (1/8 ... 1) that is
-    still at least ``scale``, so the resize that follows is small. Other formats
-    go through libvips, shrunk by an integer box filter first when ``box_ok``
-    (not for masks: a box filter mixes labels).
+    still at least ``scale``, straight into the requested layout, so the resize
+    that follows is small. Other formats go through libvips at full size, alpha
+    composited unless RGBA is asked for; their channels may still differ from
+    ``color`` (convert after resizing, with :func:`to_color`, where it is cheaper).
 
     The returned array may be a strided view (orientation is applied as a view).
     """
@@ -219,7 +218,7 @@ def decode_oriented(data: bytes, info: Probe, scale: float, color: Color,
         except ValueError as e:
             raise failure(data, "jpeg", str(e)) from None
     else:
-        a = _decode_vips(data, info, scale, color, background, box_ok)
+        a = _decode_vips(data, info, color, background)
     return _apply_orientation(a, info.orientation)
 
 
@@ -232,8 +231,8 @@ def _palette_indices(data: bytes) -> Array:
         raise failure(data, "png", str(e)) from None
 
 
-def _decode_vips(data: bytes, info: Probe, scale: float, color: Color,
-                 background: tuple[int, int, int], box_ok: bool) -> Array:
+def _decode_vips(data: bytes, info: Probe, color: Color,
+                 background: tuple[int, int, int]) -> Array:
     if color is Color.KEEP and info.palette:
         return _palette_indices(data)
     img = info.vips
@@ -243,24 +242,49 @@ def _decode_vips(data: bytes, info: Probe, scale: float, color: Color,
             if img.format != "uchar":
                 img = img.colourspace("b-w" if img.bands <= 2 else "srgb")
         else:
-            img = img.colourspace("srgb")
-            if color is Color.RGBA:
-                if not img.hasalpha():
-                    img = img.bandjoin(255)
-            elif img.hasalpha():
-                img = img.flatten(background=list(background))
+            # 16-bit, CMYK, Lab, ... to 8-bit sRGB; plain 8-bit RGB and gray pass as they
+            # are (channel changes are cheaper after the resize, see to_color)
+            if img.format != "uchar" or img.interpretation not in ("srgb", "b-w"):
+                img = img.colourspace("srgb")
+            if img.hasalpha() and color is not Color.RGBA:
+                bg = list(background) if img.bands >= 3 else [_luma(background)]
+                img = img.flatten(background=bg)
         if img.format != "uchar":
             img = img.cast("uchar")
-        shrink = math.floor(1 / scale) if box_ok else 1
-        if shrink >= 2:
-            img = img.shrink(shrink, shrink)
         raw = img.write_to_memory()
     except pyvips.Error as e:
         raise failure(data, info.format, e.detail) from None
     a: Array = np.frombuffer(raw, np.uint8).reshape(img.height, img.width, img.bands)
-    if color is Color.GRAY and a.shape[2] >= 3:
-        a = cv2.cvtColor(a[..., :3], cv2.COLOR_RGB2GRAY)[..., None]
     return a
+
+
+def _luma(rgb: tuple[int, int, int]) -> int:
+    r, g, b = rgb
+    return round(0.299 * r + 0.587 * g + 0.114 * b)
+
+
+_TO_COLOR = {
+    (1, Color.RGB): cv2.COLOR_GRAY2RGB, (3, Color.GRAY): cv2.COLOR_RGB2GRAY,
+    (1, Color.RGBA): cv2.COLOR_GRAY2RGBA, (3, Color.RGBA): cv2.COLOR_RGB2RGBA,
+    (4, Color.RGB): cv2.COLOR_RGBA2RGB, (4, Color.GRAY): cv2.COLOR_RGBA2GRAY,
+}
+
+
+def to_color(a: Array, color: Color) -> Array:
+    """Convert H x W x C pixels to the requested layout (KEEP: unchanged)."""
+    channels = a.shape[2]
+    if color is Color.KEEP or channels == color.value:
+        return a
+    if channels == 2:  # gray + alpha
+        if color is Color.RGBA:
+            out: Array = np.concatenate([np.repeat(a[..., :1], 3, axis=2), a[..., 1:]], axis=2)
+            return out
+        a = np.ascontiguousarray(a[..., :1])
+        channels = 1
+        if color is Color.GRAY:
+            return a
+    out = cv2.cvtColor(a, _TO_COLOR[(channels, color)])
+    return out if out.ndim == 3 else out[..., None]
 
 
 def encode(pixels: Array, encoding: Encoding, quality: int) -> bytes:

@@ -17,7 +17,7 @@ import numpy as np
 import pyvips
 
 from gristmill.client.buckets import Bucket
-from gristmill.decode.codecs import Array, Probe, decode_oriented, encode, probe
+from gristmill.decode.codecs import Array, Probe, decode_oriented, encode, probe, to_color
 from gristmill.decode.errors import DecodeError, Reason
 from gristmill.decode.transform import Color, Crop, Encoding, Resample, Transform
 
@@ -148,10 +148,9 @@ def _lanczos(a: Array, size: tuple[int, int]) -> Array:
 
 def _render(data: bytes, info: Probe, window: Window, size: tuple[int, int], color: Color,
             resample: Resample, encoding: Encoding, transform: Transform) -> DecodedImage:
-    a = decode_oriented(data, info, window.scale, color, transform.background,
-                        box_ok=resample is not Resample.NEAREST)
+    a = decode_oriented(data, info, window.scale, color, transform.background)
     x0, y0, x1, y1 = window.pixels(a.shape[1], a.shape[0])
-    out = _resize(a[y0:y1, x0:x1], size, resample)
+    out = to_color(_resize(a[y0:y1, x0:x1], size, resample), color)
     if encoding is Encoding.RAW:
         return DecodedImage(out)
     return DecodedImage(out, encode(out, encoding, transform.quality), encoding)
