@@ -3,8 +3,9 @@
 Starts `gristmill serve` (filesystem storage, every installed service, one
 port), then, as a user would with the CLI: creates a dataset, imports a folder
 of photo-like JPEG/PNG images, lists and inspects it, commits a version,
-downloads it back and checks every byte, shows a few Prometheus metrics, and
-stops the server with SIGTERM (a clean, graceful exit).
+downloads it back and checks every byte, decodes every image into aspect-ratio
+buckets on the server, shows a few Prometheus metrics, and stops the server
+with SIGTERM (a clean, graceful exit).
 """
 
 from __future__ import annotations
@@ -84,12 +85,23 @@ def main() -> int:
                     raise SystemExit(f"demo failed: {rel} differs after download")
             print(f"all {len(paths)} files identical")
 
+            step("decode into aspect-ratio buckets (S=512, d=16) on the server, by reference")
+            cli("decode", "buckets", "--image-size", "512", "--downsampling", "16", env=env)
+            decoded = work / "decoded"
+            cli("decode", "dataset", "demo-photos", "--out", str(decoded), "--strict", env=env)
+            pngs = sorted(decoded.rglob("*.png"))
+            if len(pngs) != len(paths):
+                raise SystemExit(f"demo failed: {len(pngs)} decoded images for {len(paths)} "
+                                 "files")
+            print(f"{len(pngs)} bucketed images written under {decoded}")
+
             step("Prometheus metrics")
             with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics",
                                         timeout=10) as r:
                 text = r.read().decode()
             for line in text.splitlines():
-                if line.startswith(("gristmill_rpc_requests_total{", "gristmill_store_bytes_")) \
+                if line.startswith(("gristmill_rpc_requests_total{", "gristmill_store_bytes_",
+                                    "gristmill_decode_samples_total")) \
                         and "_created" not in line:
                     print("  " + line)
         finally:

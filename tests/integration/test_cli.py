@@ -14,7 +14,8 @@ from tests.helpers import Running, make_image_tree
 
 HELP = [[], ["serve"], ["keys"], ["keys", "create"], ["keys", "list"], ["keys", "revoke"],
         ["dataset"]] + [["dataset", a] for a in ("create", "list", "show", "delete", "import",
-                                                 "manifest", "download", "commit")]
+                                                 "manifest", "download", "commit")] + [
+    ["decode"], ["decode", "buckets"], ["decode", "dataset"]]
 
 
 @pytest.mark.parametrize("argv", HELP, ids=lambda a: " ".join(a) or "gristmill")
@@ -75,6 +76,31 @@ def test_dataset_commands(server: Running, tmp_path: Path, capsys: pytest.Captur
     assert main(["dataset", "delete", "cli", "--yes"]) == 0
     assert main(["dataset", "show", "cli"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_decode_commands(server: Running, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRISTMILL_ADDRESS", server.address)
+    monkeypatch.setenv("GRISTMILL_API_KEY", server.admin_key)
+    assert main(["decode", "buckets", "--image-size", "224", "--downsampling", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "11 buckets" in out and "160    304" in out
+    src = tmp_path / "src"
+    sizes = make_image_tree(src)
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\x00 not really")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert main(["dataset", "import", "pics", str(src), *cache]) == 0
+    capsys.readouterr()
+    out_dir = tmp_path / "decoded"
+    assert main(["decode", "dataset", "pics", "--size", "64x48", "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"decoded {len(sizes)} of {len(sizes) + 1} files" in out
+    assert "broken.jpg: TRUNCATED" in out or "broken.jpg: CORRUPT" in out
+    assert len(list(out_dir.rglob("*.png"))) == len(sizes)
+    assert main(["decode", "dataset", "pics", "--size", "64x48", "--strict"]) == 1
+    with pytest.raises(SystemExit):
+        main(["decode", "dataset", "pics", "--size", "64by48"])
+    assert "WIDTHxHEIGHT" in capsys.readouterr().err
 
 
 def test_serve_refuses_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str],

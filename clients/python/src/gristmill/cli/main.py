@@ -14,6 +14,7 @@ from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
+from gristmill.cli.decode_cmds import add_decode_commands
 from gristmill.client.channel import DEFAULT_ADDRESS
 from gristmill.client.errors import GristmillError
 from gristmill.client.hub import DEFAULT_CACHE_DIR, Hub
@@ -184,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="latest", help="version id (or prefix) or 'latest'")
     p = add("commit", cmd_commit, "freeze the dataset's current files as a version")
     p.add_argument("name")
+
+    add_decode_commands(commands, conn)
 
     found = False
     for ep in entry_points(group="gristmill.server"):
