@@ -214,3 +214,31 @@ def test_decode_metrics_are_exported(client: DecodeClient) -> None:
         assert name in body, name
     assert 'gristmill_decode_errors_total{reason="CORRUPT"}' in body
     assert 'gristmill_decode_samples_total{format="jpeg"}' in body
+
+
+def test_a_cancelled_stream_frees_its_handler(server: Running) -> None:
+    from prometheus_client import REGISTRY
+
+    data = images.encode(images.gradient(64, 64))
+
+    def forever() -> Iterator[decode_pb2.DecodeRequest]:
+        i = 0
+        while True:
+            yield decode_pb2.DecodeRequest(transform=TRANSFORM, samples=[inline(data, str(i))])
+            i += 1
+            time.sleep(0.01)
+
+    labels = {"service": "gristmill.v1.DecodeService", "method": "Decode"}
+    stub = decode_pb2_grpc.DecodeServiceStub(server.channel())
+    call = stub.Decode(forever())
+    assert next(call).batch_index == 0
+    assert REGISTRY.get_sample_value("gristmill_rpc_in_flight", labels) == 1
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while REGISTRY.get_sample_value("gristmill_rpc_in_flight", labels) != 0:
+        assert time.monotonic() < deadline, "the Decode handler is still running"
+        time.sleep(0.05)
+    with DecodeClient(server.address, server.admin_key) as c:  # the server still serves
+        (resp,) = list(c.decode([decode_pb2.DecodeRequest(transform=TRANSFORM,
+                                                          samples=[inline(data, "x")])]))
+    assert resp.results[0].WhichOneof("result") == "sample"

@@ -115,7 +115,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         reader.start()
         try:
             while True:
-                item = batches.get()
+                try:
+                    item = batches.get(timeout=0.5)
+                except queue.Empty:
+                    if cancelled.is_set() or not context.is_active():
+                        return  # the client went away; the reader stops too
+                    continue
                 if item is None:
                     return
                 if isinstance(item, BaseException):
@@ -128,11 +133,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 yield response
         finally:
             cancelled.set()
+            _cancel_pending(batches)
 
     def _read(self, requests: Iterator[decode_pb2.DecodeRequest], limit: InflightLimit,
               cancelled: threading.Event, out: queue.Queue[_Batch | BaseException | None]
               ) -> None:
         transform: Transform | None = None
+        end: BaseException | None = None
         try:
             for index, request in enumerate(requests):
                 if request.HasField("transform"):
@@ -146,14 +153,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 futures = [s if isinstance(s, Future) else self.decoder.submit(s, transform)
                            for s in samples]
                 out.put(_Batch(index, [s.id for s in request.samples], futures))
-            out.put(None)
         except GristmillError as e:
-            out.put(e)
+            end = e
         except grpc.RpcError:  # the client went away
-            out.put(None)
+            pass
         except Exception as e:
             log.exception("decode stream reader failed")
-            out.put(e)
+            end = e
+        finally:
+            out.put(end)  # always a last item: the sender never waits forever
+            if cancelled.is_set():
+                _cancel_pending(out)
 
     def _samples(self, request: decode_pb2.DecodeRequest
                  ) -> list[SampleInput | Future[SampleResult]]:
@@ -194,6 +204,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             else:
                 out.append(SampleInput(datas[0], tuple(datas[1:]), s.seed, s.id))
         return out
+
+
+def _cancel_pending(batches: queue.Queue[_Batch | BaseException | None]) -> None:
+    """Drop queued batches of a finished stream; decoding not yet started is cancelled."""
+    while True:
+        try:
+            item = batches.get_nowait()
+        except queue.Empty:
+            return
+        if isinstance(item, _Batch):
+            for f in item.futures:
+                f.cancel()
 
 
 def _build(ctx: ServiceContext, server: grpc.Server) -> None:
