@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from gristmill.client.channel import DEFAULT_MAX_MESSAGE_BYTES, ConnectionOptions, open_channel
-from gristmill.client.errors import from_rpc_error
+from gristmill.client.errors import call_rpc, stream_rpc
 from gristmill.v1 import decode_pb2, decode_pb2_grpc
 
 __all__ = ["DecodeClient", "to_array"]
@@ -56,10 +55,7 @@ class DecodeClient:
         """The bucket table of a configuration, sorted by aspect ratio."""
         config = decode_pb2.BucketConfig(image_size=image_size, downsampling=downsampling,
                                          min_aspect=min_aspect, max_aspect=max_aspect)
-        try:
-            resp = self._stub.ListBuckets(decode_pb2.ListBucketsRequest(config=config))
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        resp = call_rpc(self._stub.ListBuckets, decode_pb2.ListBucketsRequest(config=config))
         return list(resp.buckets)
 
     def decode(self, requests: Iterable[decode_pb2.DecodeRequest]
@@ -70,7 +66,4 @@ class DecodeClient:
         produce batches while earlier ones are decoded; the server reads no
         further ahead than its in-flight bound.
         """
-        try:
-            yield from self._stub.Decode(iter(requests))
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        yield from stream_rpc(self._stub.Decode(iter(requests)))

@@ -8,8 +8,8 @@ back into the same class with :func:`from_rpc_error`, so callers can write
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import ClassVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import ClassVar, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -28,8 +28,10 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "call_rpc",
     "from_item_error",
     "from_rpc_error",
+    "stream_rpc",
 ]
 
 DOMAIN = "gristmill.dev"
@@ -177,3 +179,23 @@ def from_rpc_error(error: grpc.RpcError) -> GristmillError:
     if cls is GristmillError:
         result.reason = reason or code.name
     return result
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def call_rpc(method: Callable[[R], T], request: R) -> T:
+    """Call a unary method; a failed call raises the matching :class:`GristmillError`."""
+    try:
+        return method(request)
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None
+
+
+def stream_rpc(it: Iterable[T]) -> Iterator[T]:
+    """Iterate a streaming call; a failed call raises the matching :class:`GristmillError`."""
+    try:
+        yield from it
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None

@@ -13,16 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-import grpc
-
 from gristmill.client.cache import FileCache, safe_component
 from gristmill.client.channel import ConnectionOptions, open_channel
 from gristmill.client.errors import (
     GristmillError,
     InvalidArgument,
     NotFound,
+    call_rpc,
     from_item_error,
-    from_rpc_error,
+    stream_rpc,
 )
 from gristmill.client.names import validate_path
 from gristmill.client.progress import Progress, progress
@@ -40,8 +39,6 @@ UPLOAD_CALL_FILES = 2000
 DOWNLOAD_CALL_BYTES = 32 * 1024 * 1024
 DOWNLOAD_CALL_FILES = 1000
 
-T = TypeVar("T")
-R = TypeVar("R")
 _DEFAULT = object()
 
 
@@ -68,13 +65,6 @@ class _LocalFile:
     sha256: str
 
 
-def _rpc(method: Callable[[R], T], request: R) -> T:
-    try:
-        return method(request)
-    except grpc.RpcError as e:
-        raise from_rpc_error(e) from None
-
-
 class _PagedRequest(Protocol):
     page_token: str
 
@@ -91,18 +81,11 @@ Pg = TypeVar("Pg", bound=_Page)
 def _pages(method: Callable[[P], Pg], request: P) -> Iterator[Pg]:
     """Every page of an AIP-158 list call (the request's page_token is advanced)."""
     while True:
-        page = _rpc(method, request)
+        page = call_rpc(method, request)
         yield page
         if not page.next_page_token:
             return
         request.page_token = page.next_page_token
-
-
-def _stream(it: Iterable[T]) -> Iterator[T]:
-    try:
-        yield from it
-    except grpc.RpcError as e:
-        raise from_rpc_error(e) from None
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:
@@ -164,11 +147,11 @@ class Hub:
     def create_dataset(self, name: str, description: str = "") -> store_pb2.Dataset:
         """Create an empty dataset."""
         req = store_pb2.CreateDatasetRequest(name=name, description=description)
-        return _rpc(self._stub.CreateDataset, req).dataset
+        return call_rpc(self._stub.CreateDataset, req).dataset
 
     def get_dataset(self, name: str) -> store_pb2.Dataset:
         """One dataset's summary."""
-        return _rpc(self._stub.GetDataset, store_pb2.GetDatasetRequest(name=name)).dataset
+        return call_rpc(self._stub.GetDataset, store_pb2.GetDatasetRequest(name=name)).dataset
 
     def list_datasets(self, page_size: int = 0) -> list[store_pb2.Dataset]:
         """Every dataset, sorted by name (pages are fetched as needed)."""
@@ -178,7 +161,7 @@ class Hub:
     def delete_dataset(self, name: str) -> store_pb2.DeleteDatasetResponse:
         """Delete a dataset (admin); blobs used elsewhere are kept."""
         req = store_pb2.DeleteDatasetRequest(name=name)
-        resp = _rpc(self._stub.DeleteDataset, req)
+        resp = call_rpc(self._stub.DeleteDataset, req)
         if self.cache is not None:
             self.cache.clear(name)
         return resp
@@ -186,7 +169,7 @@ class Hub:
     def commit_version(self, dataset: str) -> store_pb2.Version:
         """Freeze the dataset's head as an immutable version."""
         req = store_pb2.CommitVersionRequest(dataset=dataset)
-        return _rpc(self._stub.CommitVersion, req).version
+        return call_rpc(self._stub.CommitVersion, req).version
 
     def list_versions(self, dataset: str) -> list[store_pb2.Version]:
         """Versions, newest first."""
@@ -211,7 +194,7 @@ class Hub:
         req = store_pb2.GetManifestRequest(dataset=dataset, version=version)
         blob = bytearray()
         resolved = version
-        for resp in _stream(self._stub.GetManifest(req)):
+        for resp in stream_rpc(self._stub.GetManifest(req)):
             if resp.version:
                 resolved = resp.version
             blob += resp.data
@@ -248,7 +231,7 @@ class Hub:
         digest = hashlib.sha256()
         expected = ""
         req = store_pb2.ReadFilesRequest(dataset=dataset, version=version, paths=[path])
-        for resp in _stream(self._stub.ReadFiles(req)):
+        for resp in stream_rpc(self._stub.ReadFiles(req)):
             for piece in resp.files:
                 if piece.HasField("error"):
                     raise _item_error(piece)
@@ -346,7 +329,7 @@ class Hub:
         digest = hashlib.sha256()
         tmp: Path | None = None
         try:
-            for resp in _stream(self._stub.ReadFiles(req)):
+            for resp in stream_rpc(self._stub.ReadFiles(req)):
                 for piece in resp.files:
                     if piece.HasField("error"):
                         raise _item_error(piece)
@@ -429,7 +412,7 @@ class Hub:
         shas = sorted({f.sha256 for f in pending})
         for i in range(0, len(shas), 10_000):
             req = store_pb2.FindBlobsRequest(sha256=shas[i:i + 10_000])
-            stored.update(_rpc(self._stub.FindBlobs, req).present)
+            stored.update(call_rpc(self._stub.FindBlobs, req).present)
         bar = progress(sum(f.size for f in pending if f.sha256 not in stored),
                        f"upload {dataset}", "B", self.show_progress)
         try:
@@ -457,7 +440,7 @@ class Hub:
         for _attempt in range(2):
             unreadable: list[tuple[str, str]] = []
             try:
-                resp = _rpc(self._stub.PutFiles,
+                resp = call_rpc(self._stub.PutFiles,
                             self._requests(dataset, batch, stored, bar, unreadable))
             except GristmillError as e:
                 bad = [f for f in batch if f.path == e.metadata.get("path")] or batch

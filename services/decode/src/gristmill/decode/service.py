@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from gristmill.client.buckets import Bucket, BucketConfig, bucket_table
+from gristmill.client.buckets import Bucket, bucket_table
 from gristmill.client.errors import GristmillError, InvalidArgument
 from gristmill.client.names import validate_dataset_name, validate_path
 from gristmill.common import metrics
@@ -21,7 +21,12 @@ from gristmill.decode.errors import DecodeError, Reason
 from gristmill.decode.pipeline import DecodedImage
 from gristmill.decode.pool import Decoder, InflightLimit, SampleInput, SampleResult
 from gristmill.decode.sources import FileSource, RemoteStore, read_refs
-from gristmill.decode.transform import Encoding, Transform, transform_from_proto
+from gristmill.decode.transform import (
+    Encoding,
+    Transform,
+    bucket_config_from_proto,
+    transform_from_proto,
+)
 from gristmill.v1 import decode_pb2, decode_pb2_grpc
 
 __all__ = ["SERVICE", "DecodeServicer", "bucket_message"]
@@ -91,11 +96,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         if not request.HasField("config"):
             raise InvalidArgument("config", "give a bucket config, e.g. image_size 1024 and "
                                   "downsampling 32")
-        c = request.config
-        config = BucketConfig(c.image_size, c.downsampling or 16, c.min_aspect or 0.5,
-                              c.max_aspect or 2.0)
         try:
-            table = bucket_table(config)
+            table = bucket_table(bucket_config_from_proto(request.config))
         except ValueError as e:
             raise InvalidArgument("config", str(e)) from None
         return decode_pb2.ListBucketsResponse(buckets=[bucket_message(b) for b in table])

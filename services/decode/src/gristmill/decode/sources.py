@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-import grpc
-
 from gristmill.client.channel import ConnectionOptions, open_channel
-from gristmill.client.errors import GristmillError, from_item_error, from_rpc_error
+from gristmill.client.errors import GristmillError, from_item_error, stream_rpc
 from gristmill.common.config import DecodeConfig
 from gristmill.v1 import decode_pb2, store_pb2, store_pb2_grpc
 
@@ -16,10 +14,6 @@ __all__ = ["FileSource", "RemoteStore", "assemble", "read_refs"]
 
 #: Paths per ReadFiles call (the store's own limit is larger).
 PATHS_PER_CALL = 1000
-
-#: Reads (dataset, version, paths) and yields the store's ReadFiles responses.
-ReadFn = Callable[[str, str, list[str]], Iterable[store_pb2.ReadFilesResponse]]
-
 
 class FileSource(Protocol):
     """Something that reads store files: the in-process Store or a remote one."""
@@ -42,11 +36,8 @@ class RemoteStore:
     def read_files(self, dataset: str, version: str, paths: list[str]
                    ) -> Iterator[store_pb2.ReadFilesResponse]:
         """ReadFiles on the remote store; call failures raise GristmillError."""
-        try:
-            yield from self._stub.ReadFiles(store_pb2.ReadFilesRequest(
-                dataset=dataset, version=version, paths=paths))
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        yield from stream_rpc(self._stub.ReadFiles(store_pb2.ReadFilesRequest(
+            dataset=dataset, version=version, paths=paths)))
 
     def close(self) -> None:
         """Close the channel."""

@@ -19,6 +19,7 @@ __all__ = [
     "Encoding",
     "Resample",
     "Transform",
+    "bucket_config_from_proto",
     "transform_from_proto",
 ]
 
@@ -170,14 +171,18 @@ def _enum(table: Mapping[int, E], value: int, name: str) -> E:
                               ) from None
 
 
+def bucket_config_from_proto(msg: decode_pb2.BucketConfig) -> BucketConfig:
+    """A BucketConfig message with its zero fields given their documented defaults."""
+    return BucketConfig(msg.image_size, msg.downsampling or 16, msg.min_aspect or 0.5,
+                        msg.max_aspect or 2.0)
+
+
 def transform_from_proto(msg: decode_pb2.Transform) -> Transform:
     """Validate a Transform message and convert it (InvalidArgument on a bad field)."""
     which = msg.WhichOneof("size")
     buckets = size = None
     if which == "buckets":
-        b = msg.buckets
-        buckets = BucketConfig(b.image_size, b.downsampling or 16, b.min_aspect or 0.5,
-                               b.max_aspect or 2.0)
+        buckets = bucket_config_from_proto(msg.buckets)
     elif which == "fixed":
         size = (msg.fixed.width, msg.fixed.height)
     bg = (msg.background.red, msg.background.green, msg.background.blue
