@@ -217,6 +217,16 @@ class Hub:
         for page in _pages(self._stub.ListManifest, req):
             yield from page.files
 
+    def read_files(self, dataset: str, version: str, paths: list[str]
+                   ) -> Iterator[store_pb2.ReadFilesResponse]:
+        """Raw ReadFiles responses: many files per message, per-file errors inline.
+
+        This is what services use to read from a remote store; most callers
+        want :meth:`get_file_bytes` or :meth:`download_dataset`.
+        """
+        req = store_pb2.ReadFilesRequest(dataset=dataset, version=version, paths=paths)
+        yield from stream_rpc(self._stub.ReadFiles(req))
+
     def _entry(self, dataset: str, path: str, version: str) -> store_pb2.FileEntry:
         for entry in self.get_manifest(dataset, version).files:
             if entry.path == path:

@@ -21,6 +21,7 @@ __all__ = [
     "AuthConfig",
     "ConfigError",
     "DecodeConfig",
+    "IngestConfig",
     "ServerConfig",
     "StoreConfig",
     "TLSConfig",
@@ -89,6 +90,27 @@ class DecodeConfig(_Strict):
     store_ca_file: Path | None = None
 
 
+class IngestConfig(_Strict):
+    """The training feed (see docs/ingest.md)."""
+
+    #: Batches one stream decodes ahead of what it has sent: keeps the decode
+    #: pool busy while bounding memory (about prefetch x batch bytes).
+    prefetch_batches: int = Field(default=4, ge=1, le=256)
+    #: Default payload bytes per StreamBatches message (a sample is never split).
+    chunk_bytes: int = Field(default=1 * MiB, ge=64 * 1024, le=32 * MiB)
+    #: Sample lists (from manifests) and epoch plans kept in memory.
+    cached_sample_sets: int = Field(default=8, ge=1)
+    cached_plans: int = Field(default=32, ge=1)
+    #: Store and decode services when they are not in this process: address
+    #: (host:port), API key (a reader key) and CA certificate for TLS.
+    store_address: str | None = None
+    store_api_key: str | None = None
+    store_ca_file: Path | None = None
+    decode_address: str | None = None
+    decode_api_key: str | None = None
+    decode_ca_file: Path | None = None
+
+
 class ServerConfig(_Strict):
     """Everything a gristmill server process needs."""
 
@@ -110,6 +132,7 @@ class ServerConfig(_Strict):
     tls: TLSConfig | None = None
     store: StoreConfig = StoreConfig()
     decode: DecodeConfig = DecodeConfig()
+    ingest: IngestConfig = IngestConfig()
 
     @property
     def keys_file(self) -> Path:

@@ -11,6 +11,11 @@ __all__ = [
     "DECODE_LATENCY",
     "DECODE_QUEUE_DEPTH",
     "DECODE_SAMPLES",
+    "INGEST_BATCHES",
+    "INGEST_BYTES_OUT",
+    "INGEST_SAMPLES",
+    "INGEST_STREAMS",
+    "INGEST_WAIT",
     "RPC_DURATION",
     "RPC_IN_FLIGHT",
     "RPC_TOTAL",
@@ -51,6 +56,17 @@ DECODE_LATENCY = Histogram(
 )
 DECODE_QUEUE_DEPTH = Gauge("gristmill_decode_queue_depth",
                            "Samples submitted to the decode pool and not yet finished")
+
+INGEST_BATCHES = Counter("gristmill_ingest_batches", "Batches sent to trainers")
+INGEST_SAMPLES = Counter("gristmill_ingest_samples",
+                         "Samples sent to trainers, by outcome (ok, error, repeat)", ["outcome"])
+INGEST_BYTES_OUT = Counter("gristmill_ingest_bytes_out", "Pixel bytes sent to trainers")
+INGEST_STREAMS = Gauge("gristmill_ingest_streams", "Open StreamBatches calls")
+INGEST_WAIT = Histogram(
+    "gristmill_ingest_wait_seconds",
+    "Time a stream waited for its next batch to be decoded (0 when prefetch keeps up)",
+    buckets=_LATENCY_BUCKETS,
+)
 
 
 def start_metrics_server(port: int, host: str = "127.0.0.1") -> tuple[object, int]:

@@ -20,7 +20,7 @@ from gristmill.common.service import ServiceContext, ServiceSpec
 from gristmill.decode.errors import DecodeError, Reason
 from gristmill.decode.pipeline import DecodedImage
 from gristmill.decode.pool import Decoder, InflightLimit, SampleInput, SampleResult
-from gristmill.decode.sources import FileSource, RemoteStore, read_refs
+from gristmill.decode.sources import FileSource, remote_store, resolve_samples
 from gristmill.decode.transform import (
     Encoding,
     Transform,
@@ -152,8 +152,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 samples = self._samples(request)
                 if not limit.acquire(len(samples), cancelled):
                     return
-                futures = [s if isinstance(s, Future) else self.decoder.submit(s, transform)
-                           for s in samples]
+                futures = [_done(s) if isinstance(s, DecodeError) else
+                           self.decoder.submit(s, transform) for s in samples]
                 out.put(_Batch(index, [s.id for s in request.samples], futures))
         except GristmillError as e:
             end = e
@@ -167,13 +167,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             if cancelled.is_set():
                 _cancel_pending(out)
 
-    def _samples(self, request: decode_pb2.DecodeRequest
-                 ) -> list[SampleInput | Future[SampleResult]]:
+    def _samples(self, request: decode_pb2.DecodeRequest) -> list[SampleInput | DecodeError]:
         """Inputs of a request, store references resolved (a failed read fails its sample)."""
         if len(request.samples) > MAX_SAMPLES_PER_REQUEST:
             raise InvalidArgument("samples", f"at most {MAX_SAMPLES_PER_REQUEST} samples per "
                                   f"request, got {len(request.samples)}; split the batch")
-        refs: list[decode_pb2.StoreRef] = []
         for i, s in enumerate(request.samples):
             for j, src in enumerate([s.image, *s.companions]):
                 name = f"samples[{i}].image" if j == 0 else f"samples[{i}].companions[{j - 1}]"
@@ -184,28 +182,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 if kind == "ref":
                     validate_dataset_name(src.ref.dataset, f"{name}.ref.dataset")
                     validate_path(src.ref.path, f"{name}.ref.path")
-                    refs.append(src.ref)
-        fetched = iter(read_refs(self.source, refs)) if refs else iter(())
-        out: list[SampleInput | Future[SampleResult]] = []
-        for s in request.samples:
-            datas: list[bytes] = []
-            failed: DecodeError | None = None
-            for j, src in enumerate([s.image, *s.companions]):
-                if src.WhichOneof("source") == "data":
-                    datas.append(src.data)
-                    continue
-                got = next(fetched)
-                if isinstance(got, GristmillError) and failed is None:
-                    failed = DecodeError(Reason.SOURCE_UNAVAILABLE,
-                                         f"{src.ref.dataset}:{src.ref.path}: {got.message}",
-                                         j - 1)
-                datas.append(got if isinstance(got, bytes) else b"")
-            if failed is not None:
-                metrics.DECODE_ERRORS.labels(failed.reason.value).inc()
-                out.append(_done(failed))
-            else:
-                out.append(SampleInput(datas[0], tuple(datas[1:]), s.seed, s.id))
-        return out
+        return resolve_samples(self.source, request.samples)
 
 
 def _cancel_pending(batches: queue.Queue[_Batch | BaseException | None]) -> None:
@@ -227,7 +204,7 @@ def _build(ctx: ServiceContext, server: grpc.Server) -> None:
     ctx.resources.append(decoder)
     source: FileSource | None = ctx.local.get("store")
     if cfg.store_address:
-        remote = RemoteStore(cfg, ctx.config.max_message_bytes)
+        remote = remote_store(cfg.store_address, cfg.store_api_key, cfg.store_ca_file)
         ctx.resources.append(remote)
         source = remote
     decode_pb2_grpc.add_DecodeServiceServicer_to_server(

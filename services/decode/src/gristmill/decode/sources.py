@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Protocol
 
-from gristmill.client.channel import ConnectionOptions, open_channel
-from gristmill.client.errors import GristmillError, from_item_error, stream_rpc
-from gristmill.common.config import DecodeConfig
-from gristmill.v1 import decode_pb2, store_pb2, store_pb2_grpc
+from gristmill.client.errors import GristmillError, Unavailable, from_item_error
+from gristmill.client.hub import Hub
+from gristmill.common import metrics
+from gristmill.decode.errors import DecodeError, Reason
+from gristmill.decode.pool import SampleInput
+from gristmill.v1 import decode_pb2, store_pb2
 
-__all__ = ["FileSource", "RemoteStore", "assemble", "read_refs"]
+__all__ = ["FileSource", "assemble", "read_refs", "remote_store", "resolve_samples"]
 
 #: Paths per ReadFiles call (the store's own limit is larger).
 PATHS_PER_CALL = 1000
+
 
 class FileSource(Protocol):
     """Something that reads store files: the in-process Store or a remote one."""
@@ -23,25 +27,9 @@ class FileSource(Protocol):
         """ReadFiles responses for ``paths`` of a dataset version."""
 
 
-class RemoteStore:
-    """A store service reached over gRPC (decode deployed apart from the store)."""
-
-    def __init__(self, config: DecodeConfig, max_message_bytes: int) -> None:
-        assert config.store_address is not None
-        self._channel = open_channel(ConnectionOptions(
-            address=config.store_address, api_key=config.store_api_key,
-            ca_file=config.store_ca_file, max_message_bytes=max_message_bytes))
-        self._stub = store_pb2_grpc.StoreServiceStub(self._channel)
-
-    def read_files(self, dataset: str, version: str, paths: list[str]
-                   ) -> Iterator[store_pb2.ReadFilesResponse]:
-        """ReadFiles on the remote store; call failures raise GristmillError."""
-        yield from stream_rpc(self._stub.ReadFiles(store_pb2.ReadFilesRequest(
-            dataset=dataset, version=version, paths=paths)))
-
-    def close(self) -> None:
-        """Close the channel."""
-        self._channel.close()
+def remote_store(address: str, api_key: str | None, ca_file: Path | None) -> Hub:
+    """A store service reached over gRPC, for services deployed apart from it."""
+    return Hub(address, api_key, cache_dir=None, ca_file=ca_file, show_progress=False)
 
 
 def assemble(responses: Iterable[store_pb2.ReadFilesResponse]
@@ -77,6 +65,8 @@ def read_refs(source: FileSource | None, refs: list[decode_pb2.StoreRef]
                     raise GristmillError("this server has no store to read references from; "
                                          "send the bytes inline or set decode.store_address")
                 got = assemble(source.read_files(dataset, version, chunk))
+            except Unavailable:
+                raise  # the store is down: fail the call so the client retries
             except GristmillError as e:
                 got = dict.fromkeys(chunk, e)
             for p in chunk:
@@ -84,3 +74,34 @@ def read_refs(source: FileSource | None, refs: list[decode_pb2.StoreRef]
                 found[(dataset, version, p)] = data if data is not None else GristmillError(
                     f"the store sent no data for {p!r}")
     return [found[(r.dataset, r.version, r.path)] for r in refs]
+
+
+def resolve_samples(source: FileSource | None, samples: Sequence[decode_pb2.DecodeSample]
+                    ) -> list[SampleInput | DecodeError]:
+    """Inputs of validated samples, store references read in few calls.
+
+    A reference that cannot be read fails its sample (SOURCE_UNAVAILABLE),
+    never the batch.
+    """
+    refs = [src.ref for s in samples for src in (s.image, *s.companions)
+            if src.WhichOneof("source") == "ref"]
+    fetched = iter(read_refs(source, refs)) if refs else iter(())
+    out: list[SampleInput | DecodeError] = []
+    for s in samples:
+        datas: list[bytes] = []
+        failed: DecodeError | None = None
+        for j, src in enumerate([s.image, *s.companions]):
+            if src.WhichOneof("source") == "data":
+                datas.append(src.data)
+                continue
+            got = next(fetched)
+            if isinstance(got, GristmillError) and failed is None:
+                failed = DecodeError(Reason.SOURCE_UNAVAILABLE,
+                                     f"{src.ref.dataset}:{src.ref.path}: {got.message}", j - 1)
+            datas.append(got if isinstance(got, bytes) else b"")
+        if failed is not None:
+            metrics.DECODE_ERRORS.labels(failed.reason.value).inc()
+            out.append(failed)
+        else:
+            out.append(SampleInput(datas[0], tuple(datas[1:]), s.seed, s.id))
+    return out

@@ -1,0 +1,537 @@
+"""The training-loop side of the feed: ``for batch in Loader(...)``.
+
+A :class:`Loader` asks the ingest service for its rank's plan, streams the
+rank's batches on a background thread (a few batches ahead), and assembles
+each batch's messages into one ``[B, H, W, C]`` uint8 array. A dropped
+connection or a restarted server is retried with backoff, resuming from the
+cursor of the first batch not yet received: no sample is lost or repeated.
+``state_dict()`` / ``load_state_dict()`` resume a training run mid-epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from gristmill.client.channel import DEFAULT_MAX_MESSAGE_BYTES, ConnectionOptions, open_channel
+from gristmill.client.delivery import DeliveryLog
+from gristmill.client.errors import GristmillError, Internal, Unavailable, call_rpc, stream_rpc
+from gristmill.client.planner import Cursor, Policy
+from gristmill.client.world import World
+from gristmill.v1 import decode_pb2, ingest_pb2, ingest_pb2_grpc
+
+if TYPE_CHECKING:
+    from torch.utils.data import IterableDataset
+
+__all__ = ["Batch", "Loader", "SampleFailure"]
+
+log = logging.getLogger(__name__)
+
+_POLICY = {Policy.EXACT: ingest_pb2.PLAN_POLICY_EXACT, Policy.HASH: ingest_pb2.PLAN_POLICY_HASH,
+           Policy.SEQUENTIAL: ingest_pb2.PLAN_POLICY_SEQUENTIAL}
+_CROP = {"center": decode_pb2.CROP_MODE_CENTER, "random": decode_pb2.CROP_MODE_RANDOM}
+_COLOR = {"rgb": decode_pb2.COLOR_MODE_RGB, "rgba": decode_pb2.COLOR_MODE_RGBA,
+          "gray": decode_pb2.COLOR_MODE_GRAY}
+#: Error reasons worth retrying: the server went away or is restarting.
+_RETRY_REASONS = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED"}
+_END = object()
+
+Images = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class SampleFailure:
+    """A sample of the batch that could not be decoded (it has no row in ``images``)."""
+
+    id: str
+    reason: str
+    message: str
+
+
+@dataclass
+class Batch:
+    """One batch of one bucket, as the training loop gets it.
+
+    Attributes:
+        images: ``[B, H, W, C]`` uint8, one row per sample decoded without error.
+        ids: the sample id (store path) of each row.
+        fresh: per row, False for padding (a repeat of a sample delivered
+            earlier in the epoch, used to keep ranks even).
+        companions: per row, its companion images (masks), cut like the image.
+        annotations: per row, the sample's annotations as JSON ("" until the
+            annotate service joins the stream).
+        errors: samples of this batch that failed (not in ``images``).
+        cursor: (epoch, position) of this batch in the rank's plan.
+    """
+
+    images: Images
+    ids: list[str]
+    fresh: npt.NDArray[np.bool_]
+    companions: list[tuple[Images, ...]]
+    annotations: list[str]
+    errors: list[SampleFailure]
+    cursor: Cursor
+    planned_ids: list[str] = field(repr=False, default_factory=list)
+    planned_fresh: int = field(repr=False, default=0)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def companion(self, k: int) -> Images:
+        """The ``k``-th companion of every row stacked as ``[B, H, W, C]``."""
+        return np.stack([c[k] if c[k].ndim == 3 else c[k][..., None] for c in self.companions])
+
+
+def _plane(image: decode_pb2.DecodedImage) -> Images:
+    data = image.data
+    return np.frombuffer(data, np.uint8).reshape(image.height, image.width, image.channels)
+
+
+class _Assembler:
+    """Joins the chunks of one batch into a :class:`Batch` (use a new one per batch)."""
+
+    def __init__(self) -> None:
+        self._images: Images | None = None
+        self._rows = 0
+        self._next_offset = 0
+        self._head: ingest_pb2.StreamBatchesResponse | None = None
+        self._ids: list[str] = []
+        self._fresh: list[bool] = []
+        self._companions: list[tuple[Images, ...]] = []
+        self._annotations: list[str] = []
+        self._errors: list[SampleFailure] = []
+        self._planned: list[str] = []
+        self._planned_fresh = 0
+
+    def add(self, msg: ingest_pb2.StreamBatchesResponse) -> Batch | None:
+        """Take one message; the batch once its last message arrived."""
+        if self._head is None:
+            if msg.offset != 0:
+                raise Internal(f"stream started mid-batch (offset {msg.offset})")
+            self._head = msg
+            h, w = msg.bucket.height, msg.bucket.width
+            self._images = np.empty((msg.batch_size, h, w, max(msg.channels, 1)), np.uint8)
+        elif (msg.cursor.position != self._head.cursor.position
+              or msg.offset != self._next_offset):
+            raise Internal(f"out-of-order chunk: batch {msg.cursor.position} offset "
+                           f"{msg.offset}, expected batch {self._head.cursor.position} offset "
+                           f"{self._next_offset}")
+        assert self._images is not None
+        ok = [s for s in msg.samples if not s.HasField("error")]
+        if ok:
+            if msg.channels != self._images.shape[3]:
+                if self._rows:
+                    raise Internal("channels changed within a batch")
+                shape = self._images.shape
+                self._images = np.empty((shape[0], shape[1], shape[2], msg.channels), np.uint8)
+            pixels = msg.pixels  # read the bytes field once (each access copies)
+            n = len(ok)
+            self._images[self._rows:self._rows + n] = np.frombuffer(pixels, np.uint8).reshape(
+                n, *self._images.shape[1:])
+            self._rows += n
+        for s in msg.samples:
+            self._planned.append(s.id)
+            self._planned_fresh += s.fresh
+            if s.HasField("error"):
+                self._errors.append(SampleFailure(
+                    s.id, decode_pb2.DecodeErrorReason.Name(s.error.reason).removeprefix(
+                        "DECODE_ERROR_REASON_"), s.error.message))
+                continue
+            self._ids.append(s.id)
+            self._fresh.append(s.fresh)
+            self._companions.append(tuple(_plane(c) for c in s.companions))
+            self._annotations.append(s.annotations)
+        self._next_offset = msg.offset + len(msg.samples)
+        if not msg.HasField("next"):
+            return None
+        return Batch(self._images[:self._rows], self._ids, np.array(self._fresh, bool),
+                     self._companions, self._annotations, self._errors,
+                     Cursor(msg.cursor.epoch, msg.cursor.position), self._planned,
+                     self._planned_fresh)
+
+
+class _Call(Protocol):
+    def __iter__(self) -> Iterator[ingest_pb2.StreamBatchesResponse]: ...
+    def cancel(self) -> Any: ...
+
+
+class Transport(Protocol):
+    """How a Loader reaches an ingest: a gRPC channel, or in-process."""
+
+    def plan(self, request: ingest_pb2.PlanEpochRequest) -> ingest_pb2.PlanEpochResponse:
+        """PlanEpoch."""
+
+    def stream(self, request: ingest_pb2.StreamBatchesRequest) -> _Call:
+        """StreamBatches; ``cancel()`` on the result stops it."""
+
+    def close(self) -> None:
+        """Release connections and threads."""
+
+
+class _GrpcTransport:
+    def __init__(self, options: ConnectionOptions) -> None:
+        self._channel = open_channel(options)
+        self._stub = ingest_pb2_grpc.IngestServiceStub(self._channel)
+
+    def plan(self, request: ingest_pb2.PlanEpochRequest) -> ingest_pb2.PlanEpochResponse:
+        return call_rpc(self._stub.PlanEpoch, request)
+
+    def stream(self, request: ingest_pb2.StreamBatchesRequest) -> _Call:
+        return _GrpcCall(self._stub.StreamBatches(request))
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class _GrpcCall:
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[ingest_pb2.StreamBatchesResponse]:
+        return stream_rpc(self._call)
+
+    def cancel(self) -> Any:
+        return self._call.cancel()
+
+
+def _retryable(error: GristmillError) -> bool:
+    return isinstance(error, Unavailable) or error.reason in _RETRY_REASONS
+
+
+class Loader:
+    """Batches of one rank for a training loop: ``for batch in loader``.
+
+    Args:
+        address: ingest service ``host:port``; default ``GRISTMILL_ADDRESS``
+            or 127.0.0.1:7450.
+        dataset: dataset name.
+        version: a committed version id, or "latest" (the newest committed
+            version, pinned when the Loader starts).
+        batch_size: samples per batch (per rank).
+        image_size: side of the square bucket (datago ``default_image_size``).
+        downsampling_ratio: bucket sides are multiples of this.
+        min_aspect_ratio: smallest bucket aspect ratio (width / height).
+        max_aspect_ratio: largest bucket aspect ratio.
+        seed: shuffle seed; equal seeds give equal plans.
+        shuffle: False streams in manifest order (policy "sequential").
+        policy: "exact" (default: each sample once per epoch, ranks even),
+            "hash" (a sample stays on its rank as the dataset grows) or
+            "sequential".
+        drop_last: drop the short tail instead of padding it with repeats.
+        rank: this rank; default ``RANK`` from the environment, else 0.
+        world_size: number of ranks; default ``WORLD_SIZE``, else 1.
+        prefix: only files under this path prefix are samples.
+        companions: path templates of companion images, e.g. "masks/{stem}.png".
+        crop: "center" or "random" (seeded per sample and epoch).
+        color: "rgb", "rgba" or "gray".
+        prefetch: batches kept ready ahead of the training loop.
+        delivery_log: directory for the delivery log (see ``gristmill audit``).
+        retry_timeout: seconds to keep retrying a lost connection before raising.
+        api_key: default ``GRISTMILL_API_KEY``.
+        ca_file: PEM CA certificate for TLS.
+    """
+
+    def __init__(self, address: str | None = None, dataset: str = "", version: str = "latest",
+                 batch_size: int = 32, image_size: int = 512, downsampling_ratio: int = 16,
+                 min_aspect_ratio: float = 0.5, max_aspect_ratio: float = 2.0, seed: int = 0,
+                 shuffle: bool = True, policy: str | Policy = "exact", drop_last: bool = False,
+                 rank: int | None = None, world_size: int | None = None, *,
+                 prefix: str = "", companions: Sequence[str] = (), crop: str = "center",
+                 color: str = "rgb", prefetch: int = 4, delivery_log: Path | str | None = None,
+                 retry_timeout: float = 300.0, api_key: str | None = None,
+                 ca_file: Path | str | None = None, transport: Transport | None = None) -> None:
+        if not dataset:
+            raise ValueError("name the dataset to stream: Loader(address, dataset='...')")
+        pol = Policy(policy) if isinstance(policy, str) else policy
+        if not shuffle:
+            if pol is Policy.HASH:
+                raise ValueError("policy 'hash' always shuffles within a rank; use "
+                                 "policy='sequential' for manifest order")
+            pol = Policy.SEQUENTIAL
+        if crop not in _CROP or color not in _COLOR:
+            raise ValueError(f"crop must be one of {sorted(_CROP)} and color one of "
+                             f"{sorted(_COLOR)}; got crop={crop!r}, color={color!r}")
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        self.world = World.from_env(rank, world_size)
+        self.prefetch = prefetch
+        self.retry_timeout = retry_timeout
+        self._transport = transport or _GrpcTransport(ConnectionOptions(
+            address, api_key, Path(ca_file) if ca_file else None,
+            DEFAULT_MAX_MESSAGE_BYTES).resolved())
+        spec = ingest_pb2.PlanSpec(
+            dataset=dataset, version=version, prefix=prefix, companions=list(companions),
+            seed=seed, world_size=self.world.world_size, batch_size=batch_size,
+            policy=_POLICY[pol], drop_last=drop_last,
+            transform=decode_pb2.Transform(
+                buckets=decode_pb2.BucketConfig(image_size=image_size,
+                                                downsampling=downsampling_ratio,
+                                                min_aspect=min_aspect_ratio,
+                                                max_aspect=max_aspect_ratio),
+                crop=_CROP[crop], color=_COLOR[color]))
+        self._epoch = 0
+        self._position = 0
+        self._planned: ingest_pb2.PlanEpochResponse | None = None
+        self._planned_epoch = -1
+        try:
+            first = self._plan(spec, 0)  # pins "latest" to a version id
+        except BaseException:
+            self._transport.close()
+            raise
+        self.spec = first.spec
+        self.plan_id = first.plan_id
+        self._log: DeliveryLog | None = None
+        if delivery_log is not None:
+            self._log = DeliveryLog(delivery_log, self.world.rank, {
+                "plan_id": self.plan_id, "world_size": self.world.world_size,
+                "dataset": dataset, "version": self.spec.version})
+
+    @classmethod
+    def from_folder(cls, path: Path | str, batch_size: int = 32, image_size: int = 512,
+                    downsampling_ratio: int = 16, min_aspect_ratio: float = 0.5,
+                    max_aspect_ratio: float = 2.0, seed: int = 0, shuffle: bool = True,
+                    policy: str | Policy = "exact", drop_last: bool = False,
+                    rank: int | None = None, world_size: int | None = None, *,
+                    workers: int = 0, show_progress: bool = True, **kwargs: Any) -> Loader:
+        """The same pipeline in this process on a local folder of images, no server.
+
+        Needs the ingest package (``pip install gristmill-ingest``), which
+        brings the decoders. ``workers`` decoding threads (0: one per core).
+        Other keyword arguments are those of :class:`Loader`.
+        """
+        try:
+            from gristmill.ingest.local import folder_ingest
+        except ImportError as e:
+            raise ImportError("Loader.from_folder decodes in this process and needs the "
+                              "gristmill-ingest package: pip install gristmill-ingest") from e
+        ingest, decoder = folder_ingest(path, workers=workers,
+                                        prefetch_batches=kwargs.get("prefetch", 4),
+                                        show_progress=show_progress)
+        return cls(None, "folder", "latest", batch_size, image_size, downsampling_ratio,
+                   min_aspect_ratio, max_aspect_ratio, seed, shuffle, policy, drop_last, rank,
+                   world_size, transport=_LocalTransport(ingest, decoder), **kwargs)
+
+    # plans -----------------------------------------------------------------
+    def _with_retry(self, what: str, fn: Callable[[], Any]) -> Any:
+        deadline = time.monotonic() + self.retry_timeout
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except GristmillError as e:
+                if not _retryable(e) or time.monotonic() >= deadline:
+                    raise
+                delay = _backoff(attempt)
+                log.warning("%s failed (%s); retrying in %.1fs", what, e, delay)
+                time.sleep(delay)
+                attempt += 1
+
+    def _plan(self, spec: ingest_pb2.PlanSpec, epoch: int) -> ingest_pb2.PlanEpochResponse:
+        if self._planned is not None and self._planned.spec == spec and \
+                self._planned_epoch == epoch:
+            return self._planned
+        resp: ingest_pb2.PlanEpochResponse = self._with_retry(
+            "PlanEpoch", lambda: self._transport.plan(
+                ingest_pb2.PlanEpochRequest(spec=spec, epoch=epoch)))
+        self._planned, self._planned_epoch = resp, epoch
+        return resp
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration streams."""
+        return self._epoch
+
+    @property
+    def plan(self) -> ingest_pb2.PlanEpochResponse:
+        """The current epoch's plan summary (batches per rank, buckets, samples)."""
+        return self._plan(self.spec, self._epoch)
+
+    def __len__(self) -> int:
+        """Batches this rank gets per epoch."""
+        return int(self.plan.batches_per_rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Stream ``epoch`` from its start on the next iteration."""
+        if epoch < 0:
+            raise ValueError(f"epoch must not be negative, got {epoch}")
+        self._epoch, self._position = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank is: save it with the model checkpoint."""
+        return {"plan_id": self.plan_id, "version": self.spec.version, "epoch": self._epoch,
+                "position": self._position, "rank": self.world.rank,
+                "world_size": self.world.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at exactly the batch after the last one delivered when ``state`` was saved."""
+        saved = state.get("plan_id")
+        if saved != self.plan_id:
+            raise ValueError(
+                f"this state was saved by a Loader with a different plan ({saved!r}, version "
+                f"{state.get('version')!r}; this one is {self.plan_id!r}, version "
+                f"{self.spec.version!r}): create the Loader with the same dataset version, "
+                "seed, batch size, world size and options to resume")
+        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+
+    # iteration ---------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start = self._epoch, self._position
+        plan = self._plan(self.spec, epoch)
+        total = int(plan.batches_per_rank)
+        if self._log is not None:
+            self._log.epoch(epoch, total, int(plan.samples_per_epoch))
+        ready: queue.Queue[Any] = queue.Queue(self.prefetch)
+        stop = threading.Event()
+        calls: list[_Call] = []
+        thread = threading.Thread(target=self._produce, name="gristmill-loader", daemon=True,
+                                  args=(epoch, start, total, ready, stop, calls))
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                batch: Batch = item
+                self._position = batch.cursor.position + 1
+                if self._log is not None:
+                    self._log.batch(epoch, batch.cursor.position, batch.planned_ids,
+                                    batch.planned_fresh, [e.id for e in batch.errors])
+                yield batch
+            self._epoch, self._position = epoch + 1, 0
+        finally:
+            stop.set()
+            for call in calls:
+                call.cancel()
+            thread.join(timeout=10)
+
+    def _produce(self, epoch: int, position: int, total: int, ready: queue.Queue[Any],
+                 stop: threading.Event, calls: list[_Call]) -> None:
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.25)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        deadline = time.monotonic() + self.retry_timeout
+        attempt = 0
+        while position < total and not stop.is_set():
+            request = ingest_pb2.StreamBatchesRequest(
+                spec=self.spec, rank=self.world.rank,
+                cursor=ingest_pb2.Cursor(epoch=epoch, position=position))
+            try:
+                call = self._transport.stream(request)
+                calls[:] = [call]
+                assembler = _Assembler()
+                for msg in call:
+                    batch = assembler.add(msg)
+                    if batch is None:
+                        continue
+                    assembler = _Assembler()
+                    if not put(batch):
+                        return
+                    position = batch.cursor.position + 1
+                    attempt, deadline = 0, time.monotonic() + self.retry_timeout
+                if position < total:
+                    raise Unavailable(f"the stream ended at batch {position} of {total}")
+            except GristmillError as e:
+                if stop.is_set():
+                    return
+                if not _retryable(e) or time.monotonic() >= deadline:
+                    put(e)
+                    return
+                delay = _backoff(attempt)
+                log.warning("batch stream of rank %d failed at batch %d (%s); resuming in "
+                            "%.1fs", self.world.rank, position, e, delay)
+                time.sleep(delay)
+                attempt += 1
+            except BaseException as e:  # noqa: BLE001 - handed to the training loop
+                put(e)
+                return
+        put(_END)
+
+    def as_torch(self) -> IterableDataset[Batch]:
+        """This loader as a ``torch.utils.data.IterableDataset`` (needs torch).
+
+        Use it with ``DataLoader(dataset, batch_size=None)``: batching is done here.
+        """
+        try:
+            from torch.utils.data import IterableDataset
+        except ImportError as e:
+            raise ImportError("as_torch() needs PyTorch: pip install torch") from e
+        loader = self
+        dataset: IterableDataset[Batch] = type("GristmillBatches", (IterableDataset,), {
+            "__iter__": lambda _self: iter(loader),
+            "__len__": lambda _self: len(loader),
+        })()
+        return dataset
+
+    def close(self) -> None:
+        """Close the connection (and the local pipeline of ``from_folder``)."""
+        self._transport.close()
+        if self._log is not None:
+            self._log.close()
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _backoff(attempt: int) -> float:
+    """0.1 s doubling to 5 s, with jitter so ranks do not reconnect in step."""
+    return float(min(5.0, 0.1 * 2 ** attempt) * (0.5 + random.random() / 2))
+
+
+class _LocalTransport:
+    """An in-process ingest (``Loader.from_folder``)."""
+
+    def __init__(self, ingest: Any, decoder: Any) -> None:
+        self._ingest = ingest
+        self._decoder = decoder
+
+    def plan(self, request: ingest_pb2.PlanEpochRequest) -> ingest_pb2.PlanEpochResponse:
+        return self._ingest.plan_epoch(request)  # type: ignore[no-any-return]
+
+    def stream(self, request: ingest_pb2.StreamBatchesRequest) -> _Call:
+        return _LocalCall(self._ingest.stream_batches(request))
+
+    def close(self) -> None:
+        self._decoder.close()
+
+
+class _LocalCall:
+    def __init__(self, messages: Iterator[ingest_pb2.StreamBatchesResponse]) -> None:
+        self._messages = messages
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[ingest_pb2.StreamBatchesResponse]:
+        try:
+            for msg in self._messages:
+                if self._cancelled:
+                    return
+                yield msg
+        finally:
+            close = getattr(self._messages, "close", None)
+            if close is not None:
+                close()
+
+    def cancel(self) -> Any:
+        self._cancelled = True
+        return True
+

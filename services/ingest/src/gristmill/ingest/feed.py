@@ -1,0 +1,172 @@
+"""One rank's batches from a cursor: read ahead, decode, cut into messages.
+
+A producer thread walks the plan from the cursor, reads each batch's bytes
+from the store in one call and queues it on the decoder; at most
+``prefetch`` batches wait decoded (or decoding) ahead of the consumer, so the
+pool stays busy and memory stays bounded. The consumer takes batches in
+order and cuts each into messages of about ``chunk_bytes``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from gristmill.client.buckets import Bucket
+from gristmill.client.planner import Cursor, EpochPlan, PlannedBatch
+from gristmill.common import metrics
+from gristmill.decode.service import bucket_message
+from gristmill.ingest.samples import Samples, SpecInfo, sample_seed
+from gristmill.ingest.sources import DecodeBackend, Waiter
+from gristmill.v1 import decode_pb2, ingest_pb2
+
+__all__ = ["BatchFeed", "DecodedBatch", "batch_messages"]
+
+
+@dataclass
+class DecodedBatch:
+    """A planned batch with its decode results, in batch order."""
+
+    cursor: Cursor
+    planned: PlannedBatch
+    bucket: Bucket
+    ids: list[str]
+    results: list[decode_pb2.DecodeResult]
+
+
+@dataclass
+class _Queued:
+    position: int
+    planned: PlannedBatch
+    wait: Waiter
+
+
+class BatchFeed:
+    """Decoded batches of one rank, from ``start`` to ``stop`` (exclusive), in order.
+
+    Iterate it once; :meth:`close` (or leaving the iteration) stops the producer.
+    """
+
+    def __init__(self, *, spec: ingest_pb2.PlanSpec, info: SpecInfo, samples: Samples,
+                 plan: EpochPlan, rank: int, start: int, stop: int, decode: DecodeBackend,
+                 prefetch: int) -> None:
+        self.spec, self.info, self.samples, self.plan = spec, info, samples, plan
+        self.rank, self.start, self.stop = rank, start, stop
+        self.decode = decode
+        self._queue: queue.Queue[_Queued | BaseException | None] = queue.Queue(prefetch)
+        self._stopped = threading.Event()
+        self._transforms: dict[int, decode_pb2.Transform] = {}
+        self._producer = threading.Thread(target=self._produce, name="ingest-feed", daemon=True)
+
+    def _transform(self, bucket: int) -> decode_pb2.Transform:
+        """The spec's transform at the exact size of ``bucket``."""
+        t = self._transforms.get(bucket)
+        if t is None:
+            b = self.info.buckets[bucket]
+            t = decode_pb2.Transform()
+            t.CopyFrom(self.spec.transform)
+            t.fixed.width, t.fixed.height = b.width, b.height  # replaces the bucket config
+            self._transforms[bucket] = t
+        return t
+
+    def _samples(self, planned: PlannedBatch) -> list[decode_pb2.DecodeSample]:
+        ids, companions = self.samples.set.ids, self.samples.companions
+        ds, v = self.spec.dataset, self.spec.version
+        return [decode_pb2.DecodeSample(
+            id=ids[i], seed=sample_seed(self.spec.seed, self.plan.epoch, i),
+            image=decode_pb2.ImageSource(ref=decode_pb2.StoreRef(dataset=ds, version=v,
+                                                                 path=ids[i])),
+            companions=[decode_pb2.ImageSource(ref=decode_pb2.StoreRef(
+                dataset=ds, version=v, path=c)) for c in companions[i]],
+        ) for i in planned.samples]
+
+    def _put(self, item: _Queued | BaseException | None) -> bool:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(item, timeout=0.25)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        end: BaseException | None = None
+        try:
+            batches = self.plan.ranks[self.rank]
+            for position in range(self.start, self.stop):
+                planned = batches[position]
+                wait = self.decode.submit(self._samples(planned), self._transform(planned.bucket))
+                if not self._put(_Queued(position, planned, wait)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            end = e
+        self._put(end)
+
+    def __iter__(self) -> Iterator[DecodedBatch]:
+        self._producer.start()
+        try:
+            while True:
+                start = time.perf_counter()
+                item = self._queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                results = item.wait()
+                metrics.INGEST_WAIT.observe(time.perf_counter() - start)
+                ids = self.samples.set.ids
+                yield DecodedBatch(Cursor(self.plan.epoch, item.position), item.planned,
+                                   self.info.buckets[item.planned.bucket],
+                                   [ids[i] for i in item.planned.samples], results)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop reading ahead and end the decode stream."""
+        self._stopped.set()
+        self.decode.close()
+
+
+def batch_messages(batch: DecodedBatch, chunk_bytes: int
+                   ) -> Iterator[ingest_pb2.StreamBatchesResponse]:
+    """Cut a decoded batch into messages of about ``chunk_bytes`` of pixels each.
+
+    A sample is never split. The last message carries the next batch's cursor.
+    """
+    cursor = ingest_pb2.Cursor(epoch=batch.cursor.epoch, position=batch.cursor.position)
+    bucket = bucket_message(batch.bucket)
+    n = len(batch.results)
+    offset = 0
+    while True:
+        msg = ingest_pb2.StreamBatchesResponse(cursor=cursor, bucket=bucket, batch_size=n,
+                                               offset=offset)
+        pixels: list[bytes] = []
+        size = 0
+        k = offset
+        while k < n and (size < chunk_bytes or k == offset):
+            result = batch.results[k]
+            sample = msg.samples.add(id=batch.ids[k], fresh=k < batch.planned.fresh)
+            if result.HasField("error"):
+                sample.error.CopyFrom(result.error)
+                metrics.INGEST_SAMPLES.labels("error").inc()
+            else:
+                image = result.sample.image
+                data = image.data  # one copy out of the message
+                pixels.append(data)
+                size += len(data)
+                msg.channels = image.channels
+                sample.companions.extend(result.sample.companions)
+                metrics.INGEST_SAMPLES.labels("ok" if sample.fresh else "repeat").inc()
+            k += 1
+        msg.pixels = b"".join(pixels)
+        if k >= n:
+            msg.next.CopyFrom(ingest_pb2.Cursor(epoch=cursor.epoch, position=cursor.position + 1))
+        metrics.INGEST_BYTES_OUT.inc(size)
+        yield msg
+        offset = k
+        if offset >= n:
+            break
+    metrics.INGEST_BATCHES.inc()

@@ -1,0 +1,147 @@
+"""A PlanSpec, checked: the samples of a dataset version, their buckets, how to decode them."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import string
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gristmill.client.buckets import Bucket, bucket_table
+from gristmill.client.errors import FailedPrecondition, InvalidArgument
+from gristmill.client.names import validate_dataset_name
+from gristmill.client.planner import PlanConfig, Policy, SampleSet
+from gristmill.decode.transform import Color, Encoding, Transform, transform_from_proto
+from gristmill.v1 import ingest_pb2, store_pb2
+
+__all__ = ["Samples", "SpecInfo", "check_spec", "companion_paths", "plan_id", "sample_seed"]
+
+_POLICY = {ingest_pb2.PLAN_POLICY_UNSPECIFIED: Policy.EXACT,
+           ingest_pb2.PLAN_POLICY_EXACT: Policy.EXACT,
+           ingest_pb2.PLAN_POLICY_HASH: Policy.HASH,
+           ingest_pb2.PLAN_POLICY_SEQUENTIAL: Policy.SEQUENTIAL}
+_FIELDS = {"stem", "name", "path"}
+#: Largest batch one rank may ask for.
+MAX_BATCH_SIZE = 4096
+MAX_WORLD_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class SpecInfo:
+    """What a valid spec means, apart from its samples."""
+
+    config: PlanConfig
+    transform: Transform
+    #: The buckets samples are sorted into (one for a fixed size).
+    buckets: tuple[Bucket, ...]
+
+
+def check_spec(spec: ingest_pb2.PlanSpec) -> SpecInfo:
+    """Validate every field of a spec (InvalidArgument naming the field and the fix)."""
+    validate_dataset_name(spec.dataset, "spec.dataset")
+    if spec.release:
+        raise FailedPrecondition("annotation releases cannot be joined to the stream yet (the "
+                                 "annotate service is not part of this release); leave "
+                                 "spec.release empty", reason="RELEASES_UNAVAILABLE")
+    if not 1 <= spec.batch_size <= MAX_BATCH_SIZE:
+        raise InvalidArgument("spec.batch_size", f"must be 1 to {MAX_BATCH_SIZE}, got "
+                              f"{spec.batch_size}")
+    if not 1 <= spec.world_size <= MAX_WORLD_SIZE:
+        raise InvalidArgument("spec.world_size", f"must be 1 to {MAX_WORLD_SIZE} (the number "
+                              f"of training ranks), got {spec.world_size}")
+    if spec.policy not in _POLICY:
+        raise InvalidArgument("spec.policy", f"unknown policy {spec.policy}; use EXACT, HASH "
+                              "or SEQUENTIAL")
+    for i, template in enumerate(spec.companions):
+        _check_template(template, f"spec.companions[{i}]")
+    if not spec.HasField("transform") or spec.transform.WhichOneof("size") is None:
+        raise InvalidArgument("spec.transform", "set transform.buckets (e.g. image_size 512, "
+                              "downsampling 16) or transform.fixed (width and height)")
+    transform = transform_from_proto(spec.transform)
+    if transform.encoding is not Encoding.RAW:
+        raise InvalidArgument("spec.transform.encoding", "the training feed carries raw "
+                              "pixels; leave encoding unspecified or RAW")
+    if transform.color is Color.KEEP:
+        raise InvalidArgument("spec.transform.color", "batches need one layout; use RGB, "
+                              "RGBA or GRAY")
+    if transform.buckets is not None:
+        buckets = bucket_table(transform.buckets).buckets
+    else:
+        assert transform.size is not None
+        w, h = transform.size
+        buckets = (Bucket(0, w, h, round(w / h, 3)),)
+    config = PlanConfig(batch_size=spec.batch_size, world_size=spec.world_size, seed=spec.seed,
+                        policy=_POLICY[spec.policy], drop_last=spec.drop_last)
+    return SpecInfo(config, transform, buckets)
+
+
+def _check_template(template: str, field: str) -> None:
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise InvalidArgument(field, f"bad template {template!r}: {e}") from None
+    if not template or names - _FIELDS or "" in names:
+        raise InvalidArgument(field, f"bad template {template!r}: use {{stem}}, {{name}} or "
+                              "{path}, e.g. 'masks/{stem}.png'")
+
+
+def companion_paths(path: str, prefix: str, templates: Sequence[str]) -> tuple[str, ...]:
+    """The companion paths of the sample at ``path``."""
+    below = path[len(prefix):] if prefix and path.startswith(prefix) else path
+    stem = posixpath.splitext(below)[0]
+    name = posixpath.splitext(posixpath.basename(path))[0]
+    return tuple(t.format(stem=stem, name=name, path=path) for t in templates)
+
+
+def plan_id(spec: ingest_pb2.PlanSpec) -> str:
+    """Digest of a (resolved) spec: equal ids, equal plans."""
+    return hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()[:32]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The crop seed of one sample in one epoch: a resumed stream crops alike."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclass(frozen=True)
+class Samples:
+    """The samples of a version: ids in manifest order, buckets, companion paths."""
+
+    set: SampleSet
+    companions: tuple[tuple[str, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.set)
+
+    @classmethod
+    def from_manifest(cls, spec: ingest_pb2.PlanSpec, info: SpecInfo,
+                      entries: Iterable[store_pb2.FileEntry]) -> Samples:
+        """Samples of a manifest: image files under the prefix, companions excluded.
+
+        A file counts as an image when the store read its header, or when its
+        media type says image (a corrupt file is then planned and reported as
+        a per-sample error when decoded, instead of silently vanishing).
+        """
+        chosen = [e for e in entries if e.path.startswith(spec.prefix)
+                  and (e.HasField("image") or e.media_type.startswith("image/"))]
+        companions = [companion_paths(e.path, spec.prefix, spec.companions) for e in chosen]
+        taken = {p for c in companions for p in c}
+        keep = [i for i, e in enumerate(chosen) if e.path not in taken]
+        if not keep:
+            raise FailedPrecondition(
+                f"dataset {spec.dataset!r} version {spec.version} has no images under prefix "
+                f"{spec.prefix!r}; check the prefix or import images first",
+                reason="NO_SAMPLES")
+        ids = [chosen[i].path for i in keep]
+        sizes = [(chosen[i].image.width, chosen[i].image.height) for i in keep]
+        if len(info.buckets) == 1:
+            sample_set = SampleSet(tuple(ids), np.zeros(len(ids), dtype=np.int64))
+        else:
+            assert info.transform.buckets is not None
+            sample_set = SampleSet.from_sizes(ids, sizes, bucket_table(info.transform.buckets))
+        return cls(sample_set, tuple(companions[i] for i in keep))
+

@@ -1,0 +1,226 @@
+"""IngestService over gRPC: epoch plans and each rank's stream of ready batches."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
+from typing import Generic, TypeVar
+
+import grpc
+
+from gristmill.client.channel import ConnectionOptions
+from gristmill.client.errors import InvalidArgument
+from gristmill.client.hub import LATEST
+from gristmill.client.planner import EpochPlan, plan_epoch
+from gristmill.common import metrics
+from gristmill.common.auth import Role
+from gristmill.common.config import ConfigError, IngestConfig
+from gristmill.common.service import ServiceContext, ServiceSpec
+from gristmill.decode.service import bucket_message
+from gristmill.ingest.feed import BatchFeed, batch_messages
+from gristmill.ingest.samples import Samples, SpecInfo, check_spec, plan_id
+from gristmill.ingest.sources import (
+    DecodeBackend,
+    LocalDecode,
+    LocalStore,
+    RemoteDecode,
+    RemoteStoreAccess,
+    StoreAccess,
+    decode_stub,
+)
+from gristmill.v1 import ingest_pb2, ingest_pb2_grpc
+
+__all__ = ["SERVICE", "Ingest", "IngestServicer", "Planner"]
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class _Memo(Generic[K, V]):
+    """A bounded LRU map whose values are computed once, even under concurrent asks."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._values: OrderedDict[K, V] = OrderedDict()
+        self._locks: dict[K, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: K, compute: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._values:
+                self._values.move_to_end(key)
+                return self._values[key]
+            key_lock = self._locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._values:
+                    return self._values[key]
+            value = compute()  # outside the map lock: other keys proceed meanwhile
+            with self._lock:
+                self._values[key] = value
+                self._locks.pop(key, None)
+                while len(self._values) > self.size:
+                    self._values.popitem(last=False)
+            return value
+
+
+class Planner:
+    """Resolves specs and plans epochs, remembering recent sample sets and plans."""
+
+    def __init__(self, store: StoreAccess, config: IngestConfig) -> None:
+        self.store = store
+        self._samples: _Memo[tuple[object, ...], Samples] = _Memo(config.cached_sample_sets)
+        self._plans: _Memo[tuple[str, int], EpochPlan] = _Memo(config.cached_plans)
+
+    def resolve(self, spec: ingest_pb2.PlanSpec) -> ingest_pb2.PlanSpec:
+        """The spec with its version pinned to a committed version id."""
+        resolved = ingest_pb2.PlanSpec()
+        resolved.CopyFrom(spec)
+        resolved.version = self.store.resolve_version(spec.dataset, spec.version or LATEST)
+        return resolved
+
+    def samples(self, spec: ingest_pb2.PlanSpec, info: SpecInfo) -> Samples:
+        """The samples of a resolved spec."""
+        key = (spec.dataset, spec.version, spec.prefix, tuple(spec.companions), info.buckets)
+        return self._samples.get(key, lambda: Samples.from_manifest(
+            spec, info, self.store.manifest(spec.dataset, spec.version)))
+
+    def plan(self, spec: ingest_pb2.PlanSpec, info: SpecInfo, epoch: int
+             ) -> tuple[Samples, EpochPlan]:
+        """Samples and plan of one epoch of a resolved spec."""
+        if epoch < 0:
+            raise InvalidArgument("epoch", f"must not be negative, got {epoch}")
+        samples = self.samples(spec, info)
+        plan = self._plans.get((plan_id(spec), epoch),
+                               lambda: plan_epoch(samples.set, info.config, epoch))
+        return samples, plan
+
+
+class Ingest:
+    """The ingest service's logic, free of gRPC: also runs in-process (``Loader.from_folder``).
+
+    Args:
+        planner: resolves specs and plans epochs.
+        decode: opens a decode backend for one stream.
+        config: prefetch depth and message size.
+    """
+
+    def __init__(self, planner: Planner, decode: Callable[[], DecodeBackend],
+                 config: IngestConfig) -> None:
+        self.planner = planner
+        self.decode = decode
+        self.config = config
+
+    def plan_epoch(self, request: ingest_pb2.PlanEpochRequest) -> ingest_pb2.PlanEpochResponse:
+        """See the PlanEpoch RPC."""
+        info = check_spec(request.spec)
+        spec = self.planner.resolve(request.spec)
+        samples, plan = self.planner.plan(spec, info, request.epoch)
+        per_bucket: dict[int, int] = {}
+        for rank in plan.ranks:
+            for b in rank:
+                per_bucket[b.bucket] = per_bucket.get(b.bucket, 0) + 1
+        return ingest_pb2.PlanEpochResponse(
+            spec=spec, plan_id=plan_id(spec), batches_per_rank=plan.batches_per_rank,
+            samples_per_epoch=plan.fresh_samples, dataset_samples=len(samples),
+            buckets=[ingest_pb2.BucketCount(bucket=bucket_message(info.buckets[i]), batches=n)
+                     for i, n in sorted(per_bucket.items())])
+
+    def stream_batches(self, request: ingest_pb2.StreamBatchesRequest,
+                       is_active: Callable[[], bool] = lambda: True
+                       ) -> Iterator[ingest_pb2.StreamBatchesResponse]:
+        """See the StreamBatches RPC; stops early when ``is_active`` turns false."""
+        spec = request.spec
+        info = check_spec(spec)
+        if spec.version in ("", LATEST):
+            raise InvalidArgument("spec.version", "stream with the spec PlanEpoch returned: its "
+                                  "version is pinned, so every rank reads the same files")
+        if not 0 <= request.rank < spec.world_size:
+            raise InvalidArgument("rank", f"must be 0 to {spec.world_size - 1} (world_size "
+                                  f"{spec.world_size}), got {request.rank}")
+        if request.max_batches < 0 or request.chunk_bytes < 0:
+            raise InvalidArgument("max_batches" if request.max_batches < 0 else "chunk_bytes",
+                                  "must not be negative (0 means the default)")
+        samples, plan = self.planner.plan(spec, info, request.cursor.epoch)
+        start = request.cursor.position
+        if not 0 <= start <= plan.batches_per_rank:
+            raise InvalidArgument("cursor.position", f"must be 0 to {plan.batches_per_rank} "
+                                  f"(batches per rank in epoch {plan.epoch}), got {start}")
+        stop = plan.batches_per_rank
+        if request.max_batches:
+            stop = min(stop, start + request.max_batches)
+        chunk = request.chunk_bytes or self.config.chunk_bytes
+        feed = BatchFeed(spec=spec, info=info, samples=samples, plan=plan, rank=request.rank,
+                         start=start, stop=stop, decode=self.decode(),
+                         prefetch=self.config.prefetch_batches)
+        metrics.INGEST_STREAMS.inc()
+        try:
+            for batch in feed:
+                if not is_active():
+                    return
+                yield from batch_messages(batch, chunk)
+        finally:
+            feed.close()
+            metrics.INGEST_STREAMS.dec()
+
+
+class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
+    """gRPC front of :class:`Ingest`."""
+
+    def __init__(self, ingest: Ingest) -> None:
+        self.ingest = ingest
+
+    def PlanEpoch(self, request: ingest_pb2.PlanEpochRequest, context: grpc.ServicerContext
+                  ) -> ingest_pb2.PlanEpochResponse:
+        return self.ingest.plan_epoch(request)
+
+    def StreamBatches(self, request: ingest_pb2.StreamBatchesRequest,
+                      context: grpc.ServicerContext
+                      ) -> Iterator[ingest_pb2.StreamBatchesResponse]:
+        return self.ingest.stream_batches(request, context.is_active)
+
+
+def _build(ctx: ServiceContext, server: grpc.Server) -> None:
+    cfg = ctx.config.ingest
+    store: StoreAccess
+    if cfg.store_address:
+        remote = RemoteStoreAccess(ConnectionOptions(cfg.store_address, cfg.store_api_key,
+                                                     cfg.store_ca_file))
+        ctx.resources.append(remote)
+        store = remote
+    elif "store" in ctx.local:
+        store = LocalStore(ctx.local["store"])
+    else:
+        raise ConfigError("ingest needs a store: run the store service in the same server or "
+                          "set ingest.store_address")
+    decode: Callable[[], DecodeBackend]
+    if cfg.decode_address:
+        channel, stub = decode_stub(ConnectionOptions(cfg.decode_address, cfg.decode_api_key,
+                                                      cfg.decode_ca_file))
+        ctx.resources.append(channel)
+
+        def decode() -> DecodeBackend:
+            return RemoteDecode(stub, store)
+    elif "decode" in ctx.local:
+        local = LocalDecode(ctx.local["decode"], store)
+
+        def decode() -> DecodeBackend:
+            return local
+    else:
+        raise ConfigError("ingest needs a decoder: run the decode service in the same server "
+                          "or set ingest.decode_address")
+    ingest = Ingest(Planner(store, cfg), decode, cfg)
+    ctx.local["ingest"] = ingest
+    ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingest), server)
+
+
+SERVICE = ServiceSpec(
+    name="ingest",
+    full_name="gristmill.v1.IngestService",
+    build=_build,
+    roles={"PlanEpoch": Role.READER, "StreamBatches": Role.READER},
+)

@@ -1,0 +1,210 @@
+"""Where ingest gets manifests, bytes and pixels: in-process services or remote ones."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from gristmill.client.channel import ConnectionOptions, open_channel
+from gristmill.client.errors import FailedPrecondition, GristmillError, from_rpc_error
+from gristmill.client.hub import LATEST, Hub
+from gristmill.decode.errors import DecodeError
+from gristmill.decode.pool import Decoder
+from gristmill.decode.service import result_message
+from gristmill.decode.sources import FileSource, remote_store, resolve_samples
+from gristmill.decode.transform import transform_from_proto
+from gristmill.v1 import decode_pb2, decode_pb2_grpc, store_pb2
+
+__all__ = [
+    "DecodeBackend",
+    "LocalDecode",
+    "LocalStore",
+    "RemoteDecode",
+    "RemoteStoreAccess",
+    "StoreAccess",
+    "Waiter",
+    "no_committed_version",
+]
+
+#: Blocks until a batch's results are ready, then returns them in order.
+Waiter = Callable[[], list[decode_pb2.DecodeResult]]
+
+
+def no_committed_version(dataset: str) -> FailedPrecondition:
+    """The error for training on a dataset that was never committed."""
+    return FailedPrecondition(
+        f"dataset {dataset!r} has no committed version; training reads a pinned version so "
+        f"that every rank sees the same files: run `gristmill dataset commit {dataset}`",
+        reason="NO_COMMITTED_VERSION")
+
+
+class StoreAccess(FileSource, Protocol):
+    """Manifests and bytes of dataset versions."""
+
+    def resolve_version(self, dataset: str, version: str) -> str:
+        """A committed version id; "latest" is the newest committed version."""
+
+    def manifest(self, dataset: str, version: str) -> Sequence[store_pb2.FileEntry]:
+        """Every entry of a committed version, sorted by path."""
+
+
+class LocalStore:
+    """The store service of this process, called directly."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def resolve_version(self, dataset: str, version: str) -> str:
+        """See :class:`StoreAccess`."""
+        resolved: str = self.store.resolve(dataset, version)
+        if resolved != LATEST:
+            return resolved
+        rows = self.store.list_versions(dataset, None, 1)
+        if not rows:
+            raise no_committed_version(dataset)
+        return str(rows[0].id)
+
+    def manifest(self, dataset: str, version: str) -> Sequence[store_pb2.FileEntry]:
+        """See :class:`StoreAccess`."""
+        return list(self.store.catalog.entries(dataset, version))
+
+    def read_files(self, dataset: str, version: str, paths: list[str]
+                   ) -> Iterable[store_pb2.ReadFilesResponse]:
+        """See :class:`FileSource`."""
+        return self.store.read_files(dataset, version, paths)  # type: ignore[no-any-return]
+
+
+class RemoteStoreAccess:
+    """A store service reached over gRPC."""
+
+    def __init__(self, options: ConnectionOptions) -> None:
+        assert options.address is not None
+        self.hub: Hub = remote_store(options.address, options.api_key, options.ca_file)
+
+    def resolve_version(self, dataset: str, version: str) -> str:
+        """See :class:`StoreAccess`."""
+        if version not in ("", LATEST):
+            return self.hub.get_manifest(dataset, version).version
+        versions = self.hub.list_versions(dataset)
+        if not versions:
+            raise no_committed_version(dataset)
+        return versions[0].id
+
+    def manifest(self, dataset: str, version: str) -> Sequence[store_pb2.FileEntry]:
+        """See :class:`StoreAccess`."""
+        return list(self.hub.get_manifest(dataset, version).files)
+
+    def read_files(self, dataset: str, version: str, paths: list[str]
+                   ) -> Iterator[store_pb2.ReadFilesResponse]:
+        """See :class:`FileSource`."""
+        return self.hub.read_files(dataset, version, paths)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.hub.close()
+
+
+class DecodeBackend(Protocol):
+    """Decodes batches for one stream; results come back as DecodeResult messages."""
+
+    def submit(self, samples: Sequence[decode_pb2.DecodeSample],
+               transform: decode_pb2.Transform) -> Waiter:
+        """Queue one batch (store references allowed); wait with the returned callable."""
+
+    def close(self) -> None:
+        """End the stream; pending work is dropped."""
+
+
+@dataclass
+class LocalDecode:
+    """The decode pool of this process; store references are read from ``source``."""
+
+    decoder: Decoder
+    source: FileSource | None
+
+    def submit(self, samples: Sequence[decode_pb2.DecodeSample],
+               transform: decode_pb2.Transform) -> Waiter:
+        """See :class:`DecodeBackend`."""
+        t = transform_from_proto(transform)
+        inputs = resolve_samples(self.source, samples)
+        futures: list[Future[Any] | DecodeError] = [
+            s if isinstance(s, DecodeError) else self.decoder.submit(s, t) for s in inputs]
+
+        def wait() -> list[decode_pb2.DecodeResult]:
+            return [result_message(s.id, f if isinstance(f, DecodeError) else f.result())
+                    for s, f in zip(samples, futures, strict=True)]
+        return wait
+
+    def close(self) -> None:
+        """Nothing to close: the pool belongs to the decode service."""
+
+
+class RemoteDecode:
+    """One Decode stream to a remote decode service, kept open for a feed.
+
+    Store references are resolved here (from ``source``) and sent as bytes, so
+    the decode service needs no store of its own.
+    """
+
+    def __init__(self, stub: decode_pb2_grpc.DecodeServiceStub, source: FileSource) -> None:
+        self.source = source
+        self._requests: queue.Queue[decode_pb2.DecodeRequest | None] = queue.Queue()
+        self._pending: queue.Queue[Future[decode_pb2.DecodeResponse]] = queue.Queue()
+        self._call = stub.Decode(iter(self._requests.get, None))
+        self._reader = threading.Thread(target=self._read, name="ingest-decode", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self._pending.get().set_result(response)
+        except grpc.RpcError as e:
+            error: BaseException = from_rpc_error(e)
+        else:
+            error = GristmillError("the decode service ended the stream early")
+        while True:  # fail whatever is still waiting
+            try:
+                self._pending.get_nowait().set_exception(error)
+            except queue.Empty:
+                return
+
+    def submit(self, samples: Sequence[decode_pb2.DecodeSample],
+               transform: decode_pb2.Transform) -> Waiter:
+        """See :class:`DecodeBackend`."""
+        inputs = resolve_samples(self.source, samples)
+        request = decode_pb2.DecodeRequest(transform=transform)
+        for s in inputs:
+            if not isinstance(s, DecodeError):  # failed reads are not sent
+                request.samples.add(id=s.id, seed=s.seed, image=decode_pb2.ImageSource(
+                    data=s.image), companions=[decode_pb2.ImageSource(data=c)
+                                               for c in s.companions])
+        future: Future[decode_pb2.DecodeResponse] = Future()
+        if request.samples:
+            self._pending.put(future)
+            self._requests.put(request)
+        else:
+            future.set_result(decode_pb2.DecodeResponse())
+
+        def wait() -> list[decode_pb2.DecodeResult]:
+            decoded = iter(future.result().results)
+            return [result_message(samples[i].id, s) if isinstance(s, DecodeError)
+                    else next(decoded) for i, s in enumerate(inputs)]
+        return wait
+
+    def close(self) -> None:
+        """End the request stream and cancel the call."""
+        self._requests.put(None)
+        self._call.cancel()
+
+
+def decode_stub(options: ConnectionOptions) -> tuple[grpc.Channel,
+                                                     decode_pb2_grpc.DecodeServiceStub]:
+    """A channel and stub for a remote decode service."""
+    channel = open_channel(options)
+    return channel, decode_pb2_grpc.DecodeServiceStub(channel)
