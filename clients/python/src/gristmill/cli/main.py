@@ -15,6 +15,7 @@ from pathlib import Path
 from google.protobuf.json_format import MessageToDict
 
 from gristmill.cli.decode_cmds import add_decode_commands
+from gristmill.cli.stream_cmds import add_stream_commands
 from gristmill.client.channel import DEFAULT_ADDRESS
 from gristmill.client.errors import GristmillError
 from gristmill.client.hub import DEFAULT_CACHE_DIR, Hub
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
 
     add_decode_commands(commands, conn)
+    add_stream_commands(commands, conn)
 
     found = False
     for ep in entry_points(group="gristmill.server"):
