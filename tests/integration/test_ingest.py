@@ -243,5 +243,5 @@ def test_as_torch_needs_torch_or_says_how_to_get_it(fed: Running) -> None:
                 ld.as_torch()
             return
         dataset = ld.as_torch()
-        assert len(list(dataset)) == len(ld)  # type: ignore[arg-type]
+        assert len(list(dataset)) == len(ld)
 

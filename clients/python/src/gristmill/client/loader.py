@@ -15,7 +15,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -384,7 +384,7 @@ class Loader:
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
 
     # iteration ---------------------------------------------------------------
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         epoch, start = self._epoch, self._position
         plan = self._plan(self.spec, epoch)
         total = int(plan.batches_per_rank)
