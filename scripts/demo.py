@@ -4,8 +4,10 @@ Starts `gristmill serve` (filesystem storage, every installed service, one
 port), then, as a user would with the CLI: creates a dataset, imports a folder
 of photo-like JPEG/PNG images, lists and inspects it, commits a version,
 downloads it back and checks every byte, decodes every image into aspect-ratio
-buckets on the server, shows a few Prometheus metrics, and stops the server
-with SIGTERM (a clean, graceful exit).
+buckets on the server, streams one epoch to two training ranks (two
+processes) with an exactly-once audit and a contact sheet of each rank's
+first batch (in demo-output/), shows a few Prometheus metrics, and stops the
+server with SIGTERM (a clean, graceful exit).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from scripts.processes import start_and_wait  # noqa: E402
 from scripts.sample_data import make_sample_folder  # noqa: E402
 
 GRISTMILL = str(Path(sys.executable).parent / "gristmill")
+#: Contact sheets land here (kept after the demo).
+OUT = Path(os.environ.get("GRISTMILL_DEMO_OUT", ROOT / "demo-output"))
 
 
 def step(text: str) -> None:
@@ -95,13 +99,30 @@ def main() -> int:
                                  "files")
             print(f"{len(pngs)} bucketed images written under {decoded}")
 
+            step("train: two ranks (two processes) stream one epoch, S=512 d=16, batch 4")
+            log = work / "deliveries"
+            ranks = [subprocess.Popen(
+                [GRISTMILL, "stream", "demo-photos", "--rank", str(r), "--world-size", "2",
+                 "--batch-size", "4", "--image-size", "512", "--downsampling", "16",
+                 "--seed", "1", "--delivery-log", str(log), "--strict",
+                 "--contact-sheet", str(OUT / f"contact-sheet-rank{r}.png")],
+                env=env, stdout=subprocess.PIPE, text=True) for r in range(2)]
+            for r, proc in enumerate(ranks):
+                text, _ = proc.communicate(timeout=300)
+                print(text, end="", flush=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"demo failed: rank {r} exited {proc.returncode}")
+            step("exactly-once audit of both ranks' delivery logs")
+            cli("audit", str(log), env=env)
+
             step("Prometheus metrics")
             with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics",
                                         timeout=10) as r:
                 text = r.read().decode()
             for line in text.splitlines():
                 if line.startswith(("gristmill_rpc_requests_total{", "gristmill_store_bytes_",
-                                    "gristmill_decode_samples_total")) \
+                                    "gristmill_decode_samples_total",
+                                    "gristmill_ingest_samples_total")) \
                         and "_created" not in line:
                     print("  " + line)
         finally:

@@ -57,7 +57,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         for epoch in range(args.epochs):
             loader.set_epoch(epoch)
             bar = progress(len(loader), f"rank {rank} epoch {epoch}", "batch",
-                           enabled=not args.quiet)
+                           enabled=not args.quiet, position=rank, leave=True)
             for i, batch in enumerate(loader):
                 if i == 0 and epoch == 0 and args.contact_sheet:
                     contact_sheet(batch, args.contact_sheet)
