@@ -15,7 +15,8 @@ from gristmill.common.config import load_config
 from scripts.sample_data import make_sample_folder
 from tests.helpers import ROOT, Running
 
-DOCS = [ROOT / "README.md", ROOT / "docs" / "store.md", ROOT / "docs" / "decode.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "store.md", ROOT / "docs" / "decode.md",
+        ROOT / "docs" / "ingest.md"]
 
 
 def python_blocks(path: Path) -> list[str]:

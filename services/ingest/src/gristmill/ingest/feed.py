@@ -44,6 +44,17 @@ class _Queued:
     wait: Waiter
 
 
+def _expand(wait: Waiter, unique: list[int], planned: PlannedBatch) -> Waiter:
+    """The results of ``unique`` samples laid out as the planned batch."""
+    if len(unique) == len(planned.samples):
+        return wait
+
+    def expanded() -> list[decode_pb2.DecodeResult]:
+        by_index = dict(zip(unique, wait(), strict=True))
+        return [by_index[i] for i in planned.samples]
+    return expanded
+
+
 class BatchFeed:
     """Decoded batches of one rank, from ``start`` to ``stop`` (exclusive), in order.
 
@@ -72,7 +83,7 @@ class BatchFeed:
             self._transforms[bucket] = t
         return t
 
-    def _samples(self, planned: PlannedBatch) -> list[decode_pb2.DecodeSample]:
+    def _samples(self, indices: list[int]) -> list[decode_pb2.DecodeSample]:
         ids, companions = self.samples.set.ids, self.samples.companions
         ds, v = self.spec.dataset, self.spec.version
         return [decode_pb2.DecodeSample(
@@ -81,7 +92,7 @@ class BatchFeed:
                                                                  path=ids[i])),
             companions=[decode_pb2.ImageSource(ref=decode_pb2.StoreRef(
                 dataset=ds, version=v, path=c)) for c in companions[i]],
-        ) for i in planned.samples]
+        ) for i in indices]
 
     def _put(self, item: _Queued | BaseException | None) -> bool:
         while not self._stopped.is_set():
@@ -98,8 +109,10 @@ class BatchFeed:
             batches = self.plan.ranks[self.rank]
             for position in range(self.start, self.stop):
                 planned = batches[position]
-                wait = self.decode.submit(self._samples(planned), self._transform(planned.bucket))
-                if not self._put(_Queued(position, planned, wait)):
+                # a padded batch repeats samples: decode each once
+                unique = list(dict.fromkeys(planned.samples))
+                wait = self.decode.submit(self._samples(unique), self._transform(planned.bucket))
+                if not self._put(_Queued(position, planned, _expand(wait, unique, planned))):
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             end = e

@@ -32,6 +32,8 @@ __all__ = [
     "no_committed_version",
 ]
 
+#: Encoded bytes per Decode request (well under the 64 MiB message limit).
+REQUEST_BYTES = 16 * 1024 * 1024
 #: Blocks until a batch's results are ready, then returns them in order.
 Waiter = Callable[[], list[decode_pb2.DecodeResult]]
 
@@ -178,24 +180,33 @@ class RemoteDecode:
                transform: decode_pb2.Transform) -> Waiter:
         """See :class:`DecodeBackend`."""
         inputs = resolve_samples(self.source, samples)
-        request = decode_pb2.DecodeRequest(transform=transform)
+        futures: list[Future[decode_pb2.DecodeResponse]] = []
+        request, size = decode_pb2.DecodeRequest(transform=transform), 0
         for s in inputs:
-            if not isinstance(s, DecodeError):  # failed reads are not sent
-                request.samples.add(id=s.id, seed=s.seed, image=decode_pb2.ImageSource(
-                    data=s.image), companions=[decode_pb2.ImageSource(data=c)
-                                               for c in s.companions])
-        future: Future[decode_pb2.DecodeResponse] = Future()
+            if isinstance(s, DecodeError):
+                continue  # failed reads are not sent
+            n = len(s.image) + sum(len(c) for c in s.companions)
+            if request.samples and size + n > REQUEST_BYTES:
+                futures.append(self._send(request))
+                request, size = decode_pb2.DecodeRequest(), 0
+            request.samples.add(id=s.id, seed=s.seed, image=decode_pb2.ImageSource(data=s.image),
+                                companions=[decode_pb2.ImageSource(data=c)
+                                            for c in s.companions])
+            size += n
         if request.samples:
-            self._pending.put(future)
-            self._requests.put(request)
-        else:
-            future.set_result(decode_pb2.DecodeResponse())
+            futures.append(self._send(request))
 
         def wait() -> list[decode_pb2.DecodeResult]:
-            decoded = iter(future.result().results)
+            decoded = (r for f in futures for r in f.result().results)
             return [result_message(samples[i].id, s) if isinstance(s, DecodeError)
                     else next(decoded) for i, s in enumerate(inputs)]
         return wait
+
+    def _send(self, request: decode_pb2.DecodeRequest) -> Future[decode_pb2.DecodeResponse]:
+        future: Future[decode_pb2.DecodeResponse] = Future()
+        self._pending.put(future)
+        self._requests.put(request)
+        return future
 
     def close(self) -> None:
         """End the request stream and cancel the call."""
