@@ -24,12 +24,9 @@ import json
 import math
 import multiprocessing
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +34,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_decode import pil_one  # noqa: E402
+import bench.bench_decode as bench_decode  # noqa: E402
+from bench.bench_decode import median_rate, pil_one  # noqa: E402
 from gristmill.client.hub import Hub  # noqa: E402
 from gristmill.client.loader import Loader  # noqa: E402
 from gristmill.client.tuning import tune_malloc  # noqa: E402
 from scripts.processes import start_and_wait  # noqa: E402
 from scripts.sample_data import photo_like  # noqa: E402
 
-REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 RATIOS = (1.0, 4 / 3, 3 / 2, 16 / 9, 3 / 4, 2 / 3)
 PER_RATIO = int(os.environ.get("BENCH_INGEST_PER_RATIO", "16"))
 COUNT = PER_RATIO * len(RATIOS)
@@ -70,16 +67,6 @@ def make_images() -> list[bytes]:
             photo_like(w, h, i).save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())
     return out
-
-
-def median_rate(fn: Callable[[], int]) -> float:
-    fn()  # warm-up (plans, caches, connections)
-    rates = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        n = fn()
-        rates.append(n / (time.perf_counter() - start))
-    return statistics.median(rates)
 
 
 def serve(tmp: Path, name: str, *extra: str) -> tuple[str, subprocess.Popen[bytes]]:
@@ -178,7 +165,7 @@ def main() -> int:
     dg = rates["(f) datago, same config"]
     assert pil and dg
     print(f"\nImages/s reaching the training loop; {COUNT} images, S=512 d=16, batches of "
-          f"{BATCH}; {CORES} cores; medians of {REPEATS} epochs")
+          f"{BATCH}; {CORES} cores; medians of {bench_decode.REPEATS} epochs")
     for name, rate in rows:
         if rate is None:
             print(f"  {name:36} not implemented yet")
