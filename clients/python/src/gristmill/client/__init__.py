@@ -15,9 +15,12 @@ from gristmill.client.errors import (
     Unavailable,
 )
 from gristmill.client.hub import Hub, ImportReport
+from gristmill.client.loader import Batch, Loader, SampleFailure
+from gristmill.client.world import World
 
 __all__ = [
     "AlreadyExists",
+    "Batch",
     "Bucket",
     "BucketConfig",
     "BucketTable",
@@ -29,10 +32,13 @@ __all__ = [
     "Hub",
     "ImportReport",
     "InvalidArgument",
+    "Loader",
     "NotFound",
     "PermissionDenied",
+    "SampleFailure",
     "Unauthenticated",
     "Unavailable",
+    "World",
     "bucket_table",
     "open_channel",
     "to_array",
