@@ -113,27 +113,28 @@ class _Assembler:
         self._planned: list[str] = []
         self._planned_fresh = 0
 
+    def _allocate(self, rows: int, channels: int) -> Images:
+        assert self._head is not None
+        bucket = self._head.bucket
+        return np.empty((rows, bucket.height, bucket.width, channels), np.uint8)
+
     def add(self, msg: ingest_pb2.StreamBatchesResponse) -> Batch | None:
         """Take one message; the batch once its last message arrived."""
         if self._head is None:
             if msg.offset != 0:
                 raise Internal(f"stream started mid-batch (offset {msg.offset})")
             self._head = msg
-            h, w = msg.bucket.height, msg.bucket.width
-            self._images = np.empty((msg.batch_size, h, w, max(msg.channels, 1)), np.uint8)
         elif (msg.cursor.position != self._head.cursor.position
               or msg.offset != self._next_offset):
             raise Internal(f"out-of-order chunk: batch {msg.cursor.position} offset "
                            f"{msg.offset}, expected batch {self._head.cursor.position} offset "
                            f"{self._next_offset}")
-        assert self._images is not None
         ok = [s for s in msg.samples if not s.HasField("error")]
         if ok:
-            if msg.channels != self._images.shape[3]:
-                if self._rows:
-                    raise Internal("channels changed within a batch")
-                shape = self._images.shape
-                self._images = np.empty((shape[0], shape[1], shape[2], msg.channels), np.uint8)
+            if self._images is None:  # the first chunk with pixels tells the channels
+                self._images = self._allocate(msg.batch_size, msg.channels)
+            elif msg.channels != self._images.shape[3]:
+                raise Internal("channels changed within a batch")
             pixels = msg.pixels  # read the bytes field once (each access copies)
             n = len(ok)
             self._images[self._rows:self._rows + n] = np.frombuffer(pixels, np.uint8).reshape(
@@ -154,7 +155,8 @@ class _Assembler:
         self._next_offset = msg.offset + len(msg.samples)
         if not msg.HasField("next"):
             return None
-        return Batch(self._images[:self._rows], self._ids, np.array(self._fresh, bool),
+        images = self._images if self._images is not None else self._allocate(0, 1)
+        return Batch(images[:self._rows], self._ids, np.array(self._fresh, bool),
                      self._companions, self._annotations, self._errors,
                      Cursor(msg.cursor.epoch, msg.cursor.position), self._planned,
                      self._planned_fresh)
@@ -323,18 +325,13 @@ class Loader:
 
     # plans -----------------------------------------------------------------
     def _with_retry(self, what: str, fn: Callable[[], Any]) -> Any:
-        deadline = time.monotonic() + self.retry_timeout
-        attempt = 0
+        retry = _Retry(self.retry_timeout)
         while True:
             try:
                 return fn()
             except GristmillError as e:
-                if not _retryable(e) or time.monotonic() >= deadline:
+                if not retry.pause(e, what):
                     raise
-                delay = _backoff(attempt)
-                log.warning("%s failed (%s); retrying in %.1fs", what, e, delay)
-                time.sleep(delay)
-                attempt += 1
 
     def _plan(self, spec: ingest_pb2.PlanSpec, epoch: int) -> ingest_pb2.PlanEpochResponse:
         if self._planned is not None and self._planned.spec == spec and \
@@ -427,8 +424,7 @@ class Loader:
                     continue
             return False
 
-        deadline = time.monotonic() + self.retry_timeout
-        attempt = 0
+        retry = _Retry(self.retry_timeout)
         while position < total and not stop.is_set():
             request = ingest_pb2.StreamBatchesRequest(
                 spec=self.spec, rank=self.world.rank,
@@ -445,20 +441,16 @@ class Loader:
                     if not put(batch):
                         return
                     position = batch.cursor.position + 1
-                    attempt, deadline = 0, time.monotonic() + self.retry_timeout
+                    retry.progressed()
                 if position < total:
                     raise Unavailable(f"the stream ended at batch {position} of {total}")
             except GristmillError as e:
                 if stop.is_set():
                     return
-                if not _retryable(e) or time.monotonic() >= deadline:
+                if not retry.pause(e, f"batch stream of rank {self.world.rank} at batch "
+                                      f"{position}"):
                     put(e)
                     return
-                delay = _backoff(attempt)
-                log.warning("batch stream of rank %d failed at batch %d (%s); resuming in "
-                            "%.1fs", self.world.rank, position, e, delay)
-                time.sleep(delay)
-                attempt += 1
             except BaseException as e:  # noqa: BLE001 - handed to the training loop
                 put(e)
                 return
@@ -493,9 +485,30 @@ class Loader:
         self.close()
 
 
-def _backoff(attempt: int) -> float:
-    """0.1 s doubling to 5 s, with jitter so ranks do not reconnect in step."""
-    return float(min(5.0, 0.1 * 2 ** attempt) * (0.5 + random.random() / 2))
+class _Retry:
+    """Backoff of one retried operation; the deadline restarts whenever it progresses."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.progressed()
+
+    def progressed(self) -> None:
+        """The operation got somewhere: back to short delays and a fresh deadline."""
+        self.attempt, self.deadline = 0, time.monotonic() + self.timeout
+
+    def pause(self, error: GristmillError, what: str) -> bool:
+        """Wait before the next try; False if ``error`` is not worth retrying or time is up.
+
+        Delays go from 0.1 s doubling to 5 s, with jitter so ranks do not
+        reconnect in step.
+        """
+        if not _retryable(error) or time.monotonic() >= self.deadline:
+            return False
+        delay = min(5.0, 0.1 * 2 ** self.attempt) * (0.5 + random.random() / 2)
+        log.warning("%s failed (%s); retrying in %.1fs", what, error, delay)
+        time.sleep(delay)
+        self.attempt += 1
+        return True
 
 
 class _LocalTransport:

@@ -74,7 +74,7 @@ class LocalStore:
 
     def manifest(self, dataset: str, version: str) -> Sequence[store_pb2.FileEntry]:
         """See :class:`StoreAccess`."""
-        return list(self.store.catalog.entries(dataset, version))
+        return self.store.list_manifest(dataset, version, None, -1)[1]  # type: ignore[no-any-return]
 
     def read_files(self, dataset: str, version: str, paths: list[str]
                    ) -> Iterable[store_pb2.ReadFilesResponse]:
