@@ -26,6 +26,7 @@ import numpy.typing as npt
 from gristmill.client.channel import DEFAULT_MAX_MESSAGE_BYTES, ConnectionOptions, open_channel
 from gristmill.client.delivery import DeliveryLog
 from gristmill.client.errors import GristmillError, Internal, Unavailable, call_rpc, stream_rpc
+from gristmill.client.handoff import put_unless_stopped
 from gristmill.client.planner import Cursor, Policy
 from gristmill.client.world import World
 from gristmill.v1 import decode_pb2, ingest_pb2, ingest_pb2_grpc
@@ -416,13 +417,7 @@ class Loader:
     def _produce(self, epoch: int, position: int, total: int, ready: queue.Queue[Any],
                  stop: threading.Event, calls: list[_Call]) -> None:
         def put(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.25)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+            return put_unless_stopped(ready, item, stop)
 
         retry = _Retry(self.retry_timeout)
         while position < total and not stop.is_set():

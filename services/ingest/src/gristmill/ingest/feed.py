@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from gristmill.client.buckets import Bucket
+from gristmill.client.handoff import put_unless_stopped
 from gristmill.client.planner import Cursor, EpochPlan, PlannedBatch
 from gristmill.common import metrics
 from gristmill.decode.service import bucket_message
@@ -95,13 +96,7 @@ class BatchFeed:
         ) for i in indices]
 
     def _put(self, item: _Queued | BaseException | None) -> bool:
-        while not self._stopped.is_set():
-            try:
-                self._queue.put(item, timeout=0.25)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_stopped(self._queue, item, self._stopped)
 
     def _produce(self) -> None:
         end: BaseException | None = None
