@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -7,6 +9,24 @@ import pytest
 
 from gristmill.client.hub import Hub
 from tests.helpers import Running, start_in_process
+
+
+@pytest.fixture(autouse=True)
+def shm_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A shared-memory directory of this test's own, for client and servers alike.
+
+    Every test ends with it empty: a ring left behind is a leak.
+    """
+    directory = Path("/dev/shm") / f"gristmill-test-{uuid.uuid4().hex[:12]}"
+    directory.mkdir()
+    monkeypatch.setenv("GRISTMILL_SHM_DIR", str(directory))
+    monkeypatch.setenv("GRISTMILL_INGEST__SHM_DIR", str(directory))
+    try:
+        yield directory
+        left = sorted(p.name for p in directory.iterdir())
+        assert not left, f"shared-memory rings left behind: {left}"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

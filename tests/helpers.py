@@ -17,6 +17,8 @@ import grpc
 from PIL import Image
 
 from gristmill.client.channel import ConnectionOptions, open_channel
+from gristmill.client.loader import Batch, Loader
+from gristmill.client.shm import ring_dir
 from gristmill.common.auth import KeyStore, Role
 from gristmill.common.config import ServerConfig, load_config
 from gristmill.common.server import GristmillServer, create_server, ensure_admin_key
@@ -56,6 +58,10 @@ class Running:
 def config_for(data_dir: Path, **overrides: object) -> ServerConfig:
     base: dict[str, object] = {"data_dir": data_dir, "port": 0, "metrics_port": None}
     base.update(overrides)
+    # rings go where this test's Loaders put them (the shm_dir fixture)
+    ingest = dict(base.get("ingest") or {})  # type: ignore[call-overload]
+    ingest.setdefault("shm_dir", ring_dir())
+    base["ingest"] = ingest
     return load_config(environ={}, overrides=base)
 
 
@@ -160,3 +166,22 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
 def iter_chunks(data: bytes, size: int) -> Iterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i:i + size]
+
+
+#: The dataset the feed tests import, and small Loader options for it.
+DATASET = "photos"
+SMALL = {"batch_size": 4, "image_size": 128, "downsampling_ratio": 16}
+
+
+def loader(running: Running, **kw: object) -> Loader:
+    """A Loader of DATASET on ``running`` with SMALL options."""
+    args: dict[str, object] = {**SMALL, "api_key": running.admin_key, **kw}
+    return Loader(running.address, DATASET, **args)  # type: ignore[arg-type]
+
+
+def epoch(ld: Loader) -> list[Batch]:
+    return list(ld)
+
+
+def planned(batches: list[Batch]) -> list[list[str]]:
+    return [b.planned_ids for b in batches]

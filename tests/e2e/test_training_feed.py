@@ -6,7 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -78,9 +79,10 @@ def test_audit_catches_a_rank_that_replays_a_batch(served: Running, tmp_path: Pa
     assert any("duplicate" in line for line in report.lines())
 
 
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "grpc"])
 def test_server_killed_and_restarted_mid_epoch_loses_and_repeats_nothing(
-        served: Running, tmp_path: Path) -> None:
-    kw = {**SMALL, "api_key": served.admin_key, "seed": 2}
+        served: Running, shm_dir: Path, shared_memory: bool) -> None:
+    kw = {**SMALL, "api_key": served.admin_key, "seed": 2, "shared_memory": shared_memory}
     with Loader(served.address, DATASET, **kw) as ld:  # type: ignore[arg-type]
         expected = [b.planned_ids for b in ld]
     port = served.address.rsplit(":", 1)[1]
@@ -94,10 +96,64 @@ def test_server_killed_and_restarted_mid_epoch_loses_and_repeats_nothing(
                 if i == 2:
                     stop_process(served, signal.SIGKILL)
                     restarted = spawn_server(served.config.data_dir, "--port", port)
+            assert ld.pixel_path == ("shared memory" if shared_memory else "gRPC")
         assert got == expected
+        assert not list(shm_dir.iterdir())  # the dead server's ring went with it
     finally:
         if restarted is not None:
             stop_process(restarted, signal.SIGKILL)
+
+
+def ring_mappings(pid: int) -> list[str]:
+    """The shared-memory rings process ``pid`` maps."""
+    return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if "gristmill-ring-" in line]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+#: A training process that takes its time over each batch. At 512 px its ring
+#: (4.5 MiB) holds 3 of the epoch's 11 batches: the server is still writing,
+#: waiting for space, when the trainer dies.
+SLOW_TRAINER = """
+import sys, time
+from gristmill.client import Loader
+loader = Loader(sys.argv[1], "photos", batch_size=2, image_size=512, api_key=sys.argv[2],
+                shared_memory=True, prefetch=1)
+assert loader._ring_capacity() * 2 < len(loader) * 2 * 512 * 512 * 3, "the ring holds it all"
+for batch in loader:
+    print(len(batch), flush=True)
+    time.sleep(0.5)
+"""
+
+
+def test_a_client_killed_mid_stream_leaves_no_shared_memory_behind(
+        served: Running, shm_dir: Path) -> None:
+    assert served.process is not None
+    server = served.process.pid
+    client = subprocess.Popen([sys.executable, "-c", SLOW_TRAINER, served.address,
+                               served.admin_key], stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdout.readline().strip() == "2"
+        assert ring_mappings(client.pid) and ring_mappings(server)  # both map the ring
+        assert not list(shm_dir.iterdir())  # and its name is already gone
+    finally:
+        client.kill()
+        client.wait(30)
+    assert wait_until(lambda: not ring_mappings(server)), ring_mappings(server)
+    assert not list(shm_dir.iterdir())
+    # the server goes on serving; a new client gets a new ring
+    with Loader(served.address, DATASET, **SMALL, api_key=served.admin_key,  # type: ignore[arg-type]
+                shared_memory=True) as ld:
+        assert sum(len(b) for b in ld) >= 22 and ld.pixel_path == "shared memory"
+    assert wait_until(lambda: not ring_mappings(server)), ring_mappings(server)
 
 
 def test_memory_stays_flat_over_20_epochs(served: Running) -> None:
@@ -116,3 +172,5 @@ def test_memory_stays_flat_over_20_epochs(served: Running) -> None:
     mib = 1024 * 1024
     assert client1 - client0 < 16 * mib, f"client grew {(client1 - client0) / mib:.1f} MiB"
     assert server1 - server0 < 16 * mib, f"server grew {(server1 - server0) / mib:.1f} MiB"
+    assert not ring_mappings(os.getpid())  # one ring per epoch, each unmapped after it
+    assert wait_until(lambda: not ring_mappings(server.pid)), ring_mappings(server.pid)

@@ -13,42 +13,11 @@ from PIL import Image
 from gristmill.client.delivery import audit
 from gristmill.client.errors import FailedPrecondition, InvalidArgument, NotFound
 from gristmill.client.hub import Hub
-from gristmill.client.loader import Batch, Loader
+from gristmill.client.loader import Loader
 from gristmill.decode import Decoder, SampleInput, Transform
 from gristmill.v1 import ingest_pb2, ingest_pb2_grpc
 from scripts.sample_data import make_sample_folder
-from tests.helpers import Running, start_in_process
-
-DATASET = "photos"
-SMALL = {"batch_size": 4, "image_size": 128, "downsampling_ratio": 16}
-
-
-@pytest.fixture
-def photos(tmp_path: Path) -> Path:
-    folder = tmp_path / "photos"
-    make_sample_folder(folder, count=22, max_side=360)
-    return folder
-
-
-@pytest.fixture
-def fed(server: Running, hub: Hub, photos: Path) -> Running:
-    """The all-in-one server with the photos imported and committed."""
-    hub.import_folder(DATASET, photos)
-    hub.commit_version(DATASET)
-    return server
-
-
-def loader(running: Running, **kw: object) -> Loader:
-    args: dict[str, object] = {**SMALL, "api_key": running.admin_key, **kw}
-    return Loader(running.address, DATASET, **args)  # type: ignore[arg-type]
-
-
-def epoch(ld: Loader) -> list[Batch]:
-    return list(ld)
-
-
-def planned(batches: list[Batch]) -> list[list[str]]:
-    return [b.planned_ids for b in batches]
+from tests.helpers import DATASET, SMALL, Running, epoch, loader, planned, start_in_process
 
 
 def test_two_ranks_get_every_sample_once_in_single_bucket_batches(fed: Running) -> None:

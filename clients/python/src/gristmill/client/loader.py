@@ -2,7 +2,9 @@
 
 A :class:`Loader` asks the ingest service for its rank's plan, streams the
 rank's batches on a background thread (a few batches ahead), and assembles
-each batch's messages into one ``[B, H, W, C]`` uint8 array. A dropped
+each batch's messages into one ``[B, H, W, C]`` uint8 array. When the
+server runs on the same host, pixels come through a shared-memory ring
+(:mod:`gristmill.client.shm`) and only their place in it crosses gRPC. A dropped
 connection or a restarted server is retried with backoff, resuming from the
 cursor of the first batch not yet received: no sample is lost or repeated.
 ``state_dict()`` / ``load_state_dict()`` resume a training run mid-epoch.
@@ -25,9 +27,17 @@ import numpy.typing as npt
 
 from gristmill.client.channel import DEFAULT_MAX_MESSAGE_BYTES, ConnectionOptions, open_channel
 from gristmill.client.delivery import DeliveryLog
-from gristmill.client.errors import GristmillError, Internal, Unavailable, call_rpc, stream_rpc
+from gristmill.client.errors import (
+    FailedPrecondition,
+    GristmillError,
+    Internal,
+    Unavailable,
+    call_rpc,
+    stream_rpc,
+)
 from gristmill.client.handoff import put_unless_stopped
 from gristmill.client.planner import Cursor, Policy
+from gristmill.client.shm import RING_UNAVAILABLE, RingReader
 from gristmill.client.world import World
 from gristmill.v1 import decode_pb2, ingest_pb2, ingest_pb2_grpc
 
@@ -45,6 +55,11 @@ _COLOR = {"rgb": decode_pb2.COLOR_MODE_RGB, "rgba": decode_pb2.COLOR_MODE_RGBA,
           "gray": decode_pb2.COLOR_MODE_GRAY}
 #: Error reasons worth retrying: the server went away or is restarting.
 _RETRY_REASONS = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED"}
+_CHANNELS = {decode_pb2.COLOR_MODE_GRAY: 1, decode_pb2.COLOR_MODE_RGB: 3,
+             decode_pb2.COLOR_MODE_RGBA: 4}
+#: Batches of the largest bucket a shared-memory ring holds.
+RING_BATCHES = 3
+MiB = 1 << 20
 _END = object()
 
 Images = npt.NDArray[np.uint8]
@@ -99,9 +114,14 @@ def _plane(image: decode_pb2.DecodedImage) -> Images:
 
 
 class _Assembler:
-    """Joins the chunks of one batch into a :class:`Batch` (use a new one per batch)."""
+    """Joins the chunks of one batch into a :class:`Batch` (use a new one per batch).
 
-    def __init__(self) -> None:
+    With a ``ring``, messages that carry a ring slice are read from it and
+    the slice is released once copied out.
+    """
+
+    def __init__(self, ring: RingReader | None = None) -> None:
+        self._ring = ring
         self._images: Images | None = None
         self._rows = 0
         self._next_offset = 0
@@ -119,6 +139,14 @@ class _Assembler:
         bucket = self._head.bucket
         return np.empty((rows, bucket.height, bucket.width, channels), np.uint8)
 
+    def _pixels(self, msg: ingest_pb2.StreamBatchesResponse, in_ring: bool) -> Images:
+        if not in_ring:
+            return np.frombuffer(msg.pixels, np.uint8)  # read the field once (each read copies)
+        if self._ring is None:
+            raise Internal("the server sent pixels through a shared-memory ring this stream "
+                           "did not ask for")
+        return self._ring.view(msg.ring_slice.offset, msg.ring_slice.length)
+
     def add(self, msg: ingest_pb2.StreamBatchesResponse) -> Batch | None:
         """Take one message; the batch once its last message arrived."""
         if self._head is None:
@@ -131,15 +159,23 @@ class _Assembler:
                            f"{msg.offset}, expected batch {self._head.cursor.position} offset "
                            f"{self._next_offset}")
         ok = [s for s in msg.samples if not s.HasField("error")]
+        in_ring = msg.HasField("ring_slice")
+        data = self._pixels(msg, in_ring)
+        used = 0
         if ok:
             if self._images is None:  # the first chunk with pixels tells the channels
                 self._images = self._allocate(msg.batch_size, msg.channels)
             elif msg.channels != self._images.shape[3]:
                 raise Internal("channels changed within a batch")
-            pixels = msg.pixels  # read the bytes field once (each access copies)
+            shape = self._images.shape[1:]
             n = len(ok)
-            self._images[self._rows:self._rows + n] = np.frombuffer(pixels, np.uint8).reshape(
-                n, *self._images.shape[1:])
+            used = n * shape[0] * shape[1] * shape[2]
+            expected = used + (sum(c.width * c.height * c.channels
+                                   for s in ok for c in s.companions) if in_ring else 0)
+            if len(data) != expected:
+                raise Internal(f"batch {msg.cursor.position} offset {msg.offset}: "
+                               f"{len(data)} pixel bytes for {n} samples, expected {expected}")
+            self._images[self._rows:self._rows + n] = data[:used].reshape(n, *shape)
             self._rows += n
         for s in msg.samples:
             self._planned.append(s.id)
@@ -151,8 +187,21 @@ class _Assembler:
                 continue
             self._ids.append(s.id)
             self._fresh.append(s.fresh)
-            self._companions.append(tuple(_plane(c) for c in s.companions))
+            if in_ring:  # companions follow the images in the record: copy them out
+                planes = []
+                for c in s.companions:
+                    size = c.width * c.height * c.channels
+                    planes.append(data[used:used + size].reshape(
+                        c.height, c.width, c.channels).copy())
+                    used += size
+                self._companions.append(tuple(planes))
+            else:
+                self._companions.append(tuple(_plane(c) for c in s.companions))
             self._annotations.append(s.annotations)
+        if in_ring:
+            assert self._ring is not None
+            del data
+            self._ring.release(msg.ring_slice.release)
         self._next_offset = msg.offset + len(msg.samples)
         if not msg.HasField("next"):
             return None
@@ -240,6 +289,10 @@ class Loader:
         prefetch: batches kept ready ahead of the training loop.
         delivery_log: directory for the delivery log (see ``gristmill audit``).
         retry_timeout: seconds to keep retrying a lost connection before raising.
+        shared_memory: pixels through a shared-memory ring in ``/dev/shm``
+            (or ``GRISTMILL_SHM_DIR``) instead of the socket. None (default):
+            when the server can open the ring, i.e. runs on this host, else
+            gRPC. True: required (an error otherwise). False: never.
         api_key: default ``GRISTMILL_API_KEY``.
         ca_file: PEM CA certificate for TLS.
     """
@@ -251,8 +304,9 @@ class Loader:
                  rank: int | None = None, world_size: int | None = None, *,
                  prefix: str = "", companions: Sequence[str] = (), crop: str = "center",
                  color: str = "rgb", prefetch: int = 4, delivery_log: Path | str | None = None,
-                 retry_timeout: float = 300.0, api_key: str | None = None,
-                 ca_file: Path | str | None = None, transport: Transport | None = None) -> None:
+                 retry_timeout: float = 300.0, shared_memory: bool | None = None,
+                 api_key: str | None = None, ca_file: Path | str | None = None,
+                 transport: Transport | None = None) -> None:
         if not dataset:
             raise ValueError("name the dataset to stream: Loader(address, dataset='...')")
         pol = Policy(policy) if isinstance(policy, str) else policy
@@ -268,6 +322,9 @@ class Loader:
             raise ValueError(f"prefetch must be at least 1, got {prefetch}")
         self.world = World.from_env(rank, world_size)
         self.prefetch = prefetch
+        self.shared_memory = shared_memory
+        self._use_ring = shared_memory is not False and not isinstance(transport,
+                                                                       _LocalTransport)
         self.retry_timeout = retry_timeout
         self._transport = transport or _GrpcTransport(ConnectionOptions(
             address, api_key, Path(ca_file) if ca_file else None,
@@ -312,6 +369,9 @@ class Loader:
         brings the decoders. ``workers`` decoding threads (0: one per core).
         Other keyword arguments are those of :class:`Loader`.
         """
+        if kwargs.get("shared_memory"):
+            raise ValueError("from_folder runs the pipeline in this process: there is no "
+                             "server to share memory with; leave shared_memory unset")
         try:
             from gristmill.ingest.local import folder_ingest
         except ImportError as e:
@@ -353,6 +413,17 @@ class Loader:
     def plan(self) -> ingest_pb2.PlanEpochResponse:
         """The current epoch's plan summary (batches per rank, buckets, samples)."""
         return self._plan(self.spec, self._epoch)
+
+    @property
+    def pixel_path(self) -> str:
+        """How pixels reach this process: "shared memory", "gRPC" or "in-process".
+
+        With ``shared_memory=None`` this says "shared memory" until a stream
+        finds that the server cannot open the ring.
+        """
+        if isinstance(self._transport, _LocalTransport):
+            return "in-process"
+        return "shared memory" if self._use_ring else "gRPC"
 
     def __len__(self) -> int:
         """Batches this rank gets per epoch."""
@@ -424,15 +495,21 @@ class Loader:
             request = ingest_pb2.StreamBatchesRequest(
                 spec=self.spec, rank=self.world.rank,
                 cursor=ingest_pb2.Cursor(epoch=epoch, position=position))
+            ring: RingReader | None = None
             try:
+                ring = self._new_ring()
+                if ring is not None:
+                    request.ring.name, request.ring.capacity = ring.name, ring.capacity
                 call = self._transport.stream(request)
                 calls[:] = [call]
-                assembler = _Assembler()
+                assembler = _Assembler(ring)
                 for msg in call:
+                    if ring is not None:
+                        ring.attached()
                     batch = assembler.add(msg)
                     if batch is None:
                         continue
-                    assembler = _Assembler()
+                    assembler = _Assembler(ring)
                     if not put(batch):
                         return
                     position = batch.cursor.position + 1
@@ -442,6 +519,8 @@ class Loader:
             except GristmillError as e:
                 if stop.is_set():
                     return
+                if self._ring_refused(e):
+                    continue
                 if not retry.pause(e, f"batch stream of rank {self.world.rank} at batch "
                                       f"{position}"):
                     put(e)
@@ -449,7 +528,39 @@ class Loader:
             except BaseException as e:  # noqa: BLE001 - handed to the training loop
                 put(e)
                 return
+            finally:
+                if ring is not None:
+                    ring.close()
         put(_END)
+
+    # shared memory -----------------------------------------------------------
+    def _ring_capacity(self) -> int:
+        """Room for RING_BATCHES batches of the largest bucket, companions included."""
+        area = max((b.bucket.width * b.bucket.height for b in self.plan.buckets), default=0)
+        channels = _CHANNELS.get(self.spec.transform.color, 4)
+        per_sample = area * channels * (1 + len(self.spec.companions))
+        size = RING_BATCHES * self.spec.batch_size * per_sample
+        return max(4 * MiB, -(-size // MiB) * MiB)
+
+    def _new_ring(self) -> RingReader | None:
+        """A ring for the next stream call, or None to stream pixels over gRPC."""
+        if not self._use_ring:
+            return None
+        try:
+            return RingReader.create(self._ring_capacity())
+        except FailedPrecondition as e:
+            if self._ring_refused(e):
+                return None
+            raise
+
+    def _ring_refused(self, error: GristmillError) -> bool:
+        """Whether ``error`` turned shared memory off (automatic mode only)."""
+        if self.shared_memory is not None or error.reason != RING_UNAVAILABLE or \
+                not self._use_ring:
+            return False
+        log.info("pixels go over gRPC: %s", error.message)
+        self._use_ring = False
+        return True
 
     def as_torch(self) -> IterableDataset[Batch]:
         """This loader as a ``torch.utils.data.IterableDataset`` (needs torch).

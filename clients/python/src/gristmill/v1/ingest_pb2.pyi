@@ -271,6 +271,7 @@ class StreamBatchesRequest(_message.Message):
     CURSOR_FIELD_NUMBER: _builtins.int
     MAX_BATCHES_FIELD_NUMBER: _builtins.int
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    RING_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     """The rank to stream, 0 to world_size - 1."""
     max_batches: _builtins.int
@@ -287,6 +288,15 @@ class StreamBatchesRequest(_message.Message):
     def cursor(self) -> Global___Cursor:
         """Where to start; the stream ends at the end of this epoch."""
 
+    @_builtins.property
+    def ring(self) -> Global___SharedMemoryRing:
+        """A shared-memory ring the client created on this host: the server writes
+        each batch's pixels there and sends only where they lie (ring_slice).
+        FAILED_PRECONDITION with reason SHM_RING_UNAVAILABLE when the server
+        cannot open it (another host, another /dev/shm, or turned off); stream
+        without it then.
+        """
+
     def __init__(
         self,
         *,
@@ -295,14 +305,82 @@ class StreamBatchesRequest(_message.Message):
         cursor: Global___Cursor | None = ...,
         max_batches: _builtins.int = ...,
         chunk_bytes: _builtins.int = ...,
+        ring: Global___SharedMemoryRing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "ring", b"ring", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "cursor", b"cursor", "max_batches", b"max_batches", "rank", b"rank", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "cursor", b"cursor", "max_batches", b"max_batches", "rank", b"rank", "ring", b"ring", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamBatchesRequest: _TypeAlias = StreamBatchesRequest  # noqa: Y015
+
+@_typing.final
+class SharedMemoryRing(_message.Message):
+    """A ring file in the shared-memory directory (/dev/shm) of client and server.
+
+    The file is a 4096-byte header (magic "GMRING01", capacity as
+    little-endian uint64 at byte 8, the client's read counter at byte 16)
+    followed by `capacity` bytes of data. The server unlinks the name once it
+    has mapped the file, so the memory lives only as long as both sides map
+    it: a killed process leaves nothing behind.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """File name, "gristmill-ring-" followed by letters, digits, '-' or '_'."""
+    capacity: _builtins.int
+    """Bytes of the data area."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        capacity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryRing: _TypeAlias = SharedMemoryRing  # noqa: Y015
+
+@_typing.final
+class RingSlice(_message.Message):
+    """Where a message's pixels lie in the shared-memory ring."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Byte offset in the ring's data area."""
+    length: _builtins.int
+    """Length in bytes: the pixels of the message's samples without errors, in
+    order, then the pixels of their companions, in order.
+    """
+    release: _builtins.int
+    """Write this into the ring's read counter once the bytes are copied out;
+    the server reuses the space after that.
+    """
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+        release: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "offset", b"offset", "release", b"release"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RingSlice: _TypeAlias = RingSlice  # noqa: Y015
 
 @_typing.final
 class BatchSample(_message.Message):
@@ -364,6 +442,7 @@ class StreamBatchesResponse(_message.Message):
     PIXELS_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
     NEXT_FIELD_NUMBER: _builtins.int
+    RING_SLICE_FIELD_NUMBER: _builtins.int
     batch_size: _builtins.int
     """Samples in the whole batch (those in error included)."""
     offset: _builtins.int
@@ -371,6 +450,7 @@ class StreamBatchesResponse(_message.Message):
     pixels: _builtins.bytes
     """Pixels of this chunk's samples without errors, in order: each
     height x width x channels uint8, row-major (read with np.frombuffer).
+    Empty when ring_slice is set.
     """
     channels: _builtins.int
     """Channels per pixel of the images."""
@@ -390,6 +470,12 @@ class StreamBatchesResponse(_message.Message):
     def next(self) -> Global___Cursor:
         """Set on the last chunk of a batch: the cursor of the next batch."""
 
+    @_builtins.property
+    def ring_slice(self) -> Global___RingSlice:
+        """Set instead of pixels (and of the companions' data) when the request
+        named a ring: where this message's pixels lie in it.
+        """
+
     def __init__(
         self,
         *,
@@ -401,10 +487,11 @@ class StreamBatchesResponse(_message.Message):
         pixels: _builtins.bytes = ...,
         channels: _builtins.int = ...,
         next: Global___Cursor | None = ...,
+        ring_slice: Global___RingSlice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "cursor", b"cursor", "next", b"next"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "cursor", b"cursor", "next", b"next", "ring_slice", b"ring_slice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "bucket", b"bucket", "channels", b"channels", "cursor", b"cursor", "next", b"next", "offset", b"offset", "pixels", b"pixels", "samples", b"samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "bucket", b"bucket", "channels", b"channels", "cursor", b"cursor", "next", b"next", "offset", b"offset", "pixels", b"pixels", "ring_slice", b"ring_slice", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -32,7 +32,7 @@ ENV_PREFIX = "GRISTMILL_"
 #: Variables read by clients and the CLI, not by the server config.
 CLIENT_ENV_VARS = frozenset(
     {"GRISTMILL_ADDRESS", "GRISTMILL_API_KEY", "GRISTMILL_CA_FILE", "GRISTMILL_CONFIG",
-     "GRISTMILL_CACHE_DIR"}
+     "GRISTMILL_CACHE_DIR", "GRISTMILL_SHM_DIR"}
 )
 MiB = 1024 * 1024
 
@@ -109,6 +109,11 @@ class IngestConfig(_Strict):
     decode_address: str | None = None
     decode_api_key: str | None = None
     decode_ca_file: Path | None = None
+    #: Shared-memory directory of this host, where Loaders running beside the
+    #: server put the rings that carry pixels without a socket. In Kubernetes
+    #: mount the same emptyDir (medium: Memory) at /dev/shm in the training
+    #: container and this one. None turns shared memory off: pixels go over gRPC.
+    shm_dir: Path | None = Path("/dev/shm")
 
 
 class ServerConfig(_Strict):

@@ -60,7 +60,8 @@ DECODE_QUEUE_DEPTH = Gauge("gristmill_decode_queue_depth",
 INGEST_BATCHES = Counter("gristmill_ingest_batches", "Batches sent to trainers")
 INGEST_SAMPLES = Counter("gristmill_ingest_samples",
                          "Samples sent to trainers, by outcome (ok, error, repeat)", ["outcome"])
-INGEST_BYTES_OUT = Counter("gristmill_ingest_bytes_out", "Pixel bytes sent to trainers")
+INGEST_BYTES_OUT = Counter("gristmill_ingest_bytes_out",
+                           "Pixel bytes sent to trainers, by path (grpc, shm)", ["path"])
 INGEST_STREAMS = Gauge("gristmill_ingest_streams", "Open StreamBatches calls")
 INGEST_WAIT = Histogram(
     "gristmill_ingest_wait_seconds",

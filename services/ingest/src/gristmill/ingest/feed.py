@@ -12,12 +12,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from gristmill.client.buckets import Bucket
 from gristmill.client.handoff import put_unless_stopped
 from gristmill.client.planner import Cursor, EpochPlan, PlannedBatch
+from gristmill.client.shm import RingWriter
 from gristmill.common import metrics
 from gristmill.decode.service import bucket_message
 from gristmill.ingest.samples import Samples, SpecInfo, sample_seed
@@ -138,12 +139,81 @@ class BatchFeed:
         self.decode.close()
 
 
-def batch_messages(batch: DecodedBatch, chunk_bytes: int
+def _add_sample(msg: ingest_pb2.StreamBatchesResponse, batch: DecodedBatch, k: int,
+                inline: bool) -> list[bytes]:
+    """Add sample ``k`` to ``msg``; its pixels, then its companions' (none for an error).
+
+    With ``inline`` False the companions go into ``msg`` as shapes only:
+    their pixels travel with the image's.
+    """
+    result = batch.results[k]
+    sample = msg.samples.add(id=batch.ids[k], fresh=k < batch.planned.fresh)
+    if result.HasField("error"):
+        sample.error.CopyFrom(result.error)
+        metrics.INGEST_SAMPLES.labels("error").inc()
+        return []
+    image = result.sample.image
+    msg.channels = image.channels
+    metrics.INGEST_SAMPLES.labels("ok" if sample.fresh else "repeat").inc()
+    parts = [image.data]  # one copy out of the message
+    if inline:
+        sample.companions.extend(result.sample.companions)
+    else:
+        for c in result.sample.companions:
+            sample.companions.add(width=c.width, height=c.height, channels=c.channels,
+                                  encoding=c.encoding)
+            parts.append(c.data)
+    return parts
+
+
+def _raw_bytes(result: decode_pb2.DecodeResult) -> int:
+    if result.HasField("error"):
+        return 0
+    images = [result.sample.image, *result.sample.companions]
+    return sum(i.width * i.height * i.channels for i in images)
+
+
+def _ring_message(batch: DecodedBatch, ring: RingWriter, is_active: Callable[[], bool]
+                  ) -> ingest_pb2.StreamBatchesResponse | None:
+    """The whole batch as one message whose pixels are in ``ring``; None if they cannot fit."""
+    if not ring.fits(sum(_raw_bytes(r) for r in batch.results)):
+        return None
+    n = len(batch.results)
+    msg = ingest_pb2.StreamBatchesResponse(
+        cursor=ingest_pb2.Cursor(epoch=batch.cursor.epoch, position=batch.cursor.position),
+        bucket=bucket_message(batch.bucket), batch_size=n, offset=0,
+        next=ingest_pb2.Cursor(epoch=batch.cursor.epoch, position=batch.cursor.position + 1))
+    images: list[bytes] = []
+    companions: list[bytes] = []
+    for k in range(n):
+        parts = _add_sample(msg, batch, k, inline=False)
+        images.extend(parts[:1])
+        companions.extend(parts[1:])
+    offset, length, release = ring.write(images + companions, is_active)
+    msg.ring_slice.offset, msg.ring_slice.length, msg.ring_slice.release = (
+        offset, length, release)
+    metrics.INGEST_BYTES_OUT.labels("shm").inc(length)
+    return msg
+
+
+def batch_messages(batch: DecodedBatch, chunk_bytes: int, ring: RingWriter | None = None,
+                   is_active: Callable[[], bool] = lambda: True,
                    ) -> Iterator[ingest_pb2.StreamBatchesResponse]:
     """Cut a decoded batch into messages of about ``chunk_bytes`` of pixels each.
 
     A sample is never split. The last message carries the next batch's cursor.
+    With a ``ring`` the batch is one message whose pixels are written to the
+    ring (unless they cannot fit it; then they go inline).
+
+    Raises:
+        RingClosed: ``is_active`` turned false while waiting for ring space.
     """
+    if ring is not None:
+        msg = _ring_message(batch, ring, is_active)
+        if msg is not None:
+            yield msg
+            metrics.INGEST_BATCHES.inc()
+            return
     cursor = ingest_pb2.Cursor(epoch=batch.cursor.epoch, position=batch.cursor.position)
     bucket = bucket_message(batch.bucket)
     n = len(batch.results)
@@ -155,24 +225,14 @@ def batch_messages(batch: DecodedBatch, chunk_bytes: int
         size = 0
         k = offset
         while k < n and (size < chunk_bytes or k == offset):
-            result = batch.results[k]
-            sample = msg.samples.add(id=batch.ids[k], fresh=k < batch.planned.fresh)
-            if result.HasField("error"):
-                sample.error.CopyFrom(result.error)
-                metrics.INGEST_SAMPLES.labels("error").inc()
-            else:
-                image = result.sample.image
-                data = image.data  # one copy out of the message
-                pixels.append(data)
-                size += len(data)
-                msg.channels = image.channels
-                sample.companions.extend(result.sample.companions)
-                metrics.INGEST_SAMPLES.labels("ok" if sample.fresh else "repeat").inc()
+            parts = _add_sample(msg, batch, k, inline=True)
+            pixels.extend(parts)
+            size += sum(len(p) for p in parts)
             k += 1
         msg.pixels = b"".join(pixels)
         if k >= n:
             msg.next.CopyFrom(ingest_pb2.Cursor(epoch=cursor.epoch, position=cursor.position + 1))
-        metrics.INGEST_BYTES_OUT.inc(size)
+        metrics.INGEST_BYTES_OUT.labels("grpc").inc(size)
         yield msg
         offset = k
         if offset >= n:

@@ -14,6 +14,7 @@ from gristmill.client.channel import ConnectionOptions
 from gristmill.client.errors import InvalidArgument
 from gristmill.client.hub import LATEST
 from gristmill.client.planner import EpochPlan, plan_epoch
+from gristmill.client.shm import RingClosed, RingWriter
 from gristmill.common import metrics
 from gristmill.common.auth import Role
 from gristmill.common.config import ConfigError, IngestConfig
@@ -154,17 +155,28 @@ class Ingest:
         if request.max_batches:
             stop = min(stop, start + request.max_batches)
         chunk = request.chunk_bytes or self.config.chunk_bytes
-        feed = BatchFeed(spec=spec, info=info, samples=samples, plan=plan, rank=request.rank,
-                         start=start, stop=stop, decode=self.decode(),
-                         prefetch=self.config.prefetch_batches)
+        ring = (RingWriter.open(self.config.shm_dir, request.ring.name, request.ring.capacity)
+                if request.HasField("ring") else None)
+        try:
+            feed = BatchFeed(spec=spec, info=info, samples=samples, plan=plan,
+                             rank=request.rank, start=start, stop=stop, decode=self.decode(),
+                             prefetch=self.config.prefetch_batches)
+        except BaseException:
+            if ring is not None:
+                ring.close()
+            raise
         metrics.INGEST_STREAMS.inc()
         try:
             for batch in feed:
                 if not is_active():
                     return
-                yield from batch_messages(batch, chunk)
+                yield from batch_messages(batch, chunk, ring, is_active)
+        except RingClosed:
+            return
         finally:
             feed.close()
+            if ring is not None:
+                ring.close()
             metrics.INGEST_STREAMS.dec()
 
 

@@ -1,0 +1,330 @@
+"""A shared-memory ring that carries batch pixels from an ingest server to a Loader on one host.
+
+When a training process and its ingest server share ``/dev/shm`` (a pod and
+its sidecar, or one machine), copying pixels through a socket and two
+protobuf codecs is wasted work. Instead:
+
+1. The Loader creates a ring file, ``/dev/shm/gristmill-ring-<random>``,
+   reserves its memory up front (so a full ``/dev/shm`` is a clear error,
+   not a SIGBUS later), holds an ``flock`` on it, and names it in
+   ``StreamBatchesRequest.ring``.
+2. The server maps the file and unlinks its name at once. From then on the
+   memory lives exactly as long as one side maps it: a SIGKILL of either
+   process leaves no ``/dev/shm`` entry and no mapping behind.
+3. The server writes each batch as one contiguous record and sends only a
+   :class:`~gristmill.v1.ingest_pb2.RingSlice` (offset, length, release)
+   over gRPC. The Loader copies the record into its batch array and writes
+   ``release`` into the ring's read counter; the server reuses the space
+   only after that, waiting otherwise, so the ring is also the stream's
+   back-pressure.
+
+A ring whose creator died before any server opened it (the only window in
+which a name can outlive its owner) is unlocked; :func:`sweep` removes such
+names when the next ring is created.
+
+File layout: a 4096-byte header (``MAGIC``, then the data capacity and the
+read counter as little-endian uint64 at bytes 8 and 16) and the data area.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import re
+import secrets
+import stat
+import struct
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from gristmill.client.errors import FailedPrecondition, Internal, InvalidArgument
+
+__all__ = [
+    "DEFAULT_DIR",
+    "RING_UNAVAILABLE",
+    "RingClosed",
+    "RingReader",
+    "RingWriter",
+    "ring_dir",
+    "sweep",
+]
+
+log = logging.getLogger(__name__)
+
+#: Where rings live unless ``GRISTMILL_SHM_DIR`` (client) or ``ingest.shm_dir``
+#: (server) says otherwise.
+DEFAULT_DIR = Path("/dev/shm")
+#: ErrorInfo reason when the server cannot use the ring a request named.
+RING_UNAVAILABLE = "SHM_RING_UNAVAILABLE"
+MAGIC = b"GMRING01"
+HEADER = 4096
+_CAPACITY_AT = 8
+_READ_AT = 16
+#: Records start on cache-line boundaries.
+ALIGN = 64
+PREFIX = "gristmill-ring-"
+NAME = re.compile(PREFIX + r"[A-Za-z0-9_-]{1,64}")
+#: Seconds an unlocked ring must have existed before :func:`sweep` removes it
+#: (a ring is locked microseconds after it is created).
+STALE_AFTER = 30.0
+
+
+class RingClosed(Exception):
+    """The stream ended while the server waited for space in the ring."""
+
+
+def ring_dir() -> Path:
+    """The client's ring directory: ``GRISTMILL_SHM_DIR`` or /dev/shm."""
+    return Path(os.environ.get("GRISTMILL_SHM_DIR") or DEFAULT_DIR)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def unavailable(message: str) -> FailedPrecondition:
+    """The error a server answers when it cannot use a request's ring."""
+    return FailedPrecondition(message, reason=RING_UNAVAILABLE)
+
+
+def sweep(directory: Path) -> int:
+    """Remove rings whose creator died before a server opened them; the number removed."""
+    removed = 0
+    now = time.time()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not NAME.fullmatch(entry.name):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < STALE_AFTER:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # locked: its creator is alive
+        else:
+            try:
+                os.unlink(entry.path)
+                removed += 1
+                log.info("removed stale shared-memory ring %s", entry.path)
+            except OSError:
+                pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+class RingReader:
+    """The Loader's side of a ring: creates it, reads records, releases them.
+
+    Use :meth:`create`; :meth:`close` when the stream is over.
+    """
+
+    def __init__(self, path: Path, fd: int, mapping: mmap.mmap, capacity: int) -> None:
+        self.path = path
+        self.capacity = capacity
+        self._fd = fd
+        self._mmap = mapping
+        self._data: npt.NDArray[np.uint8] | None = np.frombuffer(mapping, np.uint8)[HEADER:]
+        self._named = True
+
+    @property
+    def name(self) -> str:
+        """The file name the server opens."""
+        return self.path.name
+
+    @classmethod
+    def create(cls, capacity: int, directory: Path | None = None) -> RingReader:
+        """A new ring of ``capacity`` data bytes, its memory reserved.
+
+        Raises:
+            FailedPrecondition: (reason ``SHM_RING_UNAVAILABLE``) the directory
+                is missing or has too little space.
+        """
+        directory = directory or ring_dir()
+        capacity = _aligned(max(capacity, ALIGN))
+        sweep(directory)
+        path = directory / (PREFIX + secrets.token_hex(12))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise unavailable(f"cannot create a shared-memory ring in {directory}: "
+                              f"{e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # the server may run as another user of the same group (a sidecar)
+            os.fchmod(fd, 0o660)
+            try:
+                os.posix_fallocate(fd, 0, HEADER + capacity)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EFBIG):
+                    raise
+                free = _free_bytes(directory)
+                raise unavailable(
+                    f"{directory} has {free / 2**20:.0f} MiB free, the ring needs "
+                    f"{(HEADER + capacity) / 2**20:.0f} MiB: give the pod a bigger /dev/shm "
+                    "(an emptyDir with medium: Memory and a sizeLimit) or use "
+                    "shared_memory=False") from e
+            mapping = mmap.mmap(fd, HEADER + capacity)
+            mapping[:len(MAGIC)] = MAGIC
+            struct.pack_into("<QQ", mapping, _CAPACITY_AT, capacity, 0)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return cls(path, fd, mapping, capacity)
+
+    def attached(self) -> None:
+        """The server has mapped the ring (its first message came): drop the name."""
+        if self._named:
+            self._named = False
+            self.path.unlink(missing_ok=True)
+
+    def view(self, offset: int, length: int) -> npt.NDArray[np.uint8]:
+        """The ``length`` bytes at ``offset`` (valid until :meth:`release` of their record)."""
+        if self._data is None:
+            raise Internal("the shared-memory ring is closed")
+        if offset + length > self.capacity:
+            raise Internal(f"ring slice {offset}+{length} lies outside the ring "
+                           f"({self.capacity} bytes)")
+        return self._data[offset:offset + length]
+
+    def release(self, end: int) -> None:
+        """Let the server reuse the ring up to ``end`` (a RingSlice's release)."""
+        struct.pack_into("<Q", self._mmap, _READ_AT, end)
+
+    def close(self) -> None:
+        """Unmap the ring and remove its name if the server never did."""
+        if self._data is None:
+            return
+        self._data = None
+        self.attached()
+        try:
+            self._mmap.close()
+        except BufferError:  # a view is still alive: unmapped when it is collected
+            pass
+        os.close(self._fd)
+
+
+class RingWriter:
+    """The server's side of a ring: opens it by name, writes records in order."""
+
+    def __init__(self, mapping: mmap.mmap, capacity: int) -> None:
+        self.capacity = capacity
+        self._mmap = mapping
+        self._data: npt.NDArray[np.uint8] | None = np.frombuffer(mapping, np.uint8)[HEADER:]
+        self._written = 0
+
+    @classmethod
+    def open(cls, directory: Path | None, name: str, capacity: int) -> RingWriter:
+        """Map the ring ``name`` in ``directory`` and unlink its name.
+
+        Raises:
+            InvalidArgument: the name is not a ring name.
+            FailedPrecondition: (reason ``SHM_RING_UNAVAILABLE``) shared memory
+                is off (``directory`` None), or the ring is not there or not
+                usable.
+        """
+        if not NAME.fullmatch(name):
+            raise InvalidArgument("ring.name", f"{name!r} is not a ring name "
+                                  f"({PREFIX}<letters, digits, - or _>)")
+        if capacity < ALIGN or capacity % ALIGN:
+            raise InvalidArgument("ring.capacity", f"must be a positive multiple of {ALIGN}, "
+                                  f"got {capacity}")
+        if directory is None:
+            raise unavailable("this server does not use shared memory (ingest.shm_dir is "
+                              "not set); stream without a ring")
+        path = directory / name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise unavailable(f"no ring {name} in {directory}: the client is on another host "
+                              "or uses another shared-memory directory; stream without a "
+                              "ring") from None
+        except OSError as e:
+            raise unavailable(f"cannot open ring {path}: {e.strerror} (run client and server "
+                              "as the same user or group)") from e
+        try:
+            st = os.fstat(fd)
+            size = HEADER + capacity
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                raise unavailable(f"ring {path} is {st.st_size} bytes, the request says "
+                                  f"{size}")
+            mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)  # the mapping stays
+        if mapping[:len(MAGIC)] != MAGIC or \
+                struct.unpack_from("<Q", mapping, _CAPACITY_AT)[0] != capacity:
+            mapping.close()
+            raise unavailable(f"{path} is not a gristmill ring of {capacity} bytes")
+        try:
+            path.unlink()
+        except OSError:
+            pass  # another user's file in a sticky directory: the client unlinks it
+        return cls(mapping, capacity)
+
+    def fits(self, length: int) -> bool:
+        """Whether a record of ``length`` bytes can ever be written."""
+        return _aligned(length) <= self.capacity
+
+    def _released(self) -> int:
+        return int(struct.unpack_from("<Q", self._mmap, _READ_AT)[0])
+
+    def write(self, parts: Sequence[bytes], is_active: Callable[[], bool]
+              ) -> tuple[int, int, int]:
+        """Write ``parts`` as one record, waiting for space; (offset, length, release).
+
+        Raises:
+            RingClosed: ``is_active`` turned false while waiting.
+        """
+        if self._data is None:
+            raise RingClosed("the ring is closed")
+        length = sum(len(p) for p in parts)
+        if not self.fits(length):
+            raise ValueError(f"a record of {length} bytes does not fit a ring of "
+                             f"{self.capacity}; check fits() first")
+        start = self._written
+        offset = start % self.capacity
+        if offset + length > self.capacity:  # records never wrap: start over at 0
+            start += self.capacity - offset
+            offset = 0
+        end = start + _aligned(length)
+        delay = 1e-4
+        while self._released() < end - self.capacity:
+            if not is_active():
+                raise RingClosed("the client went away")
+            time.sleep(delay)
+            delay = min(delay * 2, 5e-3)
+        at = offset
+        for part in parts:
+            n = len(part)
+            self._data[at:at + n] = np.frombuffer(part, np.uint8)
+            at += n
+        self._written = end
+        return offset, length, end
+
+    def close(self) -> None:
+        """Unmap the ring."""
+        self._data = None
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass
+
+
+def _free_bytes(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize

@@ -1,0 +1,120 @@
+"""The shared-memory ring on its own: order, wrap-around, back-pressure, cleanup."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gristmill.client import shm
+from gristmill.client.errors import FailedPrecondition, InvalidArgument
+from gristmill.client.shm import RingClosed, RingReader, RingWriter
+
+
+def test_records_arrive_in_order_through_wrap_around_and_back_pressure(shm_dir: Path) -> None:
+    reader = RingReader.create(64 * 1024, shm_dir)
+    writer = RingWriter.open(shm_dir, reader.name, reader.capacity)
+    reader.attached()
+    rng = random.Random(7)
+    records = [[rng.randbytes(rng.randint(0, 9000)) for _ in range(rng.randint(1, 4))]
+               for _ in range(300)]
+    slices: list[tuple[int, int, int]] = []
+
+    def produce() -> None:
+        for parts in records:
+            slices.append(writer.write(parts, lambda: True))
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    got = []
+    for i in range(len(records)):
+        while len(slices) <= i:
+            time.sleep(0.0005)
+        offset, length, release = slices[i]
+        got.append(reader.view(offset, length).tobytes())
+        reader.release(release)
+        if i % 50 == 0:
+            time.sleep(0.01)  # a slow consumer: the writer has to wait
+    producer.join()
+    assert got == [b"".join(parts) for parts in records]
+    assert sum(len(g) for g in got) > 10 * reader.capacity  # it wrapped many times
+    assert max(o + n for o, n, _ in slices) <= reader.capacity
+    writer.close()
+    reader.close()
+
+
+def test_the_writer_stops_waiting_when_the_stream_ends(shm_dir: Path) -> None:
+    reader = RingReader.create(4096, shm_dir)
+    writer = RingWriter.open(shm_dir, reader.name, reader.capacity)
+    writer.write([b"x" * 4000], lambda: True)  # nothing released: the ring is full
+    active = [True]
+    threading.Timer(0.05, lambda: active.__setitem__(0, False)).start()
+    with pytest.raises(RingClosed):
+        writer.write([b"y" * 100], lambda: active[0])
+    assert not writer.fits(4097)
+    writer.close()
+    reader.close()
+
+
+def test_the_server_unlinks_the_name_and_the_reader_cleans_up_if_it_did_not(
+        shm_dir: Path) -> None:
+    reader = RingReader.create(4096, shm_dir)
+    assert [p.name for p in shm_dir.iterdir()] == [reader.name]
+    writer = RingWriter.open(shm_dir, reader.name, reader.capacity)
+    assert not list(shm_dir.iterdir())
+    writer.close()
+    reader.close()
+    unopened = RingReader.create(4096, shm_dir)
+    unopened.close()
+    assert not list(shm_dir.iterdir())
+
+
+def test_bad_rings_are_refused_with_the_reason(shm_dir: Path) -> None:
+    with pytest.raises(InvalidArgument, match="ring.name"):
+        RingWriter.open(shm_dir, "../../etc/passwd", 4096)
+    with pytest.raises(InvalidArgument, match="ring.capacity"):
+        RingWriter.open(shm_dir, "gristmill-ring-x", 0)
+    with pytest.raises(FailedPrecondition, match="another host") as missing:
+        RingWriter.open(shm_dir, "gristmill-ring-nothere", 4096)
+    assert missing.value.reason == shm.RING_UNAVAILABLE
+    with pytest.raises(FailedPrecondition, match="ingest.shm_dir"):
+        RingWriter.open(None, "gristmill-ring-x", 4096)
+    reader = RingReader.create(8192, shm_dir)
+    with pytest.raises(FailedPrecondition, match="the request says"):
+        RingWriter.open(shm_dir, reader.name, 4096)
+    reader.close()
+    (shm_dir / "gristmill-ring-fake").write_bytes(b"\0" * (4096 + 4096))
+    with pytest.raises(FailedPrecondition, match="not a gristmill ring"):
+        RingWriter.open(shm_dir, "gristmill-ring-fake", 4096)
+    (shm_dir / "gristmill-ring-fake").unlink()
+
+
+def test_a_ring_larger_than_shared_memory_is_a_clear_error(shm_dir: Path) -> None:
+    st = os.statvfs(shm_dir)
+    with pytest.raises(FailedPrecondition, match="bigger /dev/shm") as info:
+        RingReader.create(st.f_blocks * st.f_frsize + (1 << 30), shm_dir)
+    assert info.value.reason == shm.RING_UNAVAILABLE
+    assert not list(shm_dir.iterdir())
+
+
+def test_sweep_removes_rings_whose_creator_died_before_a_server_opened_them(
+        shm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code = ("import os, sys; from pathlib import Path; from gristmill.client.shm import "
+            "RingReader; r = RingReader.create(4096, Path(sys.argv[1])); print(r.name, "
+            "flush=True); os.kill(os.getpid(), 9)")
+    out = subprocess.run([sys.executable, "-c", code, str(shm_dir)], capture_output=True,
+                         text=True, timeout=60)
+    orphan = out.stdout.strip()
+    assert out.returncode == -9 and (shm_dir / orphan).exists()
+    alive = RingReader.create(4096, shm_dir)
+    assert shm.sweep(shm_dir) == 0  # too young to be judged
+    monkeypatch.setattr(shm, "STALE_AFTER", 0.0)
+    assert shm.sweep(shm_dir) == 1  # the dead one; the live one is locked
+    assert [p.name for p in shm_dir.iterdir()] == [alive.name]
+    alive.close()
