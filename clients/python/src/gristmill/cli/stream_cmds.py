@@ -44,7 +44,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         loader = Loader.from_folder(args.name, show_progress=not args.quiet, **common)
     else:
         loader = Loader(args.address, args.name, args.version, api_key=args.api_key,
-                        ca_file=args.ca_file, **common)
+                        ca_file=args.ca_file, shared_memory=args.shared_memory, **common)
     with loader:
         rank = loader.world.rank
         plan = loader.plan
@@ -70,8 +70,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
                 bar.update(1)
             bar.close()
         elapsed = time.perf_counter() - start
+        path = loader.pixel_path
     print(f"rank {rank}: {images} images in {elapsed:.2f} s = {images / elapsed:.1f} images/s, "
-          f"{sum(sizes.values())} batches, {errors} errors")
+          f"{sum(sizes.values())} batches, {errors} errors; pixels via {path}")
     print(f"rank {rank}: batches per bucket (WxH): "
           + ", ".join(f"{k} {v}" for k, v in sorted(sizes.items())))
     if args.contact_sheet:
@@ -117,6 +118,9 @@ def add_stream_commands(commands: argparse._SubParsersAction,  # type: ignore[ty
                    help="record every delivered sample here (check with `gristmill audit`)")
     p.add_argument("--contact-sheet", type=Path, default=None,
                    help="write the first batch as a PNG grid (needs Pillow)")
+    p.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="pixels through a /dev/shm ring (default: when the server is on "
+                   "this host)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any sample failed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

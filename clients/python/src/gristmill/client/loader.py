@@ -350,6 +350,7 @@ class Loader:
             raise
         self.spec = first.spec
         self.plan_id = first.plan_id
+        self._ring_bytes = self._ring_capacity()
         self._log: DeliveryLog | None = None
         if delivery_log is not None:
             self._log = DeliveryLog(delivery_log, self.world.rank, {
@@ -535,8 +536,13 @@ class Loader:
 
     # shared memory -----------------------------------------------------------
     def _ring_capacity(self) -> int:
-        """Room for RING_BATCHES batches of the largest bucket, companions included."""
-        area = max((b.bucket.width * b.bucket.height for b in self.plan.buckets), default=0)
+        """Room for RING_BATCHES batches of the largest bucket, companions included.
+
+        Every epoch of a plan has the same buckets, so any epoch's plan tells.
+        """
+        plan = self._planned
+        assert plan is not None
+        area = max((b.bucket.width * b.bucket.height for b in plan.buckets), default=0)
         channels = _CHANNELS.get(self.spec.transform.color, 4)
         per_sample = area * channels * (1 + len(self.spec.companions))
         size = RING_BATCHES * self.spec.batch_size * per_sample
@@ -547,7 +553,7 @@ class Loader:
         if not self._use_ring:
             return None
         try:
-            return RingReader.create(self._ring_capacity())
+            return RingReader.create(self._ring_bytes)
         except FailedPrecondition as e:
             if self._ring_refused(e):
                 return None
