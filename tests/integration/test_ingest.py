@@ -13,7 +13,7 @@ from PIL import Image
 from gristmill.client.delivery import audit
 from gristmill.client.errors import FailedPrecondition, InvalidArgument, NotFound
 from gristmill.client.hub import Hub
-from gristmill.client.loader import Loader
+from gristmill.client.loader import Batch, Loader
 from gristmill.decode import Decoder, SampleInput, Transform
 from gristmill.v1 import ingest_pb2, ingest_pb2_grpc
 from scripts.sample_data import make_sample_folder
@@ -211,6 +211,11 @@ def test_as_torch_needs_torch_or_says_how_to_get_it(fed: Running) -> None:
             with pytest.raises(ImportError, match="pip install torch"):
                 ld.as_torch()
             return
-        dataset = ld.as_torch()
-        assert len(list(dataset)) == len(ld)
+        from torch.utils.data import DataLoader
 
+        dataset = ld.as_torch()
+        batches = list(DataLoader(dataset, batch_size=None))
+        assert len(batches) == len(dataset) == len(ld)
+        assert all(isinstance(b, Batch) and b.images.shape[0] == 4 for b in batches)
+        with pytest.raises(RuntimeError, match="num_workers=0"):
+            list(DataLoader(dataset, batch_size=None, num_workers=1))

@@ -571,15 +571,27 @@ class Loader:
     def as_torch(self) -> IterableDataset[Batch]:
         """This loader as a ``torch.utils.data.IterableDataset`` (needs torch).
 
-        Use it with ``DataLoader(dataset, batch_size=None)``: batching is done here.
+        Use it with ``DataLoader(dataset, batch_size=None)``: batching, prefetch
+        and decoding are done already. DataLoader worker processes are refused:
+        each would stream the whole rank again.
         """
         try:
-            from torch.utils.data import IterableDataset
+            from torch.utils.data import IterableDataset, get_worker_info
         except ImportError as e:
             raise ImportError("as_torch() needs PyTorch: pip install torch") from e
         loader = self
+
+        def batches(_self: object) -> Iterator[Batch]:
+            if get_worker_info() is not None:
+                raise RuntimeError(
+                    "a gristmill Loader must not run in DataLoader worker processes: each "
+                    "worker would stream this rank's whole epoch again. Use "
+                    "DataLoader(dataset, batch_size=None, num_workers=0); the Loader "
+                    "prefetches on its own thread and the server decodes")
+            return iter(loader)
+
         dataset: IterableDataset[Batch] = type("GristmillBatches", (IterableDataset,), {
-            "__iter__": lambda _self: iter(loader),
+            "__iter__": batches,
             "__len__": lambda _self: len(loader),
         })()
         return dataset
