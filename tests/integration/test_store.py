@@ -364,3 +364,30 @@ def test_manifest_paging_and_prefix(hub: Hub, server: Running, tmp_path: Path) -
         hub.get_file_bytes("m", "../a/00.txt")
     with pytest.raises(DataLoss.__mro__[1]):  # any GristmillError
         hub.get_file_bytes("m", "absent.txt")
+
+
+def test_read_bytes_for_in_process_readers_equals_read_files(server: Running, hub: Hub,
+                                                            tmp_path: Path) -> None:
+    from gristmill.common.service import ServiceContext
+    from gristmill.store.service import open_store
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"a.bin": os.urandom(5_000_000), "b/c.bin": os.urandom(10), "empty.bin": b""}
+    for name, data in files.items():
+        (src / name).parent.mkdir(exist_ok=True)
+        (src / name).write_bytes(data)
+    hub.import_folder("rb", src)
+    store = open_store(ServiceContext(server.config))  # a second reader of the same data
+    try:
+        got = store.read_bytes("rb", "latest", [*files, "missing.bin"])
+        assert {k: v for k, v in got.items() if k in files} == files
+        assert isinstance(got["missing.bin"], NotFound)
+        blob = next(b for b in blob_files(server.config.data_dir) if b.stat().st_size == 10)
+        os.chmod(blob, 0o644)
+        blob.write_bytes(b"short")
+        assert isinstance(store.read_bytes("rb", "latest", ["b/c.bin"])["b/c.bin"], DataLoss)
+        with pytest.raises(InvalidArgument):
+            store.read_bytes("rb", "latest", ["../etc/passwd"])
+    finally:
+        store.close()

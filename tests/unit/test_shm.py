@@ -118,3 +118,15 @@ def test_sweep_removes_rings_whose_creator_died_before_a_server_opened_them(
     assert shm.sweep(shm_dir) == 1  # the dead one; the live one is locked
     assert [p.name for p in shm_dir.iterdir()] == [alive.name]
     alive.close()
+
+
+def test_a_private_ring_has_no_name_and_serves_a_writer_in_this_process(
+        shm_dir: Path) -> None:
+    reader = RingReader.private(4096)
+    writer = reader.local_writer()
+    assert reader.name == "" and not list(shm_dir.iterdir())
+    offset, length, release = writer.write([b"abc", bytes(range(10))], lambda: True)
+    assert reader.view(offset, length).tobytes() == b"abc" + bytes(range(10))
+    reader.release(release)
+    writer.close()
+    reader.close()

@@ -223,8 +223,13 @@ class Transport(Protocol):
     def plan(self, request: ingest_pb2.PlanEpochRequest) -> ingest_pb2.PlanEpochResponse:
         """PlanEpoch."""
 
-    def stream(self, request: ingest_pb2.StreamBatchesRequest) -> _Call:
-        """StreamBatches; ``cancel()`` on the result stops it."""
+    def stream(self, request: ingest_pb2.StreamBatchesRequest, ring: RingReader | None
+               ) -> _Call:
+        """StreamBatches; ``cancel()`` on the result stops it.
+
+        ``ring`` is the stream's ring: named in the request for a server, or
+        written directly by an in-process ingest.
+        """
 
     def close(self) -> None:
         """Release connections and threads."""
@@ -238,7 +243,8 @@ class _GrpcTransport:
     def plan(self, request: ingest_pb2.PlanEpochRequest) -> ingest_pb2.PlanEpochResponse:
         return call_rpc(self._stub.PlanEpoch, request)
 
-    def stream(self, request: ingest_pb2.StreamBatchesRequest) -> _Call:
+    def stream(self, request: ingest_pb2.StreamBatchesRequest, ring: RingReader | None
+               ) -> _Call:
         return _GrpcCall(self._stub.StreamBatches(request))
 
     def close(self) -> None:
@@ -323,8 +329,7 @@ class Loader:
         self.world = World.from_env(rank, world_size)
         self.prefetch = prefetch
         self.shared_memory = shared_memory
-        self._use_ring = shared_memory is not False and not isinstance(transport,
-                                                                       _LocalTransport)
+        self._use_ring = shared_memory is not False
         self.retry_timeout = retry_timeout
         self._transport = transport or _GrpcTransport(ConnectionOptions(
             address, api_key, Path(ca_file) if ca_file else None,
@@ -499,9 +504,9 @@ class Loader:
             ring: RingReader | None = None
             try:
                 ring = self._new_ring()
-                if ring is not None:
+                if ring is not None and ring.name:
                     request.ring.name, request.ring.capacity = ring.name, ring.capacity
-                call = self._transport.stream(request)
+                call = self._transport.stream(request, ring)
                 calls[:] = [call]
                 assembler = _Assembler(ring)
                 for msg in call:
@@ -553,6 +558,8 @@ class Loader:
         if not self._use_ring:
             return None
         try:
+            if isinstance(self._transport, _LocalTransport):  # in-process: a private ring
+                return RingReader.private(self._ring_bytes)
             return RingReader.create(self._ring_bytes)
         except FailedPrecondition as e:
             if self._ring_refused(e):
@@ -645,8 +652,10 @@ class _LocalTransport:
     def plan(self, request: ingest_pb2.PlanEpochRequest) -> ingest_pb2.PlanEpochResponse:
         return self._ingest.plan_epoch(request)  # type: ignore[no-any-return]
 
-    def stream(self, request: ingest_pb2.StreamBatchesRequest) -> _Call:
-        return _LocalCall(self._ingest.stream_batches(request))
+    def stream(self, request: ingest_pb2.StreamBatchesRequest, ring: RingReader | None
+               ) -> _Call:
+        writer = ring.local_writer() if ring is not None else None
+        return _LocalCall(self._ingest.stream_batches(request, ring=writer))
 
     def close(self) -> None:
         self._decoder.close()

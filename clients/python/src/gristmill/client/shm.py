@@ -133,18 +133,33 @@ class RingReader:
     Use :meth:`create`; :meth:`close` when the stream is over.
     """
 
-    def __init__(self, path: Path, fd: int, mapping: mmap.mmap, capacity: int) -> None:
+    def __init__(self, path: Path | None, fd: int, mapping: mmap.mmap, capacity: int) -> None:
         self.path = path
         self.capacity = capacity
         self._fd = fd
         self._mmap = mapping
         self._data: npt.NDArray[np.uint8] | None = np.frombuffer(mapping, np.uint8)[HEADER:]
-        self._named = True
+        self._named = path is not None
 
     @property
     def name(self) -> str:
-        """The file name the server opens."""
-        return self.path.name
+        """The file name the server opens ("" for a private ring)."""
+        return self.path.name if self.path is not None else ""
+
+    @classmethod
+    def private(cls, capacity: int) -> RingReader:
+        """A ring with no name, for a writer in this process (:meth:`local_writer`)."""
+        capacity = _aligned(max(capacity, ALIGN))
+        fd = os.memfd_create("gristmill-ring", os.MFD_CLOEXEC)
+        try:
+            return cls(None, fd, _map_new(fd, capacity, None), capacity)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def local_writer(self) -> RingWriter:
+        """A writer of this ring in this process (``Loader.from_folder``)."""
+        return RingWriter(mmap.mmap(self._fd, HEADER + self.capacity), self.capacity)
 
     @classmethod
     def create(cls, capacity: int, directory: Path | None = None) -> RingReader:
@@ -167,20 +182,7 @@ class RingReader:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # the server may run as another user of the same group (a sidecar)
             os.fchmod(fd, 0o660)
-            try:
-                os.posix_fallocate(fd, 0, HEADER + capacity)
-            except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EFBIG):
-                    raise
-                free = _free_bytes(directory)
-                raise unavailable(
-                    f"{directory} has {free / 2**20:.0f} MiB free, the ring needs "
-                    f"{(HEADER + capacity) / 2**20:.0f} MiB: give the pod a bigger /dev/shm "
-                    "(an emptyDir with medium: Memory and a sizeLimit) or use "
-                    "shared_memory=False") from e
-            mapping = mmap.mmap(fd, HEADER + capacity)
-            mapping[:len(MAGIC)] = MAGIC
-            struct.pack_into("<QQ", mapping, _CAPACITY_AT, capacity, 0)
+            mapping = _map_new(fd, capacity, directory)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -189,7 +191,7 @@ class RingReader:
 
     def attached(self) -> None:
         """The server has mapped the ring (its first message came): drop the name."""
-        if self._named:
+        if self._named and self.path is not None:
             self._named = False
             self.path.unlink(missing_ok=True)
 
@@ -283,8 +285,8 @@ class RingWriter:
     def _released(self) -> int:
         return int(struct.unpack_from("<Q", self._mmap, _READ_AT)[0])
 
-    def write(self, parts: Sequence[bytes], is_active: Callable[[], bool]
-              ) -> tuple[int, int, int]:
+    def write(self, parts: Sequence[bytes | npt.NDArray[np.uint8]],
+              is_active: Callable[[], bool]) -> tuple[int, int, int]:
         """Write ``parts`` as one record, waiting for space; (offset, length, release).
 
         Raises:
@@ -292,7 +294,9 @@ class RingWriter:
         """
         if self._data is None:
             raise RingClosed("the ring is closed")
-        length = sum(len(p) for p in parts)
+        flat = [p.reshape(-1) if isinstance(p, np.ndarray) else np.frombuffer(p, np.uint8)
+                for p in parts]
+        length = sum(p.size for p in flat)
         if not self.fits(length):
             raise ValueError(f"a record of {length} bytes does not fit a ring of "
                              f"{self.capacity}; check fits() first")
@@ -309,10 +313,9 @@ class RingWriter:
             time.sleep(delay)
             delay = min(delay * 2, 5e-3)
         at = offset
-        for part in parts:
-            n = len(part)
-            self._data[at:at + n] = np.frombuffer(part, np.uint8)
-            at += n
+        for part in flat:
+            self._data[at:at + part.size] = part
+            at += part.size
         self._written = end
         return offset, length, end
 
@@ -323,6 +326,26 @@ class RingWriter:
             self._mmap.close()
         except BufferError:
             pass
+
+
+def _map_new(fd: int, capacity: int, directory: Path | None) -> mmap.mmap:
+    """Reserve and map a new ring's memory and write its header (``directory`` None: private)."""
+    try:
+        os.posix_fallocate(fd, 0, HEADER + capacity)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            raise
+        need = f"{(HEADER + capacity) / 2**20:.0f} MiB"
+        if directory is None:
+            raise unavailable(f"no memory for a ring of {need}") from e
+        raise unavailable(
+            f"{directory} has {_free_bytes(directory) / 2**20:.0f} MiB free, the ring needs "
+            f"{need}: give the pod a bigger /dev/shm (an emptyDir with medium: Memory and a "
+            "sizeLimit) or use shared_memory=False") from e
+    mapping = mmap.mmap(fd, HEADER + capacity)
+    mapping[:len(MAGIC)] = MAGIC
+    struct.pack_into("<QQ", mapping, _CAPACITY_AT, capacity, 0)
+    return mapping
 
 
 def _free_bytes(directory: Path) -> int:

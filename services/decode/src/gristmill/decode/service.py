@@ -20,7 +20,7 @@ from gristmill.common.service import ServiceContext, ServiceSpec
 from gristmill.decode.errors import DecodeError, Reason
 from gristmill.decode.pipeline import DecodedImage
 from gristmill.decode.pool import Decoder, InflightLimit, SampleInput, SampleResult
-from gristmill.decode.sources import FileSource, remote_store, resolve_samples
+from gristmill.decode.sources import FileSource, HubFiles, remote_store, resolve_samples
 from gristmill.decode.transform import (
     Encoding,
     Transform,
@@ -206,7 +206,7 @@ def _build(ctx: ServiceContext, server: grpc.Server) -> None:
     if cfg.store_address:
         remote = remote_store(cfg.store_address, cfg.store_api_key, cfg.store_ca_file)
         ctx.resources.append(remote)
-        source = remote
+        source = HubFiles(remote)
     decode_pb2_grpc.add_DecodeServiceServicer_to_server(
         DecodeServicer(decoder, source, cfg.max_inflight_samples), server)
 

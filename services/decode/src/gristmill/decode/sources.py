@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -13,7 +14,7 @@ from gristmill.decode.errors import DecodeError, Reason
 from gristmill.decode.pool import SampleInput
 from gristmill.v1 import decode_pb2, store_pb2
 
-__all__ = ["FileSource", "assemble", "read_refs", "remote_store", "resolve_samples"]
+__all__ = ["FileSource", "HubFiles", "assemble", "read_refs", "remote_store", "resolve_samples"]
 
 #: Paths per ReadFiles call (the store's own limit is larger).
 PATHS_PER_CALL = 1000
@@ -22,9 +23,25 @@ PATHS_PER_CALL = 1000
 class FileSource(Protocol):
     """Something that reads store files: the in-process Store or a remote one."""
 
-    def read_files(self, dataset: str, version: str, paths: list[str]
-                   ) -> Iterable[store_pb2.ReadFilesResponse]:
-        """ReadFiles responses for ``paths`` of a dataset version."""
+    def read_bytes(self, dataset: str, version: str, paths: list[str]
+                   ) -> dict[str, bytes | GristmillError]:
+        """Each of ``paths`` of a dataset version whole, or its error.
+
+        Raises:
+            Unavailable: the store cannot be reached (retry the whole call).
+        """
+
+
+@dataclass
+class HubFiles:
+    """Files of a store service reached through a :class:`Hub` (ReadFiles, joined)."""
+
+    hub: Hub
+
+    def read_bytes(self, dataset: str, version: str, paths: list[str]
+                   ) -> dict[str, bytes | GristmillError]:
+        """See :class:`FileSource`."""
+        return assemble(self.hub.read_files(dataset, version, paths))
 
 
 def remote_store(address: str, api_key: str | None, ca_file: Path | None) -> Hub:
@@ -64,7 +81,7 @@ def read_refs(source: FileSource | None, refs: list[decode_pb2.StoreRef]
                 if source is None:
                     raise GristmillError("this server has no store to read references from; "
                                          "send the bytes inline or set decode.store_address")
-                got = assemble(source.read_files(dataset, version, chunk))
+                got = source.read_bytes(dataset, version, chunk)
             except Unavailable:
                 raise  # the store is down: fail the call so the client retries
             except GristmillError as e:

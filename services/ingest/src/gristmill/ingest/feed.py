@@ -22,7 +22,7 @@ from gristmill.client.shm import RingWriter
 from gristmill.common import metrics
 from gristmill.decode.service import bucket_message
 from gristmill.ingest.samples import Samples, SpecInfo, sample_seed
-from gristmill.ingest.sources import DecodeBackend, Waiter
+from gristmill.ingest.sources import DecodeBackend, Decoded, Plane, Waiter
 from gristmill.v1 import decode_pb2, ingest_pb2
 
 __all__ = ["BatchFeed", "DecodedBatch", "batch_messages"]
@@ -36,7 +36,7 @@ class DecodedBatch:
     planned: PlannedBatch
     bucket: Bucket
     ids: list[str]
-    results: list[decode_pb2.DecodeResult]
+    results: list[Decoded]
 
 
 @dataclass
@@ -51,7 +51,7 @@ def _expand(wait: Waiter, unique: list[int], planned: PlannedBatch) -> Waiter:
     if len(unique) == len(planned.samples):
         return wait
 
-    def expanded() -> list[decode_pb2.DecodeResult]:
+    def expanded() -> list[Decoded]:
         by_index = dict(zip(unique, wait(), strict=True))
         return [by_index[i] for i in planned.samples]
     return expanded
@@ -140,7 +140,7 @@ class BatchFeed:
 
 
 def _add_sample(msg: ingest_pb2.StreamBatchesResponse, batch: DecodedBatch, k: int,
-                inline: bool) -> list[bytes]:
+                inline: bool) -> list[Plane]:
     """Add sample ``k`` to ``msg``; its pixels, then its companions' (none for an error).
 
     With ``inline`` False the companions go into ``msg`` as shapes only:
@@ -148,29 +148,24 @@ def _add_sample(msg: ingest_pb2.StreamBatchesResponse, batch: DecodedBatch, k: i
     """
     result = batch.results[k]
     sample = msg.samples.add(id=batch.ids[k], fresh=k < batch.planned.fresh)
-    if result.HasField("error"):
+    if result.error is not None:
         sample.error.CopyFrom(result.error)
         metrics.INGEST_SAMPLES.labels("error").inc()
         return []
-    image = result.sample.image
-    msg.channels = image.channels
+    assert result.image is not None
+    msg.channels = result.image.shape[2]
     metrics.INGEST_SAMPLES.labels("ok" if sample.fresh else "repeat").inc()
-    parts = [image.data]  # one copy out of the message
-    if inline:
-        sample.companions.extend(result.sample.companions)
-    else:
-        for c in result.sample.companions:
-            sample.companions.add(width=c.width, height=c.height, channels=c.channels,
-                                  encoding=c.encoding)
-            parts.append(c.data)
-    return parts
+    for c in result.companions:
+        h, w, ch = c.shape
+        sample.companions.add(width=w, height=h, channels=ch, encoding=decode_pb2.ENCODING_RAW,
+                              data=c.tobytes() if inline else b"")
+    return [result.image] if inline else [result.image, *result.companions]
 
 
-def _raw_bytes(result: decode_pb2.DecodeResult) -> int:
-    if result.HasField("error"):
+def _raw_bytes(result: Decoded) -> int:
+    if result.image is None:
         return 0
-    images = [result.sample.image, *result.sample.companions]
-    return sum(i.width * i.height * i.channels for i in images)
+    return result.image.nbytes + sum(c.nbytes for c in result.companions)
 
 
 def _ring_message(batch: DecodedBatch, ring: RingWriter, is_active: Callable[[], bool]
@@ -183,8 +178,8 @@ def _ring_message(batch: DecodedBatch, ring: RingWriter, is_active: Callable[[],
         cursor=ingest_pb2.Cursor(epoch=batch.cursor.epoch, position=batch.cursor.position),
         bucket=bucket_message(batch.bucket), batch_size=n, offset=0,
         next=ingest_pb2.Cursor(epoch=batch.cursor.epoch, position=batch.cursor.position + 1))
-    images: list[bytes] = []
-    companions: list[bytes] = []
+    images: list[Plane] = []
+    companions: list[Plane] = []
     for k in range(n):
         parts = _add_sample(msg, batch, k, inline=False)
         images.extend(parts[:1])
@@ -221,15 +216,15 @@ def batch_messages(batch: DecodedBatch, chunk_bytes: int, ring: RingWriter | Non
     while True:
         msg = ingest_pb2.StreamBatchesResponse(cursor=cursor, bucket=bucket, batch_size=n,
                                                offset=offset)
-        pixels: list[bytes] = []
+        pixels: list[Plane] = []
         size = 0
         k = offset
         while k < n and (size < chunk_bytes or k == offset):
             parts = _add_sample(msg, batch, k, inline=True)
             pixels.extend(parts)
-            size += sum(len(p) for p in parts)
+            size += sum(p.nbytes for p in parts)
             k += 1
-        msg.pixels = b"".join(pixels)
+        msg.pixels = b"".join([p.data for p in pixels])
         if k >= n:
             msg.next.CopyFrom(ingest_pb2.Cursor(epoch=cursor.epoch, position=cursor.position + 1))
         metrics.INGEST_BYTES_OUT.labels("grpc").inc(size)

@@ -12,12 +12,12 @@ import hashlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from gristmill.client.errors import NotFound
+from gristmill.client.errors import GristmillError, NotFound
 from gristmill.client.progress import progress
 from gristmill.common.config import IngestConfig
 from gristmill.decode.pool import Decoder
@@ -89,19 +89,17 @@ class FolderStore:
         """The files found when the folder was scanned."""
         return self.entries
 
-    def read_files(self, dataset: str, version: str, paths: list[str]
-                   ) -> Iterator[store_pb2.ReadFilesResponse]:
-        """Each file in one piece, or a per-file error."""
-        resp = store_pb2.ReadFilesResponse()
+    def read_bytes(self, dataset: str, version: str, paths: list[str]
+                   ) -> dict[str, bytes | GristmillError]:
+        """Each file's bytes, or the error reading it."""
+        out: dict[str, bytes | GristmillError] = {}
         for rel in paths:
-            piece = resp.files.add(path=rel, eof=True)
             try:
-                piece.data = (self.root / rel).read_bytes()
+                out[rel] = (self.root / rel).read_bytes()
             except OSError as e:
-                piece.error.code = 5  # NOT_FOUND
-                piece.error.reason = "FILE_NOT_FOUND"
-                piece.error.message = f"cannot read {self.root / rel}: {e.strerror}"
-        yield resp
+                out[rel] = NotFound(f"cannot read {self.root / rel}: {e.strerror}",
+                                    reason="FILE_NOT_FOUND")
+        return out
 
 
 def folder_ingest(root: Path | str, *, workers: int = 0, prefetch_batches: int = 4,

@@ -132,9 +132,14 @@ class Ingest:
                      for i, n in sorted(per_bucket.items())])
 
     def stream_batches(self, request: ingest_pb2.StreamBatchesRequest,
-                       is_active: Callable[[], bool] = lambda: True
+                       is_active: Callable[[], bool] = lambda: True,
+                       ring: RingWriter | None = None,
                        ) -> Iterator[ingest_pb2.StreamBatchesResponse]:
-        """See the StreamBatches RPC; stops early when ``is_active`` turns false."""
+        """See the StreamBatches RPC; stops early when ``is_active`` turns false.
+
+        ``ring`` is a ring of this process's caller (``Loader.from_folder``),
+        used instead of one the request names; it is closed at the end.
+        """
         spec = request.spec
         info = check_spec(spec)
         if spec.version in ("", LATEST):
@@ -155,8 +160,9 @@ class Ingest:
         if request.max_batches:
             stop = min(stop, start + request.max_batches)
         chunk = request.chunk_bytes or self.config.chunk_bytes
-        ring = (RingWriter.open(self.config.shm_dir, request.ring.name, request.ring.capacity)
-                if request.HasField("ring") else None)
+        if ring is None and request.HasField("ring"):
+            ring = RingWriter.open(self.config.shm_dir, request.ring.name,
+                                   request.ring.capacity)
         try:
             feed = BatchFeed(spec=spec, info=info, samples=samples, plan=plan,
                              rank=request.rank, start=start, stop=stop, decode=self.decode(),

@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 
 from gristmill.client.channel import ConnectionOptions, open_channel
 from gristmill.client.errors import FailedPrecondition, GristmillError, from_rpc_error
 from gristmill.client.hub import LATEST, Hub
 from gristmill.decode.errors import DecodeError
+from gristmill.decode.pipeline import DecodedSample
 from gristmill.decode.pool import Decoder
 from gristmill.decode.service import result_message
-from gristmill.decode.sources import FileSource, remote_store, resolve_samples
+from gristmill.decode.sources import FileSource, HubFiles, remote_store, resolve_samples
 from gristmill.decode.transform import transform_from_proto
 from gristmill.v1 import decode_pb2, decode_pb2_grpc, store_pb2
 
 __all__ = [
     "DecodeBackend",
+    "Decoded",
     "LocalDecode",
     "LocalStore",
     "RemoteDecode",
@@ -34,8 +38,45 @@ __all__ = [
 
 #: Encoded bytes per Decode request (well under the 64 MiB message limit).
 REQUEST_BYTES = 16 * 1024 * 1024
+Plane = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One sample's decode outcome as the feed sends it: an error, or raw pixel planes.
+
+    Planes are C-contiguous ``[H, W, C]`` uint8 arrays: local results are the
+    decoder's own arrays, remote ones views of the response bytes, so the
+    feed copies pixels once, into the message or the ring.
+    """
+
+    error: decode_pb2.SampleError | None
+    image: Plane | None = None
+    companions: tuple[Plane, ...] = ()
+
+    @classmethod
+    def local(cls, sample_id: str, result: DecodedSample | DecodeError) -> Decoded:
+        """From the decoder of this process."""
+        if isinstance(result, DecodeError):
+            return cls(result_message(sample_id, result).error)
+        return cls(None, result.image.pixels, tuple(c.pixels for c in result.companions))
+
+    @classmethod
+    def remote(cls, result: decode_pb2.DecodeResult) -> Decoded:
+        """From a decode service's result (raw encoding)."""
+        if result.HasField("error"):
+            return cls(result.error)
+        return cls(None, _plane(result.sample.image),
+                   tuple(_plane(c) for c in result.sample.companions))
+
+
+def _plane(image: decode_pb2.DecodedImage) -> Plane:
+    data = image.data  # one copy out of the message
+    return np.frombuffer(data, np.uint8).reshape(image.height, image.width, image.channels)
+
+
 #: Blocks until a batch's results are ready, then returns them in order.
-Waiter = Callable[[], list[decode_pb2.DecodeResult]]
+Waiter = Callable[[], list[Decoded]]
 
 
 def no_committed_version(dataset: str) -> FailedPrecondition:
@@ -76,10 +117,10 @@ class LocalStore:
         """See :class:`StoreAccess`."""
         return self.store.list_manifest(dataset, version, None, -1)[1]  # type: ignore[no-any-return]
 
-    def read_files(self, dataset: str, version: str, paths: list[str]
-                   ) -> Iterable[store_pb2.ReadFilesResponse]:
-        """See :class:`FileSource`."""
-        return self.store.read_files(dataset, version, paths)  # type: ignore[no-any-return]
+    def read_bytes(self, dataset: str, version: str, paths: list[str]
+                   ) -> dict[str, bytes | GristmillError]:
+        """See :class:`~gristmill.decode.sources.ByteSource`."""
+        return self.store.read_bytes(dataset, version, paths)  # type: ignore[no-any-return]
 
 
 class RemoteStoreAccess:
@@ -102,10 +143,10 @@ class RemoteStoreAccess:
         """See :class:`StoreAccess`."""
         return list(self.hub.get_manifest(dataset, version).files)
 
-    def read_files(self, dataset: str, version: str, paths: list[str]
-                   ) -> Iterator[store_pb2.ReadFilesResponse]:
+    def read_bytes(self, dataset: str, version: str, paths: list[str]
+                   ) -> dict[str, bytes | GristmillError]:
         """See :class:`FileSource`."""
-        return self.hub.read_files(dataset, version, paths)
+        return HubFiles(self.hub).read_bytes(dataset, version, paths)
 
     def close(self) -> None:
         """Close the channel."""
@@ -113,7 +154,7 @@ class RemoteStoreAccess:
 
 
 class DecodeBackend(Protocol):
-    """Decodes batches for one stream; results come back as DecodeResult messages."""
+    """Decodes batches for one stream; results come back as :class:`Decoded`."""
 
     def submit(self, samples: Sequence[decode_pb2.DecodeSample],
                transform: decode_pb2.Transform) -> Waiter:
@@ -138,8 +179,8 @@ class LocalDecode:
         futures: list[Future[Any] | DecodeError] = [
             s if isinstance(s, DecodeError) else self.decoder.submit(s, t) for s in inputs]
 
-        def wait() -> list[decode_pb2.DecodeResult]:
-            return [result_message(s.id, f if isinstance(f, DecodeError) else f.result())
+        def wait() -> list[Decoded]:
+            return [Decoded.local(s.id, f if isinstance(f, DecodeError) else f.result())
                     for s, f in zip(samples, futures, strict=True)]
         return wait
 
@@ -196,10 +237,10 @@ class RemoteDecode:
         if request.samples:
             futures.append(self._send(request))
 
-        def wait() -> list[decode_pb2.DecodeResult]:
+        def wait() -> list[Decoded]:
             decoded = (r for f in futures for r in f.result().results)
-            return [result_message(samples[i].id, s) if isinstance(s, DecodeError)
-                    else next(decoded) for i, s in enumerate(inputs)]
+            return [Decoded.local(samples[i].id, s) if isinstance(s, DecodeError)
+                    else Decoded.remote(next(decoded)) for i, s in enumerate(inputs)]
         return wait
 
     def _send(self, request: decode_pb2.DecodeRequest) -> Future[decode_pb2.DecodeResponse]:
