@@ -122,7 +122,8 @@ def main() -> int:
             for line in text.splitlines():
                 if line.startswith(("gristmill_rpc_requests_total{", "gristmill_store_bytes_",
                                     "gristmill_decode_samples_total",
-                                    "gristmill_ingest_samples_total")) \
+                                    "gristmill_ingest_samples_total",
+                                    "gristmill_ingest_bytes_out_total")) \
                         and "_created" not in line:
                     print("  " + line)
         finally:
