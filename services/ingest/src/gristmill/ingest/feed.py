@@ -196,7 +196,8 @@ def batch_messages(batch: DecodedBatch, chunk_bytes: int, ring: RingWriter | Non
                    ) -> Iterator[ingest_pb2.StreamBatchesResponse]:
     """Cut a decoded batch into messages of about ``chunk_bytes`` of pixels each.
 
-    A sample is never split. The last message carries the next batch's cursor.
+    Companions count towards the size; a sample is never split. The last
+    message carries the next batch's cursor.
     With a ``ring`` the batch is one message whose pixels are written to the
     ring (unless they cannot fit it; then they go inline).
 
@@ -220,9 +221,8 @@ def batch_messages(batch: DecodedBatch, chunk_bytes: int, ring: RingWriter | Non
         size = 0
         k = offset
         while k < n and (size < chunk_bytes or k == offset):
-            parts = _add_sample(msg, batch, k, inline=True)
-            pixels.extend(parts)
-            size += sum(p.nbytes for p in parts)
+            pixels.extend(_add_sample(msg, batch, k, inline=True))
+            size += _raw_bytes(batch.results[k])  # companions included
             k += 1
         msg.pixels = b"".join([p.data for p in pixels])
         if k >= n:
