@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gristmill.client.channel import DEFAULT_MAX_MESSAGE_BYTES, ConnectionOptions, open_channel
+from gristmill.client.decoding import to_array
 from gristmill.client.delivery import DeliveryLog
 from gristmill.client.errors import (
     FailedPrecondition,
@@ -106,11 +107,6 @@ class Batch:
     def companion(self, k: int) -> Images:
         """The ``k``-th companion of every row stacked as ``[B, H, W, C]``."""
         return np.stack([c[k] if c[k].ndim == 3 else c[k][..., None] for c in self.companions])
-
-
-def _plane(image: decode_pb2.DecodedImage) -> Images:
-    data = image.data
-    return np.frombuffer(data, np.uint8).reshape(image.height, image.width, image.channels)
 
 
 class _Assembler:
@@ -196,7 +192,7 @@ class _Assembler:
                     used += size
                 self._companions.append(tuple(planes))
             else:
-                self._companions.append(tuple(_plane(c) for c in s.companions))
+                self._companions.append(tuple(to_array(c) for c in s.companions))
             self._annotations.append(s.annotations)
         if in_ring:
             assert self._ring is not None

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gristmill.client.channel import ConnectionOptions, open_channel
+from gristmill.client.decoding import to_array
 from gristmill.client.errors import FailedPrecondition, GristmillError, from_rpc_error
 from gristmill.client.hub import LATEST, Hub
 from gristmill.decode.errors import DecodeError
@@ -66,13 +67,8 @@ class Decoded:
         """From a decode service's result (raw encoding)."""
         if result.HasField("error"):
             return cls(result.error)
-        return cls(None, _plane(result.sample.image),
-                   tuple(_plane(c) for c in result.sample.companions))
-
-
-def _plane(image: decode_pb2.DecodedImage) -> Plane:
-    data = image.data  # one copy out of the message
-    return np.frombuffer(data, np.uint8).reshape(image.height, image.width, image.channels)
+        return cls(None, to_array(result.sample.image),
+                   tuple(to_array(c) for c in result.sample.companions))
 
 
 #: Blocks until a batch's results are ready, then returns them in order.
