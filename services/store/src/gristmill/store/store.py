@@ -317,16 +317,14 @@ class Store:
         For readers in this process (the decode and ingest services), which
         would otherwise copy every file into a ReadFilesResponse and out again.
         """
-        for i, p in enumerate(paths):
-            validate_path(p, f"paths[{i}]")
+        _check_paths(paths)
         resolved = self.resolve(dataset, version)
         found = self.catalog.lookup(dataset, resolved, paths)
         out: dict[str, bytes | GristmillError] = {}
         for path in paths:
             entry = found.get(path)
             if entry is None:
-                out[path] = NotFound(f"file {path!r} is not in dataset {dataset!r} "
-                                     f"({resolved})", reason="FILE_NOT_FOUND")
+                out[path] = _not_in_version(path, dataset, resolved)
                 continue
             try:
                 data = self.blobs.read(entry.sha256, 0, entry.size)
@@ -334,9 +332,7 @@ class Store:
                 out[path] = e
                 continue
             if len(data) != entry.size:
-                out[path] = DataLoss(f"stored blob for {path!r} is shorter than its recorded "
-                                     f"size {entry.size}; re-upload the file",
-                                     reason="BLOB_CORRUPT")
+                out[path] = _short_blob(path, entry.size)
                 continue
             metrics.STORE_BYTES_READ.inc(len(data))
             out[path] = data
@@ -350,13 +346,7 @@ class Store:
         Pieces are added to the response in place: copying a built FileData
         into a response would copy its bytes once more on the hot path.
         """
-        if not paths:
-            raise InvalidArgument("paths", "no paths given; name at least one file")
-        if len(paths) > MAX_PATHS_PER_CALL:
-            raise InvalidArgument("paths", f"at most {MAX_PATHS_PER_CALL} paths per call; split "
-                                  "the request")
-        for i, p in enumerate(paths):
-            validate_path(p, f"paths[{i}]")
+        _check_paths(paths)
         if offset < 0 or length < 0:
             raise InvalidArgument("offset" if offset < 0 else "length", "must not be negative")
         if (offset > 0 or length > 0) and len(paths) != 1:
@@ -372,9 +362,8 @@ class Store:
         for path in paths:
             entry = found.get(path)
             if entry is None:
-                err = NotFound(f"file {path!r} is not in dataset {dataset!r} ({resolved})",
-                               reason="FILE_NOT_FOUND")
-                resp.files.add(path=path).error.CopyFrom(item_error(err))
+                resp.files.add(path=path).error.CopyFrom(
+                    item_error(_not_in_version(path, dataset, resolved)))
                 continue
             start = min(offset, entry.size)
             end = entry.size if not length else min(entry.size, start + length)
@@ -393,9 +382,7 @@ class Store:
                     n = end - pos if end - pos <= room else min(self.read_chunk_bytes, room)
                     data = self.blobs.read(entry.sha256, pos, n)
                     if len(data) != n:
-                        raise DataLoss(f"stored blob for {path!r} is shorter than its recorded "
-                                       f"size {entry.size}; re-upload the file",
-                                       reason="BLOB_CORRUPT")
+                        raise _short_blob(path, entry.size)
                     resp.files.add(path=path, sha256=entry.sha256, size=entry.size, offset=pos,
                                    data=data, eof=pos + n >= end)
                     used += n
@@ -410,3 +397,24 @@ class Store:
         if len(resp.files):
             yield resp
 
+
+
+def _check_paths(paths: list[str]) -> None:
+    """A read names 1 to MAX_PATHS_PER_CALL valid paths."""
+    if not paths:
+        raise InvalidArgument("paths", "no paths given; name at least one file")
+    if len(paths) > MAX_PATHS_PER_CALL:
+        raise InvalidArgument("paths", f"at most {MAX_PATHS_PER_CALL} paths per call; split "
+                              "the request")
+    for i, p in enumerate(paths):
+        validate_path(p, f"paths[{i}]")
+
+
+def _not_in_version(path: str, dataset: str, version: str) -> NotFound:
+    return NotFound(f"file {path!r} is not in dataset {dataset!r} ({version})",
+                    reason="FILE_NOT_FOUND")
+
+
+def _short_blob(path: str, size: int) -> DataLoss:
+    return DataLoss(f"stored blob for {path!r} is shorter than its recorded size {size}; "
+                    "re-upload the file", reason="BLOB_CORRUPT")
