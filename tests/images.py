@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -116,3 +117,23 @@ def huge_jpeg_header(width: int = 60000, height: int = 60000) -> bytes:
     i = data.index(b"\xff\xc0")
     data[i + 5:i + 9] = struct.pack(">HH", height, width)
     return bytes(data)
+
+
+@functools.lru_cache(maxsize=4)
+def png_bomb(width: int = 20000, height: int = 20000, color_type: int = 0) -> bytes:
+    """A valid PNG of all-zero pixels, compressed with zlib (no Pillow, no pixel array).
+
+    20000 x 20000 grey is 400 MB of pixels in 389 KB; colour type 2 (RGB) is
+    1.2 GB in 1.2 MB. Made row block by row block, so making it costs little memory.
+    """
+    channels = {0: 1, 2: 3, 6: 4}[color_type]
+    row = b"\x00" * (1 + width * channels)  # filter byte 0, then the samples
+    rows_per_block = max(1, (4 << 20) // len(row))
+    compressor = zlib.compressobj(9)
+    parts = []
+    for start in range(0, height, rows_per_block):
+        parts.append(compressor.compress(row * min(rows_per_block, height - start)))
+    parts.append(compressor.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"".join(parts))
+            + _chunk(b"IEND", b""))

@@ -11,13 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from gristmill.client.errors import GristmillError, NotFound
+from gristmill.client.imageinfo import read_header
 from gristmill.client.progress import progress
 from gristmill.common.config import IngestConfig
 from gristmill.decode.pool import Decoder
@@ -31,26 +29,21 @@ log = logging.getLogger(__name__)
 
 #: Extensions taken as images when scanning a folder.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff"}
-_ORIENTATION = 0x0112
 
 
 def _header(path: Path) -> store_pb2.ImageInfo | None:
-    """Displayed size from the header only (EXIF 5-8 swap the sides); None if unreadable."""
+    """Displayed size from the header only (EXIF 5-8 swap the sides); None if unreadable.
+
+    The same reader as the store's manifests (a few KiB per file, no pixels).
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as im:
-                w, h = im.size
-                try:
-                    orientation = int(im.getexif().get(_ORIENTATION, 0) or 0)
-                except Exception:  # noqa: BLE001 - broken EXIF: assume upright
-                    orientation = 0
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-            Image.DecompressionBombError):
+        header = read_header(path)
+    except OSError:
         return None
-    if orientation in (5, 6, 7, 8):
-        w, h = h, w
-    return store_pb2.ImageInfo(width=w, height=h, orientation=orientation)
+    if header is None:
+        return None
+    return store_pb2.ImageInfo(width=header.width, height=header.height, format=header.format,
+                               orientation=header.orientation)
 
 
 class FolderStore:
@@ -107,6 +100,10 @@ def folder_ingest(root: Path | str, *, workers: int = 0, prefetch_batches: int =
     """An in-process ingest over a folder, and its decoder (close it when done)."""
     store = FolderStore(root, show_progress)
     decoder = Decoder(workers or os.cpu_count() or 1)
-    config = IngestConfig(prefetch_batches=prefetch_batches)
+    # the caller's own memory, in its own process: bounded by prefetch_batches alone
+    unbounded = 1 << 62
+    config = IngestConfig(prefetch_batches=prefetch_batches, stream_prefetch_bytes=unbounded,
+                          server_prefetch_bytes=unbounded)
     local = LocalDecode(decoder, store)
-    return Ingest(Planner(store, config), lambda: local, config), decoder
+    return Ingest(Planner(store, config), lambda: local, config,
+                  max_pixels=decoder.max_pixels), decoder

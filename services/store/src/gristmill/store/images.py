@@ -3,44 +3,28 @@
 from __future__ import annotations
 
 import mimetypes
-import warnings
-from typing import BinaryIO
 
-from PIL import Image, UnidentifiedImageError
-
+from gristmill.client.imageinfo import ReadAt, read_header_at
 from gristmill.v1 import store_pb2
 
 __all__ = ["sniff"]
 
-_EXIF_ORIENTATION = 0x0112
 _OCTET = "application/octet-stream"
 
 
-def sniff(path: str, reader: BinaryIO) -> tuple[str, store_pb2.ImageInfo | None]:
-    """Media type and, for images Pillow recognises, size/format/orientation.
+def sniff(path: str, read_at: ReadAt) -> tuple[str, store_pb2.ImageInfo | None]:
+    """Media type and, for images, displayed size, format and orientation.
 
-    Width and height are as displayed: EXIF orientations 5-8 (rotated by 90
-    degrees) swap them, so aspect-ratio buckets are computed right.
+    Reads only the header through ``read_at(offset, length)``: a few KiB, at
+    most :data:`gristmill.client.imageinfo.MAX_READ_BYTES` more, whatever
+    size the header declares. Width and height are as displayed: EXIF
+    orientations 5-8 (rotated by 90 degrees) swap them, so aspect-ratio
+    buckets are computed right. Files that are not images of a known format
+    get the media type their name suggests and no image facts.
     """
-    guessed = mimetypes.guess_type(path)[0] or _OCTET
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(reader) as im:  # reads the header only
-                width, height = im.size
-                fmt = im.format or ""
-                orientation = 0
-                try:
-                    orientation = int(im.getexif().get(_EXIF_ORIENTATION, 0) or 0)
-                except Exception:  # noqa: BLE001 - broken EXIF is not fatal here
-                    orientation = 0
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return guessed, None
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
-    media_type = Image.MIME.get(fmt, guessed)
-    return media_type, store_pb2.ImageInfo(width=width, height=height, format=fmt,
-                                           orientation=orientation)
-
-
-Image.MAX_IMAGE_PIXELS = None  # we never decode here; the decode service has the limit
+    header = read_header_at(read_at)
+    if header is None:
+        return mimetypes.guess_type(path)[0] or _OCTET, None
+    return header.media_type, store_pb2.ImageInfo(width=header.width, height=header.height,
+                                                  format=header.format,
+                                                  orientation=header.orientation)
