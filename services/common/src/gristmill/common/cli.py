@@ -1,8 +1,9 @@
-"""Server commands of the ``gristmill`` CLI: ``serve`` and ``keys``."""
+"""Server commands of the ``gristmill`` CLI: ``serve``, ``keys`` (and the store's ``store``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.no_metrics:
         config = config.model_copy(update={"metrics_port": None})
     setup_logging(config.log_level)
+    os.umask(0o077)  # whatever a service creates in the data directory is the server's alone
     try:
         return serve(config, ready_file=args.ready_file)
     except (ConfigError, OSError) as e:
@@ -43,6 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _keys_store(args: argparse.Namespace) -> KeyStore:
+    os.umask(0o077)
     try:
         config = load_config(args.config, overrides={"data_dir": args.data})
     except ConfigError as e:
@@ -116,3 +119,9 @@ def register(commands: Any) -> None:
     p = kc.add_parser("revoke", parents=[common], help="revoke a key by id")
     p.add_argument("key_id")
     p.set_defaults(handler=_keys_revoke)
+
+    try:  # the store's maintenance commands, where the store service is installed
+        from gristmill.store.admin import register as register_store_commands
+    except ImportError:
+        return
+    register_store_commands(commands)

@@ -7,16 +7,28 @@ same interface on RADOS objects.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import shutil
+import re
+import stat
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from gristmill.client.errors import DataLoss, FailedPrecondition, InvalidArgument
+from gristmill.client.errors import DataLoss, FailedPrecondition, GristmillError, InvalidArgument
+from gristmill.store.disk import (
+    DIR_MODE,
+    FILE_MODE,
+    disk_full,
+    is_disk_full,
+    private_dir,
+    storage_error,
+)
 
-__all__ = ["BlobStore", "BlobWriter", "FsBlobStore"]
+__all__ = ["BlobStore", "BlobWriter", "FsBlobStore", "StoredBlob"]
 
 
 class BlobWriter(Protocol):
@@ -29,21 +41,30 @@ class BlobWriter(Protocol):
     def write(self, data: bytes) -> None:
         """Append bytes."""
 
+    def hexdigest(self) -> str:
+        """The sha256 of the bytes written so far."""
+
     def finish(self, expected_sha256: str = "", expected_size: int = -1) -> tuple[str, bool]:
         """Check and store; returns (sha256, created). Nothing is stored on failure."""
 
     def abort(self) -> None:
-        """Discard what was written."""
+        """Discard what was written (safe to call more than once)."""
 
 
 class BlobStore(Protocol):
     """Immutable content-addressed blobs."""
 
-    def writer(self) -> BlobWriter:
-        """A writer for a new blob."""
+    def writer(self, expected_sha256: str = "", *, stage: bool = True) -> BlobWriter:
+        """A writer for a new blob; ``stage=False`` only hashes (the blob is stored already)."""
 
     def exists(self, sha256: str) -> bool:
         """Whether the blob is stored."""
+
+    def touch(self, sha256: str) -> None:
+        """Mark the blob as just used, so that a collector's grace period protects it."""
+
+    def stat(self, sha256: str) -> StoredBlob | None:
+        """Size and mtime of a stored blob, or None."""
 
     def size(self, sha256: str) -> int:
         """Stored size in bytes (FailedPrecondition if missing)."""
@@ -57,17 +78,53 @@ class BlobStore(Protocol):
     def delete(self, sha256: str) -> int:
         """Remove the blob; returns the bytes freed (0 if it was absent)."""
 
+    def stored_blobs(self, fix_modes: bool = False) -> Iterator[StoredBlob]:
+        """Every stored blob, for garbage collection."""
+
+    def remove_temporaries(self, older_than: float, dry_run: bool = False) -> tuple[int, int]:
+        """Remove staging files not written since ``older_than`` (epoch seconds).
+
+        Writers open in this process keep theirs. Returns (files, bytes).
+        """
+
     def close(self) -> None:
         """Release resources."""
 
 
+@dataclass(frozen=True)
+class StoredBlob:
+    """A blob found on the backend: its hash, size and last write or use (epoch seconds)."""
+
+    sha256: str
+    size: int
+    mtime: float
+
+
 class _FsWriter:
-    def __init__(self, store: FsBlobStore) -> None:
+    """Stages one blob in ``tmp/`` (0600), then fsyncs and renames it into place.
+
+    When the volume fills up, the writer drops what it staged and goes on
+    hashing: if the bytes turn out to be a blob that is stored already, the
+    upload still succeeds (deduplication needs no space); otherwise it ends
+    with a DISK_FULL error. With ``stage=False`` it only hashes from the start.
+    """
+
+    def __init__(self, store: FsBlobStore, expected_sha256: str = "", stage: bool = True
+                 ) -> None:
         self._store = store
+        self._expected = expected_sha256
         self._tmp = store.tmp_dir / f"{uuid.uuid4().hex}.part"
-        self._file = open(self._tmp, "xb")  # noqa: SIM115 - closed in finish/abort
         self._hash = hashlib.sha256()
         self._size = 0
+        self._fd: int | None = None
+        self._full = False
+        if stage:
+            store.active_temporaries.add(self._tmp.name)  # before it exists: gc skips it
+            try:
+                self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                   FILE_MODE)
+            except OSError as e:
+                self._spill(e, "create a staging file for an upload")
 
     @property
     def size(self) -> int:
@@ -77,10 +134,29 @@ class _FsWriter:
     def temp_path(self) -> Path:
         return self._tmp
 
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def _spill(self, error: OSError, operation: str) -> None:
+        """Stop staging after ``error``; keep hashing only if the volume is just full."""
+        self.abort()
+        if not is_disk_full(error):
+            raise self._store.error(operation, error) from None
+        self._full = True
+        if self._expected and not self._store.exists(self._expected):
+            raise self._store.error(operation, error) from None
+
     def write(self, data: bytes) -> None:
-        self._file.write(data)
         self._hash.update(data)
         self._size += len(data)
+        if self._fd is None:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as e:
+            self._spill(e, "write an upload's bytes")
 
     def finish(self, expected_sha256: str = "", expected_size: int = -1) -> tuple[str, bool]:
         try:
@@ -92,29 +168,55 @@ class _FsWriter:
                 raise DataLoss(f"declared sha256 {expected_sha256} but the received bytes hash to "
                                f"{digest}; the file changed or was corrupted in transit, resend "
                                "it", reason="HASH_MISMATCH")
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            final = self._store.path_for(digest)
+            if self._fd is None:  # nothing staged: only a stored blob can take these bytes
+                if self._store.exists(digest):
+                    return digest, False
+                if self._full:
+                    raise disk_full("cannot store an upload's bytes", self._store.root)
+                raise FailedPrecondition(f"blob {digest} is no longer stored; resend the file",
+                                         reason="BLOB_NOT_FOUND")
+            return self._publish(digest)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _publish(self, digest: str) -> tuple[str, bool]:
+        fd, self._fd = self._fd, None
+        assert fd is not None
+        final = self._store.path_for(digest)
+        renamed = False
+        try:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             if final.exists():
-                self._tmp.unlink()
+                self.abort()
                 return digest, False
-            final.parent.mkdir(parents=True, exist_ok=True)
+            for directory in (final.parent.parent, final.parent):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(directory, DIR_MODE)
             os.replace(self._tmp, final)
+            renamed = True
+            self._store.active_temporaries.discard(self._tmp.name)
             dir_fd = os.open(final.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-            return digest, True
-        except BaseException:
-            self.abort()
-            raise
+        except OSError as e:
+            if final.exists():  # stored meanwhile, or only the directory fsync failed
+                self.abort()
+                return digest, renamed
+            raise self._store.error("store an upload's bytes", e) from None
+        return digest, True
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._tmp.unlink(missing_ok=True)
+        self._store.active_temporaries.discard(self._tmp.name)
 
 
 class FsBlobStore:
@@ -122,16 +224,22 @@ class FsBlobStore:
 
     Writes go to ``tmp/`` and are fsynced and renamed into place. Reads refuse
     symlinks anywhere below the root, so nothing outside it is ever served.
+    Directories are created 0700 and files 0600. Staging files left by a
+    crash are removed by garbage collection (see :mod:`gristmill.store.gc`).
     """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self.blob_dir = self.root / "blobs"
         self.tmp_dir = self.root / "tmp"
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
-        # leftovers of uploads cut off by a crash are never visible; drop them
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for directory in (self.root, self.blob_dir, self.tmp_dir):
+            private_dir(directory)
+        #: Names of staging files of writers open in this process (gc skips them).
+        self.active_temporaries: set[str] = set()
+
+    def error(self, operation: str, error: OSError) -> GristmillError:
+        """The domain error for an ``OSError`` on this store's volume."""
+        return storage_error(operation, error, self.root)
 
     def path_for(self, sha256: str) -> Path:
         """Where the blob lives (no check that it exists)."""
@@ -157,13 +265,26 @@ class FsBlobStore:
                                      "or a permission problem in the data directory",
                                      reason="BLOB_CORRUPT") from None
 
-    def writer(self) -> _FsWriter:
-        """A writer staging into tmp/."""
-        return _FsWriter(self)
+    def writer(self, expected_sha256: str = "", *, stage: bool = True) -> _FsWriter:
+        """A writer staging into tmp/ (or only hashing, with ``stage=False``)."""
+        return _FsWriter(self, expected_sha256, stage)
 
     def exists(self, sha256: str) -> bool:
         """Whether the blob file exists."""
         return self.path_for(sha256).is_file()
+
+    def touch(self, sha256: str) -> None:
+        """Set the blob's mtime to now (a best effort: errors are ignored)."""
+        with contextlib.suppress(OSError, FailedPrecondition):
+            os.utime(self._checked_path(sha256), follow_symlinks=False)
+
+    def stat(self, sha256: str) -> StoredBlob | None:
+        """Size and mtime of the blob file, or None if it is absent."""
+        try:
+            st = self.path_for(sha256).lstat()
+        except FileNotFoundError:
+            return None
+        return StoredBlob(sha256, st.st_size, st.st_mtime) if stat.S_ISREG(st.st_mode) else None
 
     def size(self, sha256: str) -> int:
         """Stored size in bytes."""
@@ -195,5 +316,70 @@ class FsBlobStore:
             return 0
         return size
 
+    def stored_blobs(self, fix_modes: bool = False) -> Iterator[StoredBlob]:
+        """Every file ``blobs/ab/cd/<sha256>``; other entries are left alone.
+
+        With ``fix_modes``, files and directories readable by others are made
+        private on the way (data directories created before modes were set).
+        """
+        for first in _entries(self.blob_dir, fix_modes):
+            if not (first.is_dir(follow_symlinks=False) and _HEX2.fullmatch(first.name)):
+                continue
+            for second in _entries(Path(first.path), fix_modes):
+                if not (second.is_dir(follow_symlinks=False) and _HEX2.fullmatch(second.name)):
+                    continue
+                for entry in _entries(Path(second.path), fix_modes):
+                    name = entry.name
+                    if (_SHA256.fullmatch(name) is None or name[:2] != first.name
+                            or name[2:4] != second.name):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    yield StoredBlob(name, st.st_size, st.st_mtime)
+
+    def remove_temporaries(self, older_than: float, dry_run: bool = False) -> tuple[int, int]:
+        """Remove staging files not written since ``older_than``; returns (files, bytes)."""
+        count = freed = 0
+        for entry in _entries(self.tmp_dir, fix_modes=False):
+            if entry.name in self.active_temporaries:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) or st.st_mtime >= older_than:
+                    continue
+                if not dry_run:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            count += 1
+            freed += st.st_size
+        return count, freed
+
     def close(self) -> None:
         """Nothing to release."""
+
+
+_HEX2 = re.compile(r"[0-9a-f]{2}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _entries(directory: Path, fix_modes: bool) -> list[os.DirEntry[str]]:
+    """The entries of a directory (none if it vanished); made private if asked."""
+    try:
+        if fix_modes and directory.stat().st_mode & 0o077:
+            directory.chmod(DIR_MODE)
+        with os.scandir(directory) as it:
+            entries = list(it)
+    except FileNotFoundError:
+        return []
+    if fix_modes:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                    os.chmod(entry.path, FILE_MODE)
+    return entries

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlite_utils
 
+from gristmill.client.errors import GristmillError, Internal, ResourceExhausted, Unavailable
+from gristmill.common.private import private_database
+from gristmill.store.disk import DISK_FULL, disk_full
 from gristmill.v1 import store_pb2
 
 __all__ = ["Catalog", "DatasetRow", "VersionRow"]
+
+T = TypeVar("T")
 
 _ENTRY_COLS = "path, sha256, size, media_type, width, height, format, orientation"
 _LATEST = "latest"
@@ -67,11 +73,19 @@ def _entry_values(dataset: str, e: store_pb2.FileEntry) -> tuple[Any, ...]:
 
 
 class Catalog:
-    """All store metadata in one SQLite file (WAL), safe to share across threads."""
+    """All store metadata in one SQLite file (WAL), safe to share across threads.
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    ``on_full`` is called when a write fails because the volume is full; if it
+    returns True (it freed space, e.g. the disk reserve), the write is retried
+    once. Database errors become domain errors: a full disk is DISK_FULL.
+    """
+
+    def __init__(self, path: Path, on_full: Callable[[], bool] | None = None) -> None:
+        self.path = path
+        self.on_full = on_full
+        private_database(path)
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=10000")  # `gristmill store gc` may hold the lock
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
@@ -94,31 +108,101 @@ class Catalog:
         self.db.table("files").create_index(["sha256"], if_not_exists=True)
         self.db.table("version_files").create_index(["sha256"], if_not_exists=True)
 
+    def _error(self, operation: str, error: sqlite3.Error) -> GristmillError | None:
+        """The domain error for a database error, or None to let it through."""
+        code = getattr(error, "sqlite_errorcode", -1) & 0xFF
+        if code == sqlite3.SQLITE_FULL:
+            return disk_full(f"cannot {operation}", self.path.parent)
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return Unavailable(f"the store's catalog is locked by another process (cannot "
+                               f"{operation}); retry in a moment", reason="CATALOG_BUSY")
+        if code in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY,
+                    sqlite3.SQLITE_PERM):
+            return Internal(f"the store cannot {operation}: {error}; check the catalog "
+                            f"{self.path} and its volume", reason="STORAGE_ERROR")
+        return None
+
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """Serialised write transaction."""
+    def transaction(self, operation: str = "write the catalog") -> Iterator[sqlite3.Connection]:
+        """Serialised write transaction; database errors become domain errors."""
         with self.lock:
             conn = self.db.conn
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.in_transaction:  # SQLite may have rolled back already
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                mapped = self._error(operation, e)
+                if mapped is None:
+                    raise
+                raise mapped from e
+
+    def _checkpoint(self) -> bool:
+        """Copy the WAL into the database so that writers reuse the WAL's space from its start.
+
+        Returns True if the whole WAL was copied (there is room to write again).
+        """
+        with self.lock:
+            try:
+                busy, frames, done = self.db.conn.execute(
+                    "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error:
+                return False
+        return bool(busy == 0 and frames > 0 and frames == done)
+
+    def _release_reserve(self) -> bool:
+        if self.on_full is None or not self.on_full():
+            return False
+        self._checkpoint()
+        return True
+
+    def write(self, operation: str, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``body`` in a transaction; on a full disk make room and retry.
+
+        The remedies, in order: reuse the WAL's space (checkpoint), then free
+        the disk reserve. A write that still does not fit is DISK_FULL.
+        """
+        remedies = [self._checkpoint, self._release_reserve]
+        while True:
+            try:
+                with self.transaction(operation) as conn:
+                    return body(conn)
+            except ResourceExhausted as e:
+                if e.reason != DISK_FULL:
+                    raise
+                while remedies:
+                    if remedies.pop(0)():
+                        break  # room made: try again
+                else:
+                    raise
 
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read query and fetch every row."""
         with self.lock:
-            return list(self.db.conn.execute(sql, list(params)).fetchall())
+            try:
+                return list(self.db.conn.execute(sql, list(params)).fetchall())
+            except sqlite3.Error as e:
+                mapped = self._error("read the catalog", e)
+                if mapped is None:
+                    raise
+                raise mapped from e
 
     # datasets -------------------------------------------------------------
     def create_dataset(self, name: str, description: str) -> bool:
         """Insert; False if the name is taken."""
-        with self.transaction() as conn:
+        def body(conn: sqlite3.Connection) -> bool:
             cur = conn.execute("INSERT OR IGNORE INTO datasets(name, description, created) "
                                "VALUES (?, ?, ?)", [name, description, now()])
             return cur.rowcount == 1
+        return self.write(f"create dataset {name!r}", body)
 
     def dataset(self, name: str) -> DatasetRow | None:
         """One dataset's summary."""
@@ -140,7 +224,7 @@ class Catalog:
 
     def delete_dataset(self, name: str) -> list[tuple[str, int]]:
         """Delete a dataset; returns blobs (sha, size) no longer referenced anywhere."""
-        with self.transaction() as conn:
+        def body(conn: sqlite3.Connection) -> list[tuple[str, int]]:
             candidates = [r[0] for r in conn.execute(
                 "SELECT sha256 FROM files WHERE dataset = ? UNION "
                 "SELECT sha256 FROM version_files WHERE dataset = ?", [name, name])]
@@ -148,6 +232,7 @@ class Catalog:
                 conn.execute(f"DELETE FROM {table} WHERE dataset = ?", [name])
             conn.execute("DELETE FROM datasets WHERE name = ?", [name])
             return self._unreferenced(conn, candidates)
+        return self.write(f"delete dataset {name!r}", body)
 
     @staticmethod
     def _unreferenced(conn: sqlite3.Connection, shas: list[str]) -> list[tuple[str, int]]:
@@ -165,17 +250,18 @@ class Catalog:
     # files ---------------------------------------------------------------
     def add_files(self, dataset: str, entries: list[store_pb2.FileEntry]) -> None:
         """Add or replace head entries, registering their blobs, in one transaction."""
-        with self.transaction() as conn:
+        def body(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "INSERT OR IGNORE INTO blobs(sha256, size, created) VALUES (?, ?, ?)",
                 [(e.sha256, e.size, now()) for e in entries])
             conn.executemany(
                 f"INSERT OR REPLACE INTO files(dataset, {_ENTRY_COLS}) VALUES "
                 "(?, ?, ?, ?, ?, ?, ?, ?, ?)", [_entry_values(dataset, e) for e in entries])
+        self.write(f"record {len(entries)} uploaded file(s) in dataset {dataset!r}", body)
 
     def delete_files(self, dataset: str, paths: list[str]) -> tuple[int, list[tuple[str, int]]]:
         """Remove head entries; returns (count, blobs no longer referenced)."""
-        with self.transaction() as conn:
+        def body(conn: sqlite3.Connection) -> tuple[int, list[tuple[str, int]]]:
             shas, deleted = [], 0
             for path in paths:
                 row = conn.execute("DELETE FROM files WHERE dataset = ? AND path = ? "
@@ -184,6 +270,29 @@ class Catalog:
                     deleted += 1
                     shas.append(row[0])
             return deleted, self._unreferenced(conn, sorted(set(shas)))
+        return self.write(f"delete files of dataset {dataset!r}", body)
+
+    @staticmethod
+    def referenced_blobs(conn: sqlite3.Connection, shas: list[str]) -> set[str]:
+        """The subset of ``shas`` that a dataset head or a version refers to."""
+        used: set[str] = set()
+        for i in range(0, len(shas), 400):
+            part = shas[i:i + 400]
+            marks = ",".join("?" * len(part))
+            used.update(r[0] for r in conn.execute(
+                f"SELECT sha256 FROM files WHERE sha256 IN ({marks}) UNION "
+                f"SELECT sha256 FROM version_files WHERE sha256 IN ({marks})", part + part))
+        return used
+
+    @staticmethod
+    def forget_blobs(conn: sqlite3.Connection, shas: list[str]) -> None:
+        """Drop blob registrations (of blobs no longer stored); writes only if there are any."""
+        for i in range(0, len(shas), 400):
+            part = shas[i:i + 400]
+            marks = ",".join("?" * len(part))
+            if conn.execute(f"SELECT 1 FROM blobs WHERE sha256 IN ({marks}) LIMIT 1",
+                            part).fetchone():
+                conn.execute(f"DELETE FROM blobs WHERE sha256 IN ({marks})", part)
 
     def blob_known(self, sha256: str) -> int | None:
         """Size of a registered blob, or None."""
@@ -248,7 +357,7 @@ class Catalog:
     def commit_version(self, dataset: str, version_id: str, expected: int
                        ) -> tuple[VersionRow, bool]:
         """Freeze the head as ``version_id``; returns (row, created)."""
-        with self.transaction() as conn:
+        def body(conn: sqlite3.Connection) -> tuple[VersionRow, bool]:
             existing = self._version(conn, dataset, version_id)
             if existing is not None:
                 return existing, False
@@ -265,6 +374,7 @@ class Catalog:
             row = self._version(conn, dataset, version_id)
             assert row is not None
             return row, True
+        return self.write(f"commit a version of dataset {dataset!r}", body)
 
     @staticmethod
     def _version(conn: sqlite3.Connection, dataset: str, version_id: str) -> VersionRow | None:

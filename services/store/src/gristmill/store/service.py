@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterator
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from gristmill.client.errors import GristmillError
 from gristmill.client.names import validate_dataset_name
 from gristmill.common.auth import Role
 from gristmill.common.paging import decode_page_token, encode_page_token, page_size
 from gristmill.common.service import ServiceContext, ServiceSpec
 from gristmill.store.blobs import FsBlobStore
 from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
+from gristmill.store.disk import DiskReserve, private_dir
 from gristmill.store.store import Store
 from gristmill.v1 import store_pb2, store_pb2_grpc
 
 __all__ = ["SERVICE", "StoreServicer", "open_store"]
+
+log = logging.getLogger("gristmill.store")
 
 
 def _timestamp(iso: str) -> Timestamp:
@@ -128,17 +133,42 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
 
 
 def open_store(ctx: ServiceContext) -> Store:
-    """The store for a server config (filesystem backend under data_dir/store)."""
+    """The store for a server config (filesystem backend under data_dir/store).
+
+    The data directory and everything the store creates in it are private to
+    the server's user (directories 0700, files 0600).
+    """
     cfg = ctx.config
-    root = cfg.data_dir / "store"
+    private_dir(cfg.data_dir)
+    root = private_dir(cfg.data_dir / "store")
+    reserve = DiskReserve(root / "reserve", cfg.store.disk_reserve_bytes)
     return Store(Catalog(root / "catalog.sqlite"), FsBlobStore(root),
                  read_message_bytes=cfg.store.read_message_bytes,
                  read_chunk_bytes=cfg.store.read_chunk_bytes,
-                 max_message_bytes=cfg.max_message_bytes)
+                 max_message_bytes=cfg.max_message_bytes, reserve=reserve)
+
+
+def start_up(store: Store, gc: bool) -> None:
+    """Before serving: collect garbage left by a crash (or only staging files), fill the reserve.
+
+    The filesystem backend has a single writer (one server per data
+    directory), so nothing in flight can be lost: no grace period.
+    """
+    try:
+        if gc:
+            report = store.collect_garbage(0.0, fix_modes=True)
+            log.info("start-up garbage collection: %s", report.summary())
+            return
+        store.blobs.remove_temporaries(float("inf"))
+        if store.reserve is not None:
+            store.reserve.ensure()
+    except (GristmillError, OSError):  # serve anyway: `gristmill store gc` can run later
+        log.warning("start-up garbage collection failed", exc_info=True)
 
 
 def _build(ctx: ServiceContext, server: grpc.Server) -> None:
     store = open_store(ctx)
+    start_up(store, ctx.config.store.gc_on_start)
     ctx.local["store"] = store
     ctx.resources.append(store)
     store_pb2_grpc.add_StoreServiceServicer_to_server(StoreServicer(store), server)

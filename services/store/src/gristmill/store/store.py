@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
+import unicodedata
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from gristmill.client.errors import (
@@ -21,10 +24,14 @@ from gristmill.client.names import validate_dataset_name, validate_path, validat
 from gristmill.common import metrics
 from gristmill.store.blobs import BlobStore, BlobWriter
 from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
+from gristmill.store.disk import DiskReserve
+from gristmill.store.gc import GcReport, collect_garbage
 from gristmill.store.images import sniff
 from gristmill.v1 import common_pb2, store_pb2
 
 __all__ = ["LATEST", "PutResult", "Store"]
+
+log = logging.getLogger("gristmill.store")
 
 LATEST = "latest"
 MAX_PATHS_PER_CALL = 10_000
@@ -38,6 +45,8 @@ class PutResult:
     entries: list[store_pb2.FileEntry] = field(default_factory=list)
     bytes_received: int = 0
     blobs_created: int = 0
+    #: Blobs this call stored first; removed again if the call fails.
+    created: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -46,6 +55,8 @@ class _Upload:
     size: int
     sha256: str
     writer: BlobWriter
+    #: The path as the client spelled it (``path`` is its NFC form).
+    sent_path: str = ""
 
 
 def item_error(error: GristmillError) -> common_pb2.ItemError:
@@ -59,9 +70,14 @@ class Store:
     """Datasets, manifests, versions and blobs."""
 
     def __init__(self, catalog: Catalog, blobs: BlobStore, *, read_message_bytes: int,
-                 read_chunk_bytes: int, max_message_bytes: int) -> None:
+                 read_chunk_bytes: int, max_message_bytes: int,
+                 reserve: DiskReserve | None = None) -> None:
         self.catalog = catalog
         self.blobs = blobs
+        #: Space held back for metadata writes on a full disk (released by the catalog).
+        self.reserve = reserve
+        if reserve is not None and catalog.on_full is None:
+            catalog.on_full = reserve.release
         self.read_message_bytes = read_message_bytes
         self.read_chunk_bytes = read_chunk_bytes
         self.max_message_bytes = max_message_bytes
@@ -74,10 +90,21 @@ class Store:
         self.catalog.close()
         self.blobs.close()
 
+    @contextmanager
+    def pins_held(self) -> Iterator[Callable[[str], bool]]:
+        """Hold the pin lock (no upload can pin a blob meanwhile); yields "is it pinned"."""
+        with self._pin_lock:
+            yield lambda sha: self._pinned[sha] > 0
+
+    def collect_garbage(self, grace_seconds: float = 0.0, *, dry_run: bool = False,
+                        fix_modes: bool = False) -> GcReport:
+        """Remove blobs nothing refers to and stale staging files (see :mod:`.gc`)."""
+        return collect_garbage(self, grace_seconds, dry_run=dry_run, fix_modes=fix_modes)
+
     # datasets -------------------------------------------------------------
     def create_dataset(self, name: str, description: str = "") -> DatasetRow:
         """Create an empty dataset."""
-        validate_dataset_name(name)
+        name = validate_dataset_name(name)
         if len(description) > 4096:
             raise InvalidArgument("description", "longer than 4096 characters")
         if not self.catalog.create_dataset(name, description):
@@ -87,7 +114,7 @@ class Store:
 
     def get_dataset(self, name: str, field: str = "name") -> DatasetRow:
         """A dataset or NotFound."""
-        validate_dataset_name(name, field)
+        name = validate_dataset_name(name, field)
         row = self.catalog.dataset(name)
         if row is None:
             raise NotFound(f"dataset {name!r} does not exist; create it with `gristmill dataset "
@@ -147,6 +174,7 @@ class Store:
                       prefix: str = "") -> tuple[str, list[store_pb2.FileEntry]]:
         """A page of entries and the resolved version."""
         resolved = self.resolve(dataset, version)
+        prefix = unicodedata.normalize("NFC", prefix)  # stored paths are NFC
         return resolved, self.catalog.entries(dataset, resolved, after, limit, prefix)
 
     def manifest_chunks(self, dataset: str, version: str, chunk: int = 1024 * 1024
@@ -183,6 +211,7 @@ class Store:
         dataset = ""
         upload: _Upload | None = None
         pinned: list[str] = []
+        committed = False
         try:
             for n, req in enumerate(requests):
                 if req.dataset and dataset and req.dataset != dataset:
@@ -197,7 +226,14 @@ class Store:
                     self.get_dataset(dataset, "dataset")
                 for chunk in req.chunks:
                     try:
-                        upload = self._receive(chunk, upload, result, pinned)
+                        if upload is None:  # owned here from the first byte: aborted on failure
+                            upload = self._start(chunk, result, pinned)
+                        elif chunk.path and chunk.path not in (upload.path, upload.sent_path):
+                            raise InvalidArgument(
+                                "chunks.path", f"file {upload.path!r} is not finished (no chunk "
+                                f"with last=true) when {chunk.path!r} starts")
+                        if upload is not None and self._receive(chunk, upload, result, pinned):
+                            upload = None
                     except GristmillError as e:
                         # name the file for clients that retry without it
                         e.metadata.setdefault("path", upload.path if upload else chunk.path)
@@ -213,23 +249,32 @@ class Store:
                 raise FailedPrecondition("the upload was cancelled; nothing was stored")
             if result.entries:
                 self.catalog.add_files(dataset, result.entries)
+            committed = True
             return dataset, result
         finally:
             if upload is not None:
                 upload.writer.abort()
             for sha in pinned:
                 self._pin(sha, -1)
+            if not committed and result.created:
+                self._discard(result.created)
 
-    def _receive(self, chunk: store_pb2.FileChunk, upload: _Upload | None, result: PutResult,
-                 pinned: list[str]) -> _Upload | None:
-        """Take one chunk; returns the file still being received, if any."""
-        if upload is None:
-            upload = self._start(chunk, result, pinned)
-            if upload is None:
-                return None
-        elif chunk.path and chunk.path != upload.path:
-            raise InvalidArgument("chunks.path", f"file {upload.path!r} is not finished (no "
-                                  f"chunk with last=true) when {chunk.path!r} starts")
+    def _discard(self, shas: list[str]) -> None:
+        """Remove blobs a failed upload stored, unless a dataset or an upload uses them now."""
+        try:
+            with self.catalog.transaction("discard a failed upload's blobs") as conn, \
+                    self.pins_held() as pinned:
+                used = Catalog.referenced_blobs(conn, shas)
+                for sha in shas:
+                    if sha not in used and not pinned(sha):
+                        self.blobs.delete(sha)
+        except Exception:  # the upload's own error matters; gc removes what is left
+            log.warning("cannot remove the blobs of a failed upload; `gristmill store gc` will",
+                        exc_info=True)
+
+    def _receive(self, chunk: store_pb2.FileChunk, upload: _Upload, result: PutResult,
+                 pinned: list[str]) -> bool:
+        """Take one chunk of ``upload``; True when the file is complete."""
         if chunk.data:
             if upload.writer.size + len(chunk.data) > upload.size:
                 raise InvalidArgument("chunks.data", f"file {upload.path!r}: more bytes than its "
@@ -239,8 +284,8 @@ class Store:
             metrics.STORE_BYTES_WRITTEN.inc(len(chunk.data))
         if chunk.last:
             self._finish(upload, result, pinned)
-            return None
-        return upload
+            return True
+        return False
 
     def _start(self, chunk: store_pb2.FileChunk, result: PutResult, pinned: list[str]
                ) -> _Upload | None:
@@ -249,17 +294,24 @@ class Store:
             raise InvalidArgument("chunks.size", f"file {path!r}: size must not be negative")
         if chunk.sha256:
             validate_sha256(chunk.sha256, "chunks.sha256")
+            # pinned before looking: a collector cannot remove it between look and use
+            self._pin(chunk.sha256, 1)
+            pinned.append(chunk.sha256)
         if not chunk.reuse_blob:
-            return _Upload(path, chunk.size, chunk.sha256, self.blobs.writer())
+            # a blob stored already needs no staging space: its bytes are only hashed
+            stored = bool(chunk.sha256) and self.blobs.exists(chunk.sha256)
+            if stored:
+                self.blobs.touch(chunk.sha256)
+            return _Upload(path, chunk.size, chunk.sha256,
+                           self.blobs.writer(chunk.sha256, stage=not stored), chunk.path)
         if not chunk.sha256 or not chunk.last or chunk.data:
             raise InvalidArgument("chunks.reuse_blob", f"file {path!r}: reuse_blob needs sha256 "
                                   "and size, no data, and last=true")
-        self._pin(chunk.sha256, 1)
-        pinned.append(chunk.sha256)
         known = self.catalog.blob_known(chunk.sha256)
         if known is None or not self.blobs.exists(chunk.sha256):
             raise FailedPrecondition(f"file {path!r}: blob {chunk.sha256} is not stored; upload "
                                      "its bytes instead", reason="BLOB_NOT_FOUND")
+        self.blobs.touch(chunk.sha256)
         if known != chunk.size:
             raise InvalidArgument("chunks.size", f"file {path!r}: declared {chunk.size} bytes but "
                                   f"blob {chunk.sha256} has {known}", reason="SIZE_MISMATCH")
@@ -269,17 +321,21 @@ class Store:
     def _finish(self, upload: _Upload, result: PutResult, pinned: list[str]) -> None:
         # pin before the blob becomes visible so a concurrent delete cannot collect it
         writer = upload.writer
+        digest = writer.hexdigest()
+        self._pin(digest, 1)
+        pinned.append(digest)
         sha, created = writer.finish(upload.sha256, upload.size)
-        self._pin(sha, 1)
-        pinned.append(sha)
         if created:
             result.blobs_created += 1
+            result.created.append(sha)
             metrics.STORE_BLOBS_CREATED.inc()
+        else:
+            self.blobs.touch(sha)  # in use again: a collector's grace period starts over
         self._add_entry(upload.path, sha, upload.size, result)
 
     def _add_entry(self, path: str, sha: str, size: int, result: PutResult) -> None:
-        with self.blobs.open(sha) as reader:
-            media_type, image = sniff(path, reader)
+        # the header only: a few KiB through bounded ranged reads, never the whole blob
+        media_type, image = sniff(path, lambda offset, length: self.blobs.read(sha, offset, length))
         entry = store_pb2.FileEntry(path=path, size=size, sha256=sha, media_type=media_type)
         if image is not None:
             entry.image.CopyFrom(image)
@@ -288,8 +344,7 @@ class Store:
     def delete_files(self, dataset: str, paths: list[str]) -> int:
         """Remove paths from the head; returns how many were present."""
         self.get_dataset(dataset, "dataset")
-        for i, p in enumerate(paths):
-            validate_path(p, f"paths[{i}]")
+        paths = [validate_path(p, f"paths[{i}]") for i, p in enumerate(paths)]
         deleted, unreferenced = self.catalog.delete_files(dataset, paths)
         self._collect(unreferenced)
         return deleted
@@ -317,9 +372,9 @@ class Store:
         For readers in this process (the decode and ingest services), which
         would otherwise copy every file into a ReadFilesResponse and out again.
         """
-        _check_paths(paths)
+        canonical = _check_paths(paths)
         resolved = self.resolve(dataset, version)
-        found = self.catalog.lookup(dataset, resolved, paths)
+        found = _as_sent(self.catalog.lookup(dataset, resolved, canonical), paths, canonical)
         out: dict[str, bytes | GristmillError] = {}
         for path in paths:
             entry = found.get(path)
@@ -341,29 +396,38 @@ class Store:
     def read_files(self, dataset: str, version: str, paths: list[str], *, verify: bool = False,
                    offset: int = 0, length: int = 0, budget: int = 0
                    ) -> Iterator[store_pb2.ReadFilesResponse]:
-        """Yield responses of at most ``budget`` payload bytes, files in request order.
+        """Yield responses of at most ``budget`` bytes (framing included), files in request order.
+
+        ``budget`` 0 means the configured ``store.read_message_bytes``, which
+        is also the most a request may ask for.
 
         Pieces are added to the response in place: copying a built FileData
         into a response would copy its bytes once more on the hot path.
         """
-        _check_paths(paths)
+        canonical = _check_paths(paths)
         if offset < 0 or length < 0:
             raise InvalidArgument("offset" if offset < 0 else "length", "must not be negative")
         if (offset > 0 or length > 0) and len(paths) != 1:
             raise InvalidArgument("paths", "a ranged read (offset/length) names exactly one path")
-        if budget < 0 or (budget and not 64 * 1024 <= budget <= self.max_message_bytes - 65536):
-            raise InvalidArgument("max_message_bytes", f"must be 0 (default) or between 65536 "
-                                  f"and {self.max_message_bytes - 65536}")
-        budget = budget or self.read_message_bytes
+        if budget < 0 or 0 < budget < 64 * 1024:
+            raise InvalidArgument("max_message_bytes", "must be 0 (the server's default) or at "
+                                  "least 65536")
+        # a request may ask for smaller messages, never for more memory than configured
+        budget = min(budget or self.read_message_bytes, self.read_message_bytes)
         resolved = self.resolve(dataset, version)
-        found = self.catalog.lookup(dataset, resolved, paths)
+        found = _as_sent(self.catalog.lookup(dataset, resolved, canonical), paths, canonical)
         resp = store_pb2.ReadFilesResponse()
         used = 0
         for path in paths:
+            overhead = _piece_overhead(path)
+            if used + overhead + _ERROR_BYTES > budget:  # room for this piece's framing
+                yield resp
+                resp, used = store_pb2.ReadFilesResponse(), 0
             entry = found.get(path)
             if entry is None:
                 resp.files.add(path=path).error.CopyFrom(
                     item_error(_not_in_version(path, dataset, resolved)))
+                used += overhead + _ERROR_BYTES
                 continue
             start = min(offset, entry.size)
             end = entry.size if not length else min(entry.size, start + length)
@@ -373,11 +437,11 @@ class Store:
                     self.verify_blob(entry)
                 pos = start
                 while True:
-                    room = budget - used
+                    room = budget - used - overhead
                     if used and room < min(end - pos, self.read_chunk_bytes):
                         yield resp
                         resp, used, first_piece = store_pb2.ReadFilesResponse(), 0, 0
-                        room = budget
+                        room = budget - overhead
                     # the rest in one piece if it fits, else a chunk of what room is left
                     n = end - pos if end - pos <= room else min(self.read_chunk_bytes, room)
                     data = self.blobs.read(entry.sha256, pos, n)
@@ -385,7 +449,7 @@ class Store:
                         raise _short_blob(path, entry.size)
                     resp.files.add(path=path, sha256=entry.sha256, size=entry.size, offset=pos,
                                    data=data, eof=pos + n >= end)
-                    used += n
+                    used += n + _piece_overhead(path)
                     pos += n
                     metrics.STORE_BYTES_READ.inc(n)
                     if pos >= end:
@@ -394,20 +458,35 @@ class Store:
                 del resp.files[first_piece:]
                 resp.files.add(path=path, sha256=entry.sha256, size=entry.size
                                ).error.CopyFrom(item_error(e))
+                used += overhead + _ERROR_BYTES
         if len(resp.files):
             yield resp
 
 
 
-def _check_paths(paths: list[str]) -> None:
-    """A read names 1 to MAX_PATHS_PER_CALL valid paths."""
+#: Bytes an item error record may take besides its path (message, reason, code).
+_ERROR_BYTES = 1024
+
+
+def _piece_overhead(path: str) -> int:
+    """Serialized bytes of a FileData piece besides its data: path, sha256, sizes, tags."""
+    return len(path.encode()) + 128
+
+
+def _check_paths(paths: list[str]) -> list[str]:
+    """A read names 1 to MAX_PATHS_PER_CALL valid paths; returns their NFC forms."""
     if not paths:
         raise InvalidArgument("paths", "no paths given; name at least one file")
     if len(paths) > MAX_PATHS_PER_CALL:
         raise InvalidArgument("paths", f"at most {MAX_PATHS_PER_CALL} paths per call; split "
                               "the request")
-    for i, p in enumerate(paths):
-        validate_path(p, f"paths[{i}]")
+    return [validate_path(p, f"paths[{i}]") for i, p in enumerate(paths)]
+
+
+def _as_sent(found: dict[str, store_pb2.FileEntry], sent: list[str], canonical: list[str]
+             ) -> dict[str, store_pb2.FileEntry]:
+    """Entries found by NFC path, keyed by the path as the request spelled it."""
+    return {s: found[c] for s, c in zip(sent, canonical, strict=True) if c in found}
 
 
 def _not_in_version(path: str, dataset: str, version: str) -> NotFound:

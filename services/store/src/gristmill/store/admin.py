@@ -1,0 +1,81 @@
+"""Server-side store commands of the ``gristmill`` CLI: ``gristmill store gc``.
+
+They work on a data directory directly (like ``gristmill keys``), so they run
+on the store's host, as the server's user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gristmill.common.config import ConfigError, load_config
+from gristmill.common.service import ServiceContext
+
+__all__ = ["register"]
+
+_GC_HELP = """\
+Remove blobs that no dataset head, version or upload in flight refers to, and
+staging files of uploads that died. A server removes both at start-up (config
+store.gc_on_start); run this to free space without a restart.
+
+Safe next to a running server: a blob is removed only if it was neither
+written nor used by an upload for --grace-minutes (uploads of the server touch
+every blob they write or reuse), and the reference check and the delete hold
+the catalog's write lock. Use --grace-minutes 0 only when no server is running.
+"""
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from gristmill.store.service import open_store
+
+    os.umask(0o077)
+    try:
+        config = load_config(args.config, overrides={"data_dir": args.data})
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.grace_minutes < 0:
+        print("error: --grace-minutes must not be negative", file=sys.stderr)
+        return 2
+    catalog = config.data_dir / "store" / "catalog.sqlite"
+    if not catalog.is_file():
+        print(f"error: {config.data_dir} holds no store (no {catalog}); pass the server's "
+              "--data directory", file=sys.stderr)
+        return 2
+    store = open_store(ServiceContext(config))
+    try:
+        report = store.collect_garbage(args.grace_minutes * 60, dry_run=args.dry_run,
+                                       fix_modes=True)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=2, sort_keys=True))
+    else:
+        print(report.summary())
+    return 0
+
+
+def register(commands: Any) -> None:
+    """Add ``store`` (with ``gc``) to the CLI's sub-commands."""
+    store = commands.add_parser("store", help="maintain a store's data directory (server side)",
+                                description="Maintenance of the store's data directory, run on "
+                                "the store's host as the server's user.")
+    actions = store.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("gc", help="remove unreferenced blobs and dead uploads' staging files",
+                           description=_GC_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, help="data directory of the server (config key data_dir)")
+    p.add_argument("--config", type=Path, help="YAML config file")
+    p.add_argument("--grace-minutes", type=float, default=60.0,
+                   help="keep unreferenced blobs and staging files written or used this recently "
+                   "(default 60)")
+    p.add_argument("--dry-run", action="store_true", help="report what would be removed; "
+                   "remove nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=_gc)
