@@ -283,10 +283,13 @@ def test_import_reports_bad_files_and_goes_on(hub: Hub, tmp_path: Path) -> None:
     (src / "unreadable.bin").symlink_to("/proc/1/mem")
     with pytest.raises(OSError):
         (src / "unreadable.bin").read_bytes()
+    os.mkfifo(src / "pipe.bin")  # opening it would block: refused, never read
     report = hub.import_folder("bad", src)
     failed = dict(report.failed)
-    assert set(failed) == {"back\\slash.txt", "unreadable.bin"}
+    assert set(failed) == {"back\\slash.txt", "pipe.bin"}
     assert "backslash" in failed["back\\slash.txt"]
+    # a link out of the folder is not followed (not even to fail reading it)
+    assert "outside the folder" in dict(report.links_skipped)["unreadable.bin"]
     assert [e.path for e in hub.get_manifest("bad", refresh=True).files] == ["good.txt"]
 
 

@@ -110,10 +110,17 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     with _hub(args) as hub:
-        report = hub.import_folder(args.name, args.folder, create=not args.no_create)
+        report = hub.import_folder(args.name, args.folder, create=not args.no_create,
+                                   include=args.include, exclude=args.exclude)
     print(f"imported {args.folder} into {args.name}: {report}")
+    for path, why in report.links_skipped:
+        print(f"  link not followed: {path}: {why}", file=sys.stderr)
     for path, why in report.failed:
         print(f"  failed: {path}: {why}", file=sys.stderr)
+    if report.failed:
+        print(f"error: {len(report.failed)} file(s) were not imported (listed above); the "
+              "others were. Fix them and run the import again: files already stored are "
+              "skipped", file=sys.stderr)
     return 1 if report.failed else 0
 
 
@@ -173,14 +180,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="really delete")
     p = add("import", cmd_import, "upload a folder recursively (skips files already stored)")
+    p.description = (
+        "Upload a folder recursively; files already stored are skipped. Symbolic links "
+        "that lead out of the folder, broken links and links to directories are not "
+        "followed (and are listed); a link to a file inside the folder is imported at its "
+        "own path. Dotfiles and dot-directories (.git/, .DS_Store), VCS directories and OS "
+        "junk (Thumbs.db, desktop.ini, __MACOSX/) are skipped. Files that cannot be "
+        "imported (unreadable, a name the store refuses, changed or deleted during the "
+        "import) are listed and the rest are still uploaded; the exit status is then 1.")
     p.add_argument("name")
     p.add_argument("folder", type=Path)
     p.add_argument("--no-create", action="store_true", help="fail if the dataset is missing")
+    p.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                   help="import only files matching PATTERN (repeatable; fnmatch, "
+                   "case-sensitive, '*' also matches '/'; a pattern without '/' matches the "
+                   "file name at any depth, one with '/' the path relative to FOLDER, e.g. "
+                   "'*.jpg' or 'train/*')")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="skip files matching PATTERN, and whole directories whose name or "
+                   "path matches it (repeatable; same syntax as --include; wins over it)")
     p = add("manifest", cmd_manifest, "print a version's manifest")
     p.add_argument("name")
     p.add_argument("--version", default="latest", help="version id (or prefix) or 'latest'")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = add("download", cmd_download, "download a dataset into a folder (resumable)")
+    p.description = (
+        "Download a dataset into a folder through the cache (resumable: files already cached "
+        "with the right hash are not fetched again). Every path, hash and size the server "
+        "sends is checked before anything is written: none may leave DEST or the cache, and "
+        "symbolic links inside them are not written through.")
     p.add_argument("name")
     p.add_argument("dest", type=Path)
     p.add_argument("--version", default="latest", help="version id (or prefix) or 'latest'")

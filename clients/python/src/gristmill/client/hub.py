@@ -7,23 +7,28 @@ import os
 import threading
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import BinaryIO, Protocol, TypeVar
 
-from gristmill.client.cache import FileCache, safe_component
+from gristmill.client.cache import Confined, FileCache, safe_component, validate_version_name
 from gristmill.client.channel import ConnectionOptions, open_channel
 from gristmill.client.errors import (
+    DataLoss,
     GristmillError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
     call_rpc,
     from_item_error,
     stream_rpc,
 )
-from gristmill.client.names import validate_path
+from gristmill.client.folder import open_regular, scan_folder
+from gristmill.client.names import validate_dataset_name, validate_path, validate_sha256
 from gristmill.client.progress import Progress, progress
 from gristmill.v1 import store_pb2, store_pb2_grpc
 
@@ -50,11 +55,22 @@ class ImportReport:
     reused: int = 0
     skipped: int = 0
     bytes_uploaded: int = 0
+    #: (path, why) of every file that was not imported because of a problem
     failed: list[tuple[str, str]] = field(default_factory=list)
+    #: (path, why) of symbolic links not followed (out of the folder, broken, to a directory)
+    links_skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: paths left out by rule (dotfiles, VCS, OS junk) or pattern; directories end with "/"
+    ignored: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return (f"{self.uploaded} uploaded ({self.bytes_uploaded} bytes), {self.reused} "
+        text = (f"{self.uploaded} uploaded ({self.bytes_uploaded} bytes), {self.reused} "
                 f"deduplicated, {self.skipped} already present, {len(self.failed)} failed")
+        if self.links_skipped:
+            n = len(self.links_skipped)
+            text += f", {n} link{'s' if n != 1 else ''} not followed"
+        if self.ignored:
+            text += f", {len(self.ignored)} ignored (hidden, VCS, OS junk or by pattern)"
+        return text
 
 
 @dataclass(frozen=True)
@@ -91,7 +107,7 @@ def _pages(method: Callable[[P], Pg], request: P) -> Iterator[Pg]:
 def _sha256_file(path: Path) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(CHUNK):
             digest.update(block)
             size += len(block)
@@ -194,18 +210,24 @@ class Hub:
         req = store_pb2.GetManifestRequest(dataset=dataset, version=version)
         blob = bytearray()
         resolved = version
+        count = 0
         for resp in stream_rpc(self._stub.GetManifest(req)):
             if resp.version:
                 resolved = resp.version
+            count = max(count, resp.file_count)
             blob += resp.data
-        manifest = store_pb2.Manifest.FromString(zlib.decompress(bytes(blob)))
+        manifest = store_pb2.Manifest.FromString(_inflate_manifest(bytes(blob), count))
         if resolved == LATEST:
             self._latest[dataset] = manifest
         elif self.cache is not None:
+            try:
+                validate_version_name(resolved)
+            except InvalidArgument as e:
+                raise _unsafe(f"version {ascii(resolved)} for {version!r}", e) from None
             for name in {version, resolved}:
                 target = self.cache.manifest_path(dataset, name)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_suffix(f".{uuid.uuid4().hex}.tmp")
+                tmp = target.with_name(f".gm-{uuid.uuid4().hex[:16]}.tmp")
                 tmp.write_bytes(bytes(blob))
                 os.replace(tmp, target)
         return manifest
@@ -246,6 +268,9 @@ class Hub:
                 if piece.HasField("error"):
                     raise _item_error(piece)
                 data = piece.data
+                if len(buf) + len(data) > piece.size:
+                    raise DataLoss(f"{path}: the server sent more than the file's {piece.size} "
+                                   "bytes; retry, or report the server", reason="BAD_SERVER_READ")
                 buf += data
                 digest.update(data)
                 expected = piece.sha256
@@ -260,6 +285,8 @@ class Hub:
         it is also checked against that version's (cached) manifest.
         """
         cache = self._need_cache("get_file")
+        dataset = validate_dataset_name(dataset, "dataset")
+        path = validate_path(path)
         hit = cache.lookup(dataset, path)
         if hit is not None and version in ("", LATEST):
             return cache.file_path(dataset, path)
@@ -275,15 +302,30 @@ class Hub:
         Files already cached with the right hash are skipped, so an interrupted
         download resumes where it stopped. With ``dest``, the files are also
         linked (or copied) into that directory; the returned paths are there.
+
+        Nothing the server sends is trusted to name a place on disk: every
+        path, hash and size is checked before a byte is written, and a server
+        that sends an unsafe path, a file it was not asked for or bytes that
+        do not match raises :class:`DataLoss`. A symbolic link inside ``dest``
+        or the cache is never written through (:class:`FailedPrecondition`).
         """
         cache = self._need_cache("download_dataset")
+        dataset = validate_dataset_name(dataset, "dataset")
+        asked = None if file_list is None else [validate_path(p, "file_list")
+                                                for p in file_list]
         manifest = self.get_manifest(dataset, version, refresh=True)
         entries = {e.path: e for e in manifest.files}
-        wanted = list(entries) if file_list is None else list(file_list)
+        wanted = list(entries) if asked is None else asked
         missing = [p for p in wanted if p not in entries]
         if missing:
             raise NotFound(f"{len(missing)} requested file(s) are not in dataset {dataset!r}, "
                            f"e.g. {missing[0]!r}", reason="FILE_NOT_FOUND")
+        for p in wanted:
+            _check_entry(entries[p])
+        folder = Confined(dest) if dest is not None else None
+        if folder is not None:  # a link in dest fails before anything is downloaded
+            for p in wanted:
+                folder.path(p)
         todo = [entries[p] for p in wanted
                 if (hit := cache.lookup(dataset, p)) is None or hit[0] != entries[p].sha256]
         batches: list[list[str]] = []
@@ -302,19 +344,19 @@ class Hub:
                        self.show_progress)
         try:
             with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
-                for fut in [pool.submit(self._fetch, dataset, manifest.version, b, bar)
+                for fut in [pool.submit(self._fetch, dataset, manifest.version, b, bar, entries)
                             for b in batches]:
                     fut.result()
         finally:
             bar.close()
         paths = [cache.file_path(dataset, p) for p in wanted]
-        if dest is None:
+        if folder is None:
             return paths
         out = []
         for p, src in zip(wanted, paths, strict=True):
-            target = Path(dest) / p
+            target = folder.path(p)
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+            tmp = target.with_name(f".gm-{uuid.uuid4().hex[:16]}.tmp")  # name may be 255 B
             try:
                 os.link(src, tmp)
             except OSError:
@@ -331,25 +373,46 @@ class Hub:
         return self.cache
 
     def _fetch(self, dataset: str, version: str, paths: list[str],
-               bar: Progress | None = None) -> None:
-        """Stream files into the cache: temp file, verify sha256, rename, index."""
+               bar: Progress | None = None,
+               entries: dict[str, store_pb2.FileEntry] | None = None) -> None:
+        """Stream files into the cache: temp file, verify sha256, rename, index.
+
+        Each piece must name a requested file not yet received, carry a valid
+        sha256 (the manifest's, when ``entries`` is given) and stay within the
+        file's declared size; every requested file must arrive whole.
+        """
         cache = self._need_cache("download")
         req = store_pb2.ReadFilesRequest(dataset=dataset, version=version, paths=paths)
+        wanted = set(paths)
+        done: set[str] = set()
         open_file = None
         digest = hashlib.sha256()
         tmp: Path | None = None
+        current = ""
+        sha, size, written = "", 0, 0
         try:
             for resp in stream_rpc(self._stub.ReadFiles(req)):
                 for piece in resp.files:
+                    if open_file is not None and piece.path != current:
+                        raise _bad_read(f"file {current!r} ended without its last piece when "
+                                        f"{ascii(piece.path)} began")
+                    if open_file is None and (piece.path not in wanted or piece.path in done):
+                        raise _bad_read(f"file {ascii(piece.path)} was not requested (or sent "
+                                        "twice)")
                     if piece.HasField("error"):
                         raise _item_error(piece)
                     if open_file is None:
-                        target = cache.file_path(dataset, piece.path)
+                        current, sha, size, written = piece.path, piece.sha256, piece.size, 0
+                        _check_read(piece, entries)
+                        target = cache.file_path(dataset, current)
                         target.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+                        tmp = target.with_name(f".gm-{uuid.uuid4().hex[:16]}.part")
                         open_file = open(tmp, "wb")  # noqa: SIM115
                         digest = hashlib.sha256()
                     data = piece.data
+                    written += len(data)
+                    if written > size:
+                        raise _bad_read(f"{current!r}: more bytes than its size {size}")
                     open_file.write(data)
                     digest.update(data)
                     if bar is not None:
@@ -358,13 +421,19 @@ class Hub:
                         open_file.close()
                         open_file = None
                         assert tmp is not None
-                        if digest.hexdigest() != piece.sha256:
-                            tmp.unlink(missing_ok=True)
-                            raise GristmillError(f"{piece.path}: downloaded bytes do not match "
-                                                 f"sha256 {piece.sha256}; retry the download")
-                        os.replace(tmp, cache.file_path(dataset, piece.path))
-                        cache.record(dataset, piece.path, piece.sha256, piece.size)
+                        if written != size or digest.hexdigest() != sha:
+                            raise DataLoss(f"{current}: downloaded bytes do not match sha256 "
+                                           f"{sha} and size {size}; retry the download",
+                                           reason="CHECKSUM_MISMATCH")
+                        os.replace(tmp, cache.file_path(dataset, current))
+                        cache.record(dataset, current, sha, size)
+                        done.add(current)
                         tmp = None
+            if open_file is not None:
+                raise _bad_read(f"the stream ended inside file {current!r}")
+            if len(done) < len(wanted):
+                lost = sorted(wanted - done)
+                raise _bad_read(f"{len(lost)} requested file(s) never arrived, e.g. {lost[0]!r}")
         finally:
             if open_file is not None:
                 open_file.close()
@@ -372,47 +441,59 @@ class Hub:
                 tmp.unlink(missing_ok=True)
 
     def get_cache_size(self, dataset: str | None = None) -> int:
-        """Bytes in the disk cache (all, or one dataset)."""
+        """Bytes in the disk cache (all, or one dataset); the name is validated."""
         return self._need_cache("get_cache_size").size(dataset)
 
     def clear_cache(self, dataset: str | None = None) -> int:
-        """Empty the disk cache (all, or one dataset); returns bytes freed."""
-        self._latest.pop(dataset, None) if dataset else self._latest.clear()
-        return self._need_cache("clear_cache").clear(dataset)
+        """Empty the disk cache (all, or one dataset); returns bytes freed.
 
-    # writing --------------------------------------------------------------
-    def import_folder(self, dataset: str, folder: Path | str, *,
-                      create: bool = True) -> ImportReport:
+        ``dataset`` must be a valid dataset name (``InvalidArgument`` otherwise,
+        with nothing deleted); ``None`` clears everything.
+        """
+        cache = self._need_cache("clear_cache")
+        if dataset is None:
+            self._latest.clear()
+            return cache.clear()
+        dataset = validate_dataset_name(dataset, "dataset")
+        self._latest.pop(dataset, None)
+        return cache.clear(dataset)
+
+    def import_folder(self, dataset: str, folder: Path | str, *, create: bool = True,
+                      include: Sequence[str] = (), exclude: Sequence[str] = ()
+                      ) -> ImportReport:
         """Upload a folder recursively; files already stored are skipped.
 
-        Unreadable or unacceptable files are reported in the result's
-        ``failed`` list; the import goes on without them.
+        What is taken follows :mod:`gristmill.client.folder`: symbolic links
+        that lead out of the folder (or to a directory) are not followed and
+        are listed in ``links_skipped``; dotfiles, dot-directories (``.git/``),
+        VCS directories and OS junk (``.DS_Store``, ``Thumbs.db``,
+        ``__MACOSX/``) are listed in ``ignored``, as are files left out by the
+        ``include``/``exclude`` patterns (``fnmatch``; a pattern without ``/``
+        matches the file name at any depth, one with ``/`` the relative path).
+
+        A file that cannot be imported (unreadable, a name the store refuses,
+        or changed, replaced or deleted between hashing and upload) is listed
+        in ``failed`` with the reason; every other file is still uploaded.
         """
         root = Path(folder)
         if not root.is_dir():
             raise InvalidArgument("folder", f"{root} is not a directory")
+        scan = scan_folder(root, include, exclude)
         if create:
             try:
                 self.get_dataset(dataset)
             except NotFound:
                 self.create_dataset(dataset)
-        report = ImportReport()
-        sources = sorted(p for p in root.rglob("*") if p.is_file())
+        report = ImportReport(failed=list(scan.failed), links_skipped=list(scan.links),
+                              ignored=list(scan.ignored))
         local: list[_LocalFile] = []
-        bar = progress(len(sources), f"hash {root.name}", "file", self.show_progress)
-        for src in sources:
-            rel = src.relative_to(root).as_posix()
+        bar = progress(len(scan.files), f"hash {root.name}", "file", self.show_progress)
+        for src in scan.files:
             try:
-                validate_path(rel)
-            except InvalidArgument as e:
-                report.failed.append((rel, e.message))
-                bar.update()
-                continue
-            try:
-                sha, size = _sha256_file(src)
-                local.append(_LocalFile(rel, src, size, sha))
+                sha, size = _sha256_file(src.source)
+                local.append(_LocalFile(src.path, src.source, size, sha))
             except OSError as e:
-                report.failed.append((rel, f"unreadable: {e.strerror or e}"))
+                report.failed.append((src.path, f"unreadable: {e.strerror or e}"))
             bar.update()
         bar.close()
         present = {e.path: e.sha256 for e in self.get_manifest(dataset, refresh=True).files}
@@ -445,26 +526,50 @@ class Hub:
 
     def _put_batch(self, dataset: str, batch: list[_LocalFile], stored: set[str],
                    report: ImportReport, bar: Progress) -> None:
-        """One PutFiles call; a file that fails is reported and the rest retried once."""
-        linked = {f.path for f in batch if f.sha256 in stored}  # sent as reuse_blob, no bytes
-        for _attempt in range(2):
-            unreadable: list[tuple[str, str]] = []
+        """Store ``batch``; a file that fails is reported and the others are sent again.
+
+        The server keeps a call's files only when its whole stream succeeds,
+        so one bad file would take the rest of its call down with it. Each
+        failed call takes out the files it is about (named by the server's
+        error, or found changed while sending) and the rest go again, until
+        they are stored. A failure about no file in particular fails the
+        remaining files with its message; one that no file can get past (no
+        or a refused key, a missing dataset, no server) ends the import.
+        """
+        remaining = list(batch)
+        resent: set[str] = set()  # linked, but the blob went away: sent with bytes instead
+        while remaining:
+            problems: dict[str, str] = {}
+            linked = {f.path for f in remaining if f.sha256 in stored}
             try:
                 resp = call_rpc(self._stub.PutFiles,
-                            self._requests(dataset, batch, stored, bar, unreadable))
+                                self._requests(dataset, remaining, stored, bar, problems))
             except GristmillError as e:
-                bad = [f for f in batch if f.path == e.metadata.get("path")] or batch
-                report.failed.extend((f.path, e.message) for f in bad)
-                batch = [f for f in batch if f not in bad]
-                if not batch:
+                named = next((f for f in remaining if f.path == e.metadata.get("path")), None)
+                if named is None and not problems and isinstance(e, _FATAL):
+                    raise
+                relink = (named is not None and named.path in linked
+                          and e.reason == "BLOB_NOT_FOUND" and named.path not in resent)
+                if relink and named is not None:
+                    resent.add(named.path)
+                    stored.discard(named.sha256)
+                elif named is not None:
+                    problems.setdefault(named.path, e.message)
+                if not problems and not relink:
+                    report.failed.extend((f.path, e.message) for f in remaining)
                     return
+                report.failed.extend(problems.items())
+                remaining = [f for f in remaining if f.path not in problems]
                 continue
-            report.failed.extend(unreadable)
+            report.failed.extend(problems.items())
             done = {e.path for e in resp.files}
-            for f in batch:
-                if f.path not in done:
+            for f in remaining:
+                if f.path in problems:
                     continue
-                if f.path in linked:
+                if f.path not in done:
+                    report.failed.append((f.path, "the server did not confirm storing it; "
+                                          "import again"))
+                elif f.path in linked:
                     report.reused += 1
                 else:
                     report.uploaded += 1
@@ -474,7 +579,17 @@ class Hub:
 
     @staticmethod
     def _requests(dataset: str, batch: list[_LocalFile], stored: set[str], bar: Progress,
-                  unreadable: list[tuple[str, str]]) -> Iterator[store_pb2.PutFilesRequest]:
+                  problems: dict[str, str]) -> Iterator[store_pb2.PutFilesRequest]:
+        """The PutFiles stream for ``batch``, checking each file against its scan as it is read.
+
+        A file that vanished, changed size or became a link or pipe since it
+        was hashed is left out before any of its bytes go. Changed content
+        shows only at its last byte: if the file's bytes are all still in the
+        unsent message they are dropped from it; otherwise the stream ends
+        inside the file, so the server stores nothing of this call and
+        :meth:`_put_batch` sends the rest again. Either way the file is in
+        ``problems``.
+        """
         msg = store_pb2.PutFilesRequest(dataset=dataset)
         pending = 0
         for f in batch:
@@ -483,31 +598,133 @@ class Hub:
                                last=True)
                 continue
             try:
-                handle = open(f.source, "rb")  # noqa: SIM115
+                handle = open_regular(f.source)
             except OSError as e:
-                unreadable.append((f.path, f"unreadable: {e.strerror or e}"))
+                problems[f.path] = f"unreadable: {e.strerror or e}"
                 continue
             with handle:
-                first = True
+                now = os.fstat(handle.fileno()).st_size
+                if now != f.size:
+                    problems[f.path] = (f"changed since it was hashed ({f.size} bytes then, "
+                                        f"{now} now); import again to upload it")
+                    continue
+                start, held, sent = len(msg.chunks), 0, False  # this file's part of msg
+                digest = hashlib.sha256()
+                got = 0
                 while True:
-                    data = handle.read(CHUNK)
-                    last = handle.tell() >= f.size or not data
+                    data = handle.read(min(CHUNK, f.size - got)) if got < f.size else b""
+                    got += len(data)
+                    digest.update(data)
+                    last = got >= f.size
+                    why = _changed(f, data, last, handle, digest)
+                    if why:
+                        problems[f.path] = why
+                        if sent:
+                            return  # ends inside this file: the server refuses the call
+                        del msg.chunks[start:]
+                        pending -= held
+                        break
                     chunk = msg.chunks.add(data=data, last=last)
-                    if first:
+                    if got == len(data):
                         chunk.path, chunk.size, chunk.sha256 = f.path, f.size, f.sha256
-                        first = False
                     pending += len(data)
+                    held += len(data)
                     bar.update(len(data))
                     if pending >= CHUNK:
                         yield msg
                         msg = store_pb2.PutFilesRequest()
-                        pending = 0
+                        pending, start, held, sent = 0, 0, 0, True
                     if last:
                         break
         if msg.chunks or msg.dataset:
             yield msg
 
 
+#: errors of a PutFiles call that no file of the import can get past
+_FATAL = (Unauthenticated, PermissionDenied, NotFound, Unavailable)
+
+
+def _changed(f: _LocalFile, data: bytes, last: bool, handle: BinaryIO,
+             digest: hashlib._Hash) -> str:
+    """Why the file being read is no longer the one hashed, or ""."""
+    if not last and not data:
+        return (f"changed since it was hashed (now shorter than {f.size} bytes); import again "
+                "to upload it")
+    if last and handle.read(1):
+        return (f"changed since it was hashed (now longer than {f.size} bytes); import again "
+                "to upload it")
+    if last and digest.hexdigest() != f.sha256:
+        return "changed since it was hashed (same size, other content); import again to upload it"
+    return ""
+
+
 def _item_error(piece: store_pb2.FileData) -> GristmillError:
     return from_item_error(piece.error.code, piece.error.reason,
                            f"{piece.path}: {piece.error.message}")
+
+
+_DISTRUST = "nothing was written; is this the gristmill server you meant to use?"
+
+
+def _unsafe(what: str, error: InvalidArgument) -> DataLoss:
+    """The server sent a name the Hub will not use on disk."""
+    return DataLoss(f"the server sent {what}, which is not safe to use as a file name "
+                    f"({error.message}); {_DISTRUST}", reason="UNSAFE_SERVER_NAME")
+
+
+def _bad_read(what: str) -> DataLoss:
+    return DataLoss(f"the server's ReadFiles answer is wrong: {what}; the download stopped "
+                    "and the partial file was removed", reason="BAD_SERVER_READ")
+
+
+def _check_entry(entry: store_pb2.FileEntry) -> None:
+    """DataLoss unless a manifest entry from the server is safe to download."""
+    try:
+        validate_path(entry.path, "manifest.files.path")
+        validate_sha256(entry.sha256, "manifest.files.sha256")
+    except InvalidArgument as e:
+        raise _unsafe(f"manifest entry {ascii(entry.path)}", e) from None
+    if entry.size < 0:
+        raise DataLoss(f"the server sent manifest entry {entry.path!r} with a negative size; "
+                       f"{_DISTRUST}", reason="UNSAFE_SERVER_NAME")
+
+
+def _check_read(piece: store_pb2.FileData, entries: dict[str, store_pb2.FileEntry] | None
+                ) -> None:
+    """DataLoss unless a file's first ReadFiles piece agrees with its manifest entry."""
+    try:
+        validate_sha256(piece.sha256, "files.sha256")
+    except InvalidArgument as e:
+        raise _unsafe(f"a sha256 for {ascii(piece.path)}", e) from None
+    if piece.size < 0:
+        raise _bad_read(f"{piece.path!r} has a negative size")
+    entry = entries.get(piece.path) if entries is not None else None
+    if entry is not None and (piece.sha256, piece.size) != (entry.sha256, entry.size):
+        raise _bad_read(f"{piece.path!r} is sha256 {piece.sha256} ({piece.size} bytes) but the "
+                        f"manifest says {entry.sha256} ({entry.size} bytes)")
+
+
+#: Serialized bytes a manifest entry can take at most (a 1024-byte path, hash,
+#: size, media type and image facts), so a manifest of N files inflates to at
+#: most N times this: a compressed bomb from a hostile server stops there.
+_MAX_ENTRY_BYTES = 2048
+
+
+def _inflate_manifest(blob: bytes, file_count: int) -> bytes:
+    """``zlib.decompress`` bounded by what ``file_count`` entries can take.
+
+    Real manifests compress 2-5x (hashes hardly compress), so 64x the received
+    bytes also bounds it whatever count the server claims.
+    """
+    limit = min((file_count + 1) * _MAX_ENTRY_BYTES, 64 * len(blob)) + 4096
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(blob, limit)
+    except zlib.error as e:
+        raise DataLoss(f"the manifest the server sent is not valid zlib ({e}); retry",
+                       reason="BAD_SERVER_READ") from None
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise DataLoss(f"the manifest the server sent inflates beyond {limit} bytes for "
+                       f"{file_count} files, or is cut short; retry, or report the server",
+                       reason="BAD_SERVER_READ")
+    return data
