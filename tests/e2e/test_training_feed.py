@@ -106,9 +106,22 @@ def test_server_killed_and_restarted_mid_epoch_loses_and_repeats_nothing(
 
 
 def ring_mappings(pid: int) -> list[str]:
-    """The shared-memory rings process ``pid`` maps."""
+    """The shared-memory rings process ``pid`` maps (the Loader's side)."""
     return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
             if "gristmill-ring-" in line]
+
+
+def ring_files(pid: int) -> list[str]:
+    """The rings process ``pid`` holds open (the server writes with pwrite, never maps)."""
+    held = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if "gristmill-ring-" in target:
+            held.append(target)
+    return held + ring_mappings(pid)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 15) -> bool:
@@ -143,18 +156,18 @@ def test_a_client_killed_mid_stream_leaves_no_shared_memory_behind(
                                served.admin_key], stdout=subprocess.PIPE, text=True)
     try:
         assert client.stdout is not None and client.stdout.readline().strip() == "2"
-        assert ring_mappings(client.pid) and ring_mappings(server)  # both map the ring
+        assert ring_mappings(client.pid) and ring_files(server)  # both hold the ring
         assert not list(shm_dir.iterdir())  # and its name is already gone
     finally:
         client.kill()
         client.wait(30)
-    assert wait_until(lambda: not ring_mappings(server)), ring_mappings(server)
+    assert wait_until(lambda: not ring_files(server)), ring_files(server)
     assert not list(shm_dir.iterdir())
     # the server goes on serving; a new client gets a new ring
     with Loader(served.address, DATASET, **SMALL, api_key=served.admin_key,  # type: ignore[arg-type]
                 shared_memory=True) as ld:
         assert sum(len(b) for b in ld) >= 22 and ld.pixel_path == "shared memory"
-    assert wait_until(lambda: not ring_mappings(server)), ring_mappings(server)
+    assert wait_until(lambda: not ring_files(server)), ring_files(server)
 
 
 def test_memory_stays_flat_over_20_epochs(served: Running) -> None:
@@ -174,4 +187,4 @@ def test_memory_stays_flat_over_20_epochs(served: Running) -> None:
     assert client1 - client0 < 16 * mib, f"client grew {(client1 - client0) / mib:.1f} MiB"
     assert server1 - server0 < 16 * mib, f"server grew {(server1 - server0) / mib:.1f} MiB"
     assert not ring_mappings(os.getpid())  # one ring per epoch, each unmapped after it
-    assert wait_until(lambda: not ring_mappings(server.pid)), ring_mappings(server.pid)
+    assert wait_until(lambda: not ring_files(server.pid)), ring_files(server.pid)

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gristmill.client import shm
@@ -130,3 +131,29 @@ def test_a_private_ring_has_no_name_and_serves_a_writer_in_this_process(
     reader.release(release)
     writer.close()
     reader.close()
+
+
+def test_a_record_that_starts_over_waits_only_for_records_not_yet_released(
+        shm_dir: Path) -> None:
+    reader = RingReader.create(4096, shm_dir)
+    writer = RingWriter.open(shm_dir, reader.name, reader.capacity)
+    _, _, release = writer.write([b"a" * 1500], lambda: True)
+    reader.release(release)
+    # 3000 bytes do not fit behind the first record: they start over at 0, and the
+    # skipped tail of the ring holds nothing to wait for (is_active False: no waiting)
+    offset, length, _ = writer.write([b"b" * 1000, np.full((10, 100, 2), 7, np.uint8)],
+                                     lambda: False)
+    assert (offset, length) == (0, 3000)
+    assert reader.view(offset, length).tobytes() == b"b" * 1000 + b"\7" * 2000
+    writer.close()
+    reader.close()
+
+
+def test_a_ring_without_reserved_memory_is_refused(shm_dir: Path) -> None:
+    path = shm_dir / "gristmill-ring-sparse"
+    with open(path, "wb") as f:  # the right header, the rest a hole
+        f.write(shm.MAGIC + (4096).to_bytes(8, "little"))
+        f.truncate(shm.HEADER + 4096)
+    with pytest.raises(FailedPrecondition, match="no memory reserved"):
+        RingWriter.open(shm_dir, path.name, 4096)
+    path.unlink()

@@ -8,15 +8,22 @@ protobuf codecs is wasted work. Instead:
    reserves its memory up front (so a full ``/dev/shm`` is a clear error,
    not a SIGBUS later), holds an ``flock`` on it, and names it in
    ``StreamBatchesRequest.ring``.
-2. The server maps the file and unlinks its name at once. From then on the
-   memory lives exactly as long as one side maps it: a SIGKILL of either
-   process leaves no ``/dev/shm`` entry and no mapping behind.
+2. The server opens the file and unlinks its name at once. From then on the
+   memory lives exactly as long as one side holds it open: a SIGKILL of
+   either process leaves no ``/dev/shm`` entry and no mapping behind.
 3. The server writes each batch as one contiguous record and sends only a
    :class:`~gristmill.v1.ingest_pb2.RingSlice` (offset, length, release)
    over gRPC. The Loader copies the record into its batch array and writes
    ``release`` into the ring's read counter; the server reuses the space
    only after that, waiting otherwise, so the ring is also the stream's
    back-pressure.
+
+The server never maps the ring: the file belongs to the client, and a client
+that truncates a mapped file would kill the server with SIGBUS on its next
+write. It writes with ``pwritev`` and reads the counter with ``pread`` on its
+descriptor, checks before each record that the file still has its size and
+its reserved memory, and turns a short read or a failed write into
+FAILED_PRECONDITION (reason ``SHM_RING_BROKEN``) for that stream alone.
 
 A ring whose creator died before any server opened it (the only window in
 which a name can outlive its owner) is unlocked; :func:`sweep` removes such
@@ -48,6 +55,7 @@ from gristmill.client.errors import FailedPrecondition, Internal, InvalidArgumen
 
 __all__ = [
     "DEFAULT_DIR",
+    "RING_BROKEN",
     "RING_UNAVAILABLE",
     "RingClosed",
     "RingReader",
@@ -63,6 +71,9 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR = Path("/dev/shm")
 #: ErrorInfo reason when the server cannot use the ring a request named.
 RING_UNAVAILABLE = "SHM_RING_UNAVAILABLE"
+#: ErrorInfo reason when a ring became unusable mid-stream (the client truncated,
+#: shrank or closed it).
+RING_BROKEN = "SHM_RING_BROKEN"
 MAGIC = b"GMRING01"
 HEADER = 4096
 _CAPACITY_AT = 8
@@ -74,6 +85,8 @@ NAME = re.compile(PREFIX + r"[A-Za-z0-9_-]{1,64}")
 #: Seconds an unlocked ring must have existed before :func:`sweep` removes it
 #: (a ring is locked microseconds after it is created).
 STALE_AFTER = 30.0
+#: Buffers per pwritev call (the kernel's IOV_MAX).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 class RingClosed(Exception):
@@ -159,7 +172,7 @@ class RingReader:
 
     def local_writer(self) -> RingWriter:
         """A writer of this ring in this process (``Loader.from_folder``)."""
-        return RingWriter(mmap.mmap(self._fd, HEADER + self.capacity), self.capacity)
+        return RingWriter(os.dup(self._fd), self.capacity, "(private ring)")
 
     @classmethod
     def create(cls, capacity: int, directory: Path | None = None) -> RingReader:
@@ -222,17 +235,22 @@ class RingReader:
 
 
 class RingWriter:
-    """The server's side of a ring: opens it by name, writes records in order."""
+    """The server's side of a ring: opens it by name, writes records in order.
 
-    def __init__(self, mapping: mmap.mmap, capacity: int) -> None:
+    Writes go through the file descriptor (``pwritev``), never a mapping, and
+    only inside the ring's data area; see the module notes.
+    """
+
+    def __init__(self, fd: int, capacity: int, name: str) -> None:
         self.capacity = capacity
-        self._mmap = mapping
-        self._data: npt.NDArray[np.uint8] | None = np.frombuffer(mapping, np.uint8)[HEADER:]
+        self.name = name
+        self._fd: int | None = fd
+        self._size = HEADER + capacity
         self._written = 0
 
     @classmethod
     def open(cls, directory: Path | None, name: str, capacity: int) -> RingWriter:
-        """Map the ring ``name`` in ``directory`` and unlink its name.
+        """Open the ring ``name`` in ``directory`` and unlink its name.
 
         Raises:
             InvalidArgument: the name is not a ring name.
@@ -251,7 +269,7 @@ class RingWriter:
                               "not set); stream without a ring")
         path = directory / name
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise unavailable(f"no ring {name} in {directory}: the client is on another host "
                               "or uses another shared-memory directory; stream without a "
@@ -265,25 +283,42 @@ class RingWriter:
             if not stat.S_ISREG(st.st_mode) or st.st_size != size:
                 raise unavailable(f"ring {path} is {st.st_size} bytes, the request says "
                                   f"{size}")
-            mapping = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)  # the mapping stays
-        if mapping[:len(MAGIC)] != MAGIC or \
-                struct.unpack_from("<Q", mapping, _CAPACITY_AT)[0] != capacity:
-            mapping.close()
-            raise unavailable(f"{path} is not a gristmill ring of {capacity} bytes")
+            if st.st_blocks * 512 < size:
+                raise unavailable(f"ring {path} has no memory reserved (a sparse file): "
+                                  "create rings with RingReader.create")
+            header = os.pread(fd, _READ_AT, 0)
+            if header[:len(MAGIC)] != MAGIC or len(header) < _READ_AT or \
+                    struct.unpack_from("<Q", header, _CAPACITY_AT)[0] != capacity:
+                raise unavailable(f"{path} is not a gristmill ring of {capacity} bytes")
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             path.unlink()
         except OSError:
             pass  # another user's file in a sticky directory: the client unlinks it
-        return cls(mapping, capacity)
+        return cls(fd, capacity, name)
 
     def fits(self, length: int) -> bool:
         """Whether a record of ``length`` bytes can ever be written."""
         return _aligned(length) <= self.capacity
 
-    def _released(self) -> int:
-        return int(struct.unpack_from("<Q", self._mmap, _READ_AT)[0])
+    def _broken(self, what: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"shared-memory ring {self.name} was truncated, shrunk or closed by the client "
+            f"while the server streamed into it ({what}); this stream ends here: keep the "
+            "ring intact until the stream is over, or stream without a ring",
+            reason=RING_BROKEN)
+
+    def _released(self, fd: int) -> int:
+        try:
+            raw = os.pread(fd, 8, _READ_AT)
+        except OSError as e:
+            raise self._broken(f"reading its read counter: {e.strerror}") from None
+        if len(raw) < 8:
+            raise self._broken(f"the file ends at byte {_READ_AT + len(raw)}, inside its "
+                               "header")
+        return int.from_bytes(raw, "little")
 
     def write(self, parts: Sequence[bytes | npt.NDArray[np.uint8]],
               is_active: Callable[[], bool]) -> tuple[int, int, int]:
@@ -291,12 +326,15 @@ class RingWriter:
 
         Raises:
             RingClosed: ``is_active`` turned false while waiting.
+            FailedPrecondition: (reason ``SHM_RING_BROKEN``) the client
+                truncated or shrank the ring, or writing to it failed.
         """
-        if self._data is None:
+        fd = self._fd
+        if fd is None:
             raise RingClosed("the ring is closed")
-        flat = [p.reshape(-1) if isinstance(p, np.ndarray) else np.frombuffer(p, np.uint8)
-                for p in parts]
-        length = sum(p.size for p in flat)
+        views = [memoryview(np.ascontiguousarray(p).reshape(-1))  # type: ignore[arg-type]
+                 if isinstance(p, np.ndarray) else memoryview(p) for p in parts]
+        length = sum(v.nbytes for v in views)
         if not self.fits(length):
             raise ValueError(f"a record of {length} bytes does not fit a ring of "
                              f"{self.capacity}; check fits() first")
@@ -306,26 +344,52 @@ class RingWriter:
             start += self.capacity - offset
             offset = 0
         end = start + _aligned(length)
+        # the space is free once everything up to end - capacity is released; all
+        # written records released, the skipped tail of the last lap is free too
+        need = min(end - self.capacity, self._written)
         delay = 1e-4
-        while self._released() < end - self.capacity:
+        while self._released(fd) < need:
             if not is_active():
                 raise RingClosed("the client went away")
             time.sleep(delay)
             delay = min(delay * 2, 5e-3)
-        at = offset
-        for part in flat:
-            self._data[at:at + part.size] = part
-            at += part.size
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise self._broken(e.strerror or "fstat failed") from None
+        if st.st_size != self._size or st.st_blocks * 512 < self._size:
+            raise self._broken(f"it is {st.st_size} bytes with {st.st_blocks * 512} "
+                               f"reserved, not {self._size}")
+        try:
+            _pwrite_all(fd, views, HEADER + offset)
+        except OSError as e:
+            raise self._broken(f"writing {length} bytes: {e.strerror}") from None
         self._written = end
         return offset, length, end
 
     def close(self) -> None:
-        """Unmap the ring."""
-        self._data = None
-        try:
-            self._mmap.close()
-        except BufferError:
-            pass
+        """Close the ring's descriptor."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, views: list[memoryview], at: int) -> None:
+    """Write ``views`` back to back at ``at``: one ``pwritev`` per IOV_MAX buffers."""
+    pending = [v.cast("B") for v in views if v.nbytes]
+    i = 0
+    while i < len(pending):
+        chunk = pending[i:i + _IOV_MAX]
+        n = os.pwritev(fd, chunk, at)
+        if n <= 0:
+            raise OSError(errno.EIO, "the ring took no bytes")
+        at += n
+        for v in chunk:  # skip what was written; a partly written buffer goes again
+            if n < v.nbytes:
+                pending[i] = v[n:]
+                break
+            n -= v.nbytes
+            i += 1
 
 
 def _map_new(fd: int, capacity: int, directory: Path | None) -> mmap.mmap:

@@ -173,12 +173,20 @@ def decode_sample(image: bytes, transform: Transform, *, companions: Sequence[by
         max_pixels: the decoder's pixel limit; the transform may only lower it.
     """
     limit = min(max_pixels, transform.max_pixels or max_pixels)
+    if transform.size is not None and transform.size[0] * transform.size[1] > max_pixels:
+        w, h = transform.size  # the services refuse such a request before it gets here
+        raise DecodeError(Reason.TOO_LARGE, f"the output size {w}x{h} is over the limit of "
+                          f"{max_pixels / 1e6:.1f} MP (decode.max_pixels); ask for less")
     info = probe(image, limit)
     bucket = None
     table = transform.table
     if table is not None:
         bucket = table.nearest(info.width, info.height)
         size = (bucket.width, bucket.height)
+        if size[0] * size[1] > max_pixels:
+            raise DecodeError(Reason.TOO_LARGE, f"the bucket {size[0]}x{size[1]} is over the "
+                              f"limit of {max_pixels / 1e6:.1f} MP (decode.max_pixels); ask for "
+                              "a smaller image_size")
     else:
         assert transform.size is not None
         size = transform.size

@@ -108,28 +108,38 @@ class Decoder:
 
 
 class InflightLimit:
-    """Counts samples in flight; ``acquire`` waits while admitting more would exceed the limit.
+    """Counts samples and their output bytes in flight; ``acquire`` waits while over a limit.
 
-    A batch larger than the limit is admitted alone, so no batch waits forever.
+    A batch larger than a limit is admitted alone, so no batch waits forever.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, limit_bytes: int | None = None) -> None:
         self.limit = limit
+        self.limit_bytes = limit_bytes
         self.count = 0
+        self.bytes = 0
         self._cond = threading.Condition()
 
-    def acquire(self, n: int, cancelled: threading.Event) -> bool:
-        """Wait for room for ``n``; False if ``cancelled`` was set first."""
+    def _full(self, n: int, nbytes: int) -> bool:
+        if not self.count:
+            return False
+        return self.count + n > self.limit or (
+            self.limit_bytes is not None and self.bytes + nbytes > self.limit_bytes)
+
+    def acquire(self, n: int, cancelled: threading.Event, nbytes: int = 0) -> bool:
+        """Wait for room for ``n`` samples of ``nbytes``; False if ``cancelled`` was set first."""
         with self._cond:
-            while self.count and self.count + n > self.limit:
+            while self._full(n, nbytes):
                 if cancelled.is_set():
                     return False
                 self._cond.wait(0.25)
             self.count += n
+            self.bytes += nbytes
             return True
 
-    def release(self, n: int) -> None:
-        """Give back ``n``."""
+    def release(self, n: int, nbytes: int = 0) -> None:
+        """Give back ``n`` samples of ``nbytes``."""
         with self._cond:
             self.count -= n
+            self.bytes -= nbytes
             self._cond.notify_all()

@@ -14,10 +14,20 @@ import grpc
 from gristmill.client.buckets import Bucket, bucket_table
 from gristmill.client.errors import GristmillError, InvalidArgument
 from gristmill.client.names import validate_dataset_name, validate_path
+from gristmill.client.tuning import trim_memory_soon
 from gristmill.common import metrics
 from gristmill.common.auth import Role
 from gristmill.common.service import ServiceContext, ServiceSpec
 from gristmill.decode.errors import DecodeError, Reason
+from gristmill.decode.limits import (
+    MESSAGE_FRAMING,
+    check_output_pixels,
+    mib,
+    output_size,
+    sample_bytes,
+    size_field,
+    too_large,
+)
 from gristmill.decode.pipeline import DecodedImage
 from gristmill.decode.pool import Decoder, InflightLimit, SampleInput, SampleResult
 from gristmill.decode.sources import FileSource, HubFiles, remote_store, resolve_samples
@@ -74,6 +84,8 @@ class _Batch:
     index: int
     ids: list[str]
     futures: list[Future[SampleResult]]
+    #: Estimated output bytes (what the in-flight limit counted).
+    nbytes: int = 0
 
 
 def _done(result: SampleResult) -> Future[SampleResult]:
@@ -86,10 +98,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     """gRPC front of a :class:`Decoder`."""
 
     def __init__(self, decoder: Decoder, source: FileSource | None,
-                 max_inflight_samples: int) -> None:
+                 max_inflight_samples: int, *, max_message_bytes: int | None = None,
+                 max_inflight_bytes: int | None = None) -> None:
         self.decoder = decoder
         self.source = source
         self.max_inflight_samples = max_inflight_samples
+        self.max_message_bytes = max_message_bytes
+        self.max_inflight_bytes = max_inflight_bytes
 
     def ListBuckets(self, request: decode_pb2.ListBucketsRequest,
                     context: grpc.ServicerContext) -> decode_pb2.ListBucketsResponse:
@@ -108,7 +123,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         # this generator sends finished batches in order. The reader stops reading
         # (so gRPC flow control pushes back on the client) while too many samples
         # are read but not yet sent.
-        limit = InflightLimit(self.max_inflight_samples)
+        limit = InflightLimit(self.max_inflight_samples, self.max_inflight_bytes)
         cancelled = threading.Event()
         batches: queue.Queue[_Batch | BaseException | None] = queue.Queue()
         context.add_callback(cancelled.set)
@@ -131,11 +146,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                                                                           strict=True)]
                 response = decode_pb2.DecodeResponse(results=results, batch_index=item.index)
                 metrics.DECODE_BYTES_OUT.inc(response.ByteSize())
-                limit.release(len(item.futures))
+                limit.release(len(item.futures), item.nbytes)
+                del results, item
                 yield response
         finally:
             cancelled.set()
             _cancel_pending(batches)
+            trim_memory_soon()
 
     def _read(self, requests: Iterator[decode_pb2.DecodeRequest], limit: InflightLimit,
               cancelled: threading.Event, out: queue.Queue[_Batch | BaseException | None]
@@ -146,15 +163,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             for index, request in enumerate(requests):
                 if request.HasField("transform"):
                     transform = transform_from_proto(request.transform)
+                    check_output_pixels(transform, self.decoder.max_pixels)
                 elif transform is None:
                     raise InvalidArgument("transform", "the first request of a stream must "
                                           "carry a transform (later ones may omit it)")
+                nbytes = self._output_bytes(request, transform)
                 samples = self._samples(request)
-                if not limit.acquire(len(samples), cancelled):
+                if not limit.acquire(len(samples), cancelled, nbytes):
                     return
                 futures = [_done(s) if isinstance(s, DecodeError) else
                            self.decoder.submit(s, transform) for s in samples]
-                out.put(_Batch(index, [s.id for s in request.samples], futures))
+                out.put(_Batch(index, [s.id for s in request.samples], futures, nbytes))
         except GristmillError as e:
             end = e
         except grpc.RpcError:  # the client went away
@@ -166,6 +185,34 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             out.put(end)  # always a last item: the sender never waits forever
             if cancelled.is_set():
                 _cancel_pending(out)
+
+    def _output_bytes(self, request: decode_pb2.DecodeRequest, transform: Transform) -> int:
+        """Raw output bytes the request may produce; refused if its response cannot be sent.
+
+        Re-encoded (JPEG, PNG) outputs are not checked against the message
+        limit: their size is known only after encoding.
+        """
+        size = output_size(transform)
+        sizes = [sample_bytes(transform, len(s.companions), size) for s in request.samples]
+        total = sum(sizes)
+        if self.max_message_bytes is None or transform.encoding is not Encoding.RAW or \
+                not sizes:
+            return total
+        room = self.max_message_bytes - MESSAGE_FRAMING
+        biggest = max(sizes)
+        if biggest > room:
+            raise too_large(size_field(transform), "max_message_bytes",
+                            f"one sample's raw output (companions included) is up to "
+                            f"{mib(biggest)}, and a response message carries at most "
+                            f"{mib(room)} (max_message_bytes {mib(self.max_message_bytes)}); ask "
+                            "for a smaller size or a JPEG/PNG encoding", "SAMPLE_TOO_LARGE")
+        if total > room:
+            raise too_large("samples", "max_message_bytes",
+                            f"the {len(sizes)} samples of this request make up to "
+                            f"{mib(total)} of raw pixels, and one response carries at most "
+                            f"{mib(room)} (max_message_bytes); send at most {room // biggest} "
+                            "samples per request at this size", "RESPONSE_TOO_LARGE")
+        return total
 
     def _samples(self, request: decode_pb2.DecodeRequest) -> list[SampleInput | DecodeError]:
         """Inputs of a request, store references resolved (a failed read fails its sample)."""
@@ -208,7 +255,9 @@ def _build(ctx: ServiceContext, server: grpc.Server) -> None:
         ctx.resources.append(remote)
         source = HubFiles(remote)
     decode_pb2_grpc.add_DecodeServiceServicer_to_server(
-        DecodeServicer(decoder, source, cfg.max_inflight_samples), server)
+        DecodeServicer(decoder, source, cfg.max_inflight_samples,
+                       max_message_bytes=ctx.config.max_message_bytes,
+                       max_inflight_bytes=cfg.max_inflight_bytes), server)
 
 
 SERVICE = ServiceSpec(

@@ -3,8 +3,11 @@
 A producer thread walks the plan from the cursor, reads each batch's bytes
 from the store in one call and queues it on the decoder; at most
 ``prefetch`` batches wait decoded (or decoding) ahead of the consumer, so the
-pool stays busy and memory stays bounded. The consumer takes batches in
-order and cuts each into messages of about ``chunk_bytes``.
+pool stays busy. Memory is bounded in bytes: each batch is charged to the
+stream's :class:`~gristmill.ingest.budget.StreamBudget` (its encoded bytes
+and its largest possible pixels) before it is read, and given back once it
+is sent. The consumer takes batches in order and cuts each into messages of
+about ``chunk_bytes``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from gristmill.client.handoff import put_unless_stopped
 from gristmill.client.planner import Cursor, EpochPlan, PlannedBatch
 from gristmill.client.shm import RingWriter
 from gristmill.common import metrics
+from gristmill.decode.limits import sample_bytes
 from gristmill.decode.service import bucket_message
+from gristmill.ingest.budget import StreamBudget
 from gristmill.ingest.samples import Samples, SpecInfo, sample_seed
 from gristmill.ingest.sources import DecodeBackend, Decoded, Plane, Waiter
 from gristmill.v1 import decode_pb2, ingest_pb2
@@ -44,6 +49,8 @@ class _Queued:
     position: int
     planned: PlannedBatch
     wait: Waiter
+    #: Bytes charged to the stream's budget.
+    charge: int
 
 
 def _expand(wait: Waiter, unique: list[int], planned: PlannedBatch) -> Waiter:
@@ -65,10 +72,11 @@ class BatchFeed:
 
     def __init__(self, *, spec: ingest_pb2.PlanSpec, info: SpecInfo, samples: Samples,
                  plan: EpochPlan, rank: int, start: int, stop: int, decode: DecodeBackend,
-                 prefetch: int) -> None:
+                 prefetch: int, budget: StreamBudget) -> None:
         self.spec, self.info, self.samples, self.plan = spec, info, samples, plan
         self.rank, self.start, self.stop = rank, start, stop
         self.decode = decode
+        self.budget = budget
         self._queue: queue.Queue[_Queued | BaseException | None] = queue.Queue(prefetch)
         self._stopped = threading.Event()
         self._transforms: dict[int, decode_pb2.Transform] = {}
@@ -99,6 +107,14 @@ class BatchFeed:
     def _put(self, item: _Queued | BaseException | None) -> bool:
         return put_unless_stopped(self._queue, item, self._stopped)
 
+    def charge(self, bucket: int, unique: list[int]) -> int:
+        """Bytes a batch may hold: encoded inputs and the pixels of its bucket."""
+        b = self.info.buckets[bucket]
+        pixels = sample_bytes(self.info.transform, len(self.spec.companions),
+                              (b.width, b.height))
+        sizes = self.samples.sizes
+        return len(unique) * pixels + (sum(sizes[i] for i in unique) if sizes else 0)
+
     def _produce(self) -> None:
         end: BaseException | None = None
         try:
@@ -107,8 +123,17 @@ class BatchFeed:
                 planned = batches[position]
                 # a padded batch repeats samples: decode each once
                 unique = list(dict.fromkeys(planned.samples))
-                wait = self.decode.submit(self._samples(unique), self._transform(planned.bucket))
-                if not self._put(_Queued(position, planned, _expand(wait, unique, planned))):
+                charge = self.charge(planned.bucket, unique)
+                if not self.budget.acquire(charge):
+                    return  # closed
+                try:
+                    wait = self.decode.submit(self._samples(unique),
+                                              self._transform(planned.bucket))
+                except BaseException:
+                    self.budget.release(charge)
+                    raise
+                if not self._put(_Queued(position, planned, _expand(wait, unique, planned),
+                                         charge)):
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             end = e
@@ -127,15 +152,26 @@ class BatchFeed:
                 results = item.wait()
                 metrics.INGEST_WAIT.observe(time.perf_counter() - start)
                 ids = self.samples.set.ids
-                yield DecodedBatch(Cursor(self.plan.epoch, item.position), item.planned,
-                                   self.info.buckets[item.planned.bucket],
-                                   [ids[i] for i in item.planned.samples], results)
+                batch = DecodedBatch(Cursor(self.plan.epoch, item.position), item.planned,
+                                     self.info.buckets[item.planned.bucket],
+                                     [ids[i] for i in item.planned.samples], results)
+                charge = item.charge
+                del item, results
+                yield batch
+                del batch  # sent: its pixels may go before the charge is given back
+                self.budget.release(charge)
         finally:
             self.close()
 
     def close(self) -> None:
-        """Stop reading ahead and end the decode stream."""
+        """Stop reading ahead, drop what was read ahead and end the decode stream."""
         self._stopped.set()
+        self.budget.close()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
         self.decode.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import posixpath
 import string
@@ -12,7 +13,7 @@ import numpy as np
 
 from gristmill.client.buckets import Bucket, bucket_table
 from gristmill.client.errors import FailedPrecondition, InvalidArgument
-from gristmill.client.names import validate_dataset_name
+from gristmill.client.names import MAX_PATH_BYTES, validate_dataset_name
 from gristmill.client.planner import PlanConfig, Policy, SampleSet
 from gristmill.decode.transform import Color, Encoding, Transform, transform_from_proto
 from gristmill.v1 import ingest_pb2, store_pb2
@@ -24,6 +25,9 @@ _POLICY = {ingest_pb2.PLAN_POLICY_UNSPECIFIED: Policy.EXACT,
            ingest_pb2.PLAN_POLICY_HASH: Policy.HASH,
            ingest_pb2.PLAN_POLICY_SEQUENTIAL: Policy.SEQUENTIAL}
 _FIELDS = {"stem", "name", "path"}
+#: Companion templates per spec, and characters per template.
+MAX_COMPANIONS = 16
+MAX_TEMPLATE_CHARS = 256
 #: Largest batch one rank may ask for.
 MAX_BATCH_SIZE = 4096
 MAX_WORLD_SIZE = 65536
@@ -55,6 +59,9 @@ def check_spec(spec: ingest_pb2.PlanSpec) -> SpecInfo:
     if spec.policy not in _POLICY:
         raise InvalidArgument("spec.policy", f"unknown policy {spec.policy}; use EXACT, HASH "
                               "or SEQUENTIAL")
+    if len(spec.companions) > MAX_COMPANIONS:
+        raise InvalidArgument("spec.companions", f"at most {MAX_COMPANIONS} companion "
+                              f"templates, got {len(spec.companions)}")
     for i, template in enumerate(spec.companions):
         _check_template(template, f"spec.companions[{i}]")
     if not spec.HasField("transform") or spec.transform.WhichOneof("size") is None:
@@ -79,21 +86,62 @@ def check_spec(spec: ingest_pb2.PlanSpec) -> SpecInfo:
 
 
 def _check_template(template: str, field: str) -> None:
+    """Refuse a template that is more than literal text and plain fields.
+
+    Only ``{stem}``, ``{name}`` and ``{path}``: no conversion (``!r``), format
+    spec (``:>99``), attribute or index, and no escaped braces.
+    """
+    shown = template if len(template) <= 80 else template[:77] + "..."
+
+    def bad(why: str) -> InvalidArgument:
+        return InvalidArgument(field, f"bad template {shown!r}: {why}; use literal text and "
+                               "{stem}, {name} or {path}, e.g. 'masks/{stem}.png'")
+
+    if not template:
+        raise bad("it is empty")
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise bad(f"it is longer than {MAX_TEMPLATE_CHARS} characters")
     try:
-        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        parts = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise InvalidArgument(field, f"bad template {template!r}: {e}") from None
-    if not template or names - _FIELDS or "" in names:
-        raise InvalidArgument(field, f"bad template {template!r}: use {{stem}}, {{name}} or "
-                              "{path}, e.g. 'masks/{stem}.png'")
+        raise bad(str(e)) from None
+    for literal, name, spec, conversion in parts:
+        if "{" in literal or "}" in literal:
+            raise bad("escaped braces ('{{', '}}') are not allowed")
+        if name is None:
+            continue
+        if name not in _FIELDS:
+            raise bad(f"{{{name}}} is not a field")
+        if conversion is not None or spec:
+            raise bad(f"{{{name}}} has a conversion or format spec")
 
 
 def companion_paths(path: str, prefix: str, templates: Sequence[str]) -> tuple[str, ...]:
-    """The companion paths of the sample at ``path``."""
+    """The companion paths of the sample at ``path`` (templates checked by check_spec).
+
+    Raises:
+        InvalidArgument: a path would be longer than a store path may be.
+    """
     below = path[len(prefix):] if prefix and path.startswith(prefix) else path
     stem = posixpath.splitext(below)[0]
     name = posixpath.splitext(posixpath.basename(path))[0]
-    return tuple(t.format(stem=stem, name=name, path=path) for t in templates)
+    values = {"stem": len(stem.encode()), "name": len(name.encode()),
+              "path": len(path.encode())}
+    out = []
+    for i, t in enumerate(templates):
+        # plain substitutions only: the result's length is known before it is built
+        length = len(t.encode()) + sum(values[f] for f in _fields(t))
+        if length > MAX_PATH_BYTES:
+            raise InvalidArgument(f"spec.companions[{i}]", f"template {t!r} makes a path of "
+                                  f"about {length} bytes from {path!r}, over the "
+                                  f"{MAX_PATH_BYTES} bytes a store path may have; shorten it")
+        out.append(t.format(stem=stem, name=name, path=path))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _fields(template: str) -> tuple[str, ...]:
+    return tuple(f for _, f, _, _ in string.Formatter().parse(template) if f is not None)
 
 
 def plan_id(spec: ingest_pb2.PlanSpec) -> str:
@@ -113,6 +161,8 @@ class Samples:
 
     set: SampleSet
     companions: tuple[tuple[str, ...], ...]
+    #: Encoded bytes of each sample, companions included (from the manifest).
+    sizes: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.set)
@@ -126,6 +176,7 @@ class Samples:
         media type says image (a corrupt file is then planned and reported as
         a per-sample error when decoded, instead of silently vanishing).
         """
+        entries = list(entries)
         chosen = [e for e in entries if e.path.startswith(spec.prefix)
                   and (e.HasField("image") or e.media_type.startswith("image/"))]
         companions = [companion_paths(e.path, spec.prefix, spec.companions) for e in chosen]
@@ -143,5 +194,8 @@ class Samples:
         else:
             assert info.transform.buckets is not None
             sample_set = SampleSet.from_sizes(ids, sizes, bucket_table(info.transform.buckets))
-        return cls(sample_set, tuple(companions[i] for i in keep))
+        size_of = {e.path: e.size for e in entries} if spec.companions else {}
+        encoded = tuple(chosen[i].size + sum(size_of.get(c, 0) for c in companions[i])
+                        for i in keep)
+        return cls(sample_set, tuple(companions[i] for i in keep), encoded)
 

@@ -15,11 +15,22 @@ from gristmill.client.errors import InvalidArgument
 from gristmill.client.hub import LATEST
 from gristmill.client.planner import EpochPlan, plan_epoch
 from gristmill.client.shm import RingClosed, RingWriter
+from gristmill.client.tuning import trim_memory_soon
 from gristmill.common import metrics
 from gristmill.common.auth import Role
 from gristmill.common.config import ConfigError, IngestConfig
 from gristmill.common.service import ServiceContext, ServiceSpec
+from gristmill.decode.limits import (
+    MESSAGE_FRAMING,
+    check_output_pixels,
+    mib,
+    output_size,
+    sample_bytes,
+    size_field,
+    too_large,
+)
 from gristmill.decode.service import bucket_message
+from gristmill.ingest.budget import PrefetchBudget
 from gristmill.ingest.feed import BatchFeed, batch_messages
 from gristmill.ingest.samples import Samples, SpecInfo, check_spec, plan_id
 from gristmill.ingest.sources import (
@@ -107,18 +118,62 @@ class Ingest:
     Args:
         planner: resolves specs and plans epochs.
         decode: opens a decode backend for one stream.
-        config: prefetch depth and message size.
+        config: prefetch depth and budgets, message size.
+        max_message_bytes: the largest message a stream may send (None: no
+            messages, in-process).
+        max_pixels: the decoder's pixel limit, when it runs in this process.
     """
 
     def __init__(self, planner: Planner, decode: Callable[[], DecodeBackend],
-                 config: IngestConfig) -> None:
+                 config: IngestConfig, *, max_message_bytes: int | None = None,
+                 max_pixels: int | None = None) -> None:
         self.planner = planner
         self.decode = decode
         self.config = config
+        self.max_message_bytes = max_message_bytes
+        self.max_pixels = max_pixels
+        self.budget = PrefetchBudget(config.server_prefetch_bytes)
+
+    def check_limits(self, spec: ingest_pb2.PlanSpec, info: SpecInfo) -> None:
+        """Refuse a spec whose output this server cannot decode or whose batch cannot fit.
+
+        Raises:
+            ResourceExhausted: naming the field, the limit's config key and the fix.
+        """
+        t = info.transform
+        if self.max_pixels is not None:
+            check_output_pixels(t, self.max_pixels, "spec.transform")
+        w, h = output_size(t)
+        batch = spec.batch_size * sample_bytes(t, len(spec.companions))
+        limit = self.config.stream_prefetch_bytes
+        if batch > limit:
+            raise too_large("spec.batch_size", "ingest.stream_prefetch_bytes",
+                            f"one batch of {spec.batch_size} samples of up to {w}x{h} pixels "
+                            f"({len(spec.companions)} companions each) is up to {mib(batch)}, "
+                            f"over the {mib(limit)} one stream may hold "
+                            "(ingest.stream_prefetch_bytes); lower batch_size or image_size, "
+                            "or raise the limit", "BATCH_TOO_LARGE")
+
+    def _check_message(self, spec: ingest_pb2.PlanSpec, info: SpecInfo) -> None:
+        """Refuse a spec whose single sample (a message's least) cannot fit a message."""
+        if self.max_message_bytes is None:
+            return
+        t = info.transform
+        one = sample_bytes(t, len(spec.companions))
+        room = self.max_message_bytes - MESSAGE_FRAMING
+        if one > room:
+            w, h = output_size(t)
+            raise too_large(size_field(t, "spec.transform"), "max_message_bytes",
+                            f"one sample of up to {w}x{h} pixels ({len(spec.companions)} "
+                            f"companions) is up to {mib(one)}, and a message carries at most "
+                            f"{mib(room)} (max_message_bytes {mib(self.max_message_bytes)}); "
+                            "lower image_size, or stream through shared memory on the "
+                            "server's host", "SAMPLE_TOO_LARGE")
 
     def plan_epoch(self, request: ingest_pb2.PlanEpochRequest) -> ingest_pb2.PlanEpochResponse:
         """See the PlanEpoch RPC."""
         info = check_spec(request.spec)
+        self.check_limits(request.spec, info)
         spec = self.planner.resolve(request.spec)
         samples, plan = self.planner.plan(spec, info, request.epoch)
         per_bucket: dict[int, int] = {}
@@ -142,6 +197,7 @@ class Ingest:
         """
         spec = request.spec
         info = check_spec(spec)
+        self.check_limits(spec, info)
         if spec.version in ("", LATEST):
             raise InvalidArgument("spec.version", "stream with the spec PlanEpoch returned: its "
                                   "version is pinned, so every rank reads the same files")
@@ -164,9 +220,13 @@ class Ingest:
             ring = RingWriter.open(self.config.shm_dir, request.ring.name,
                                    request.ring.capacity)
         try:
+            batch_bytes = spec.batch_size * sample_bytes(info.transform, len(spec.companions))
+            if ring is None or not ring.fits(batch_bytes):  # pixels may go inline
+                self._check_message(spec, info)
             feed = BatchFeed(spec=spec, info=info, samples=samples, plan=plan,
                              rank=request.rank, start=start, stop=stop, decode=self.decode(),
-                             prefetch=self.config.prefetch_batches)
+                             prefetch=self.config.prefetch_batches,
+                             budget=self.budget.stream(self.config.stream_prefetch_bytes))
         except BaseException:
             if ring is not None:
                 ring.close()
@@ -177,6 +237,7 @@ class Ingest:
                 if not is_active():
                     return
                 yield from batch_messages(batch, chunk, ring, is_active)
+                del batch  # its pixels go now, not when the next batch is ready
         except RingClosed:
             return
         finally:
@@ -184,6 +245,7 @@ class Ingest:
             if ring is not None:
                 ring.close()
             metrics.INGEST_STREAMS.dec()
+            trim_memory_soon()  # give back what the stream's batches used
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
@@ -222,7 +284,7 @@ def _build(ctx: ServiceContext, server: grpc.Server) -> None:
         ctx.resources.append(channel)
 
         def decode() -> DecodeBackend:
-            return RemoteDecode(stub, store)
+            return RemoteDecode(stub, store, ctx.config.max_message_bytes)
     elif "decode" in ctx.local:
         local = LocalDecode(ctx.local["decode"], store)
 
@@ -231,7 +293,10 @@ def _build(ctx: ServiceContext, server: grpc.Server) -> None:
     else:
         raise ConfigError("ingest needs a decoder: run the decode service in the same server "
                           "or set ingest.decode_address")
-    ingest = Ingest(Planner(store, cfg), decode, cfg)
+    local_decoder = ctx.local.get("decode") if not cfg.decode_address else None
+    ingest = Ingest(Planner(store, cfg), decode, cfg,
+                    max_message_bytes=ctx.config.max_message_bytes,
+                    max_pixels=local_decoder.max_pixels if local_decoder is not None else None)
     ctx.local["ingest"] = ingest
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingest), server)
 

@@ -18,6 +18,7 @@ from gristmill.client.decoding import to_array
 from gristmill.client.errors import FailedPrecondition, GristmillError, from_rpc_error
 from gristmill.client.hub import LATEST, Hub
 from gristmill.decode.errors import DecodeError
+from gristmill.decode.limits import MESSAGE_FRAMING, sample_bytes
 from gristmill.decode.pipeline import DecodedSample
 from gristmill.decode.pool import Decoder
 from gristmill.decode.service import result_message
@@ -188,11 +189,15 @@ class RemoteDecode:
     """One Decode stream to a remote decode service, kept open for a feed.
 
     Store references are resolved here (from ``source``) and sent as bytes, so
-    the decode service needs no store of its own.
+    the decode service needs no store of its own. A request carries at most
+    REQUEST_BYTES of encoded bytes, and at most as many samples as their raw
+    output fits one response of ``max_message_bytes``.
     """
 
-    def __init__(self, stub: decode_pb2_grpc.DecodeServiceStub, source: FileSource) -> None:
+    def __init__(self, stub: decode_pb2_grpc.DecodeServiceStub, source: FileSource,
+                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
         self.source = source
+        self.response_bytes = max_message_bytes - MESSAGE_FRAMING
         self._requests: queue.Queue[decode_pb2.DecodeRequest | None] = queue.Queue()
         self._pending: queue.Queue[Future[decode_pb2.DecodeResponse]] = queue.Queue()
         self._call = stub.Decode(iter(self._requests.get, None))
@@ -217,19 +222,23 @@ class RemoteDecode:
                transform: decode_pb2.Transform) -> Waiter:
         """See :class:`DecodeBackend`."""
         inputs = resolve_samples(self.source, samples)
+        t = transform_from_proto(transform)
         futures: list[Future[decode_pb2.DecodeResponse]] = []
-        request, size = decode_pb2.DecodeRequest(transform=transform), 0
+        request, size, out = decode_pb2.DecodeRequest(transform=transform), 0, 0
         for s in inputs:
             if isinstance(s, DecodeError):
                 continue  # failed reads are not sent
             n = len(s.image) + sum(len(c) for c in s.companions)
-            if request.samples and size + n > REQUEST_BYTES:
+            pixels = sample_bytes(t, len(s.companions))
+            if request.samples and (size + n > REQUEST_BYTES or
+                                    out + pixels > self.response_bytes):
                 futures.append(self._send(request))
-                request, size = decode_pb2.DecodeRequest(), 0
+                request, size, out = decode_pb2.DecodeRequest(), 0, 0
             request.samples.add(id=s.id, seed=s.seed, image=decode_pb2.ImageSource(data=s.image),
                                 companions=[decode_pb2.ImageSource(data=c)
                                             for c in s.companions])
             size += n
+            out += pixels
         if request.samples:
             futures.append(self._send(request))
 
