@@ -55,7 +55,10 @@ _CROP = {"center": decode_pb2.CROP_MODE_CENTER, "random": decode_pb2.CROP_MODE_R
 _COLOR = {"rgb": decode_pb2.COLOR_MODE_RGB, "rgba": decode_pb2.COLOR_MODE_RGBA,
           "gray": decode_pb2.COLOR_MODE_GRAY}
 #: Error reasons worth retrying: the server went away or is restarting.
-_RETRY_REASONS = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED"}
+#: Failures worth retrying within ``retry_timeout``: the server is restarting,
+#: or it is at its stream limit (another job's streams will end).
+_RETRY_REASONS = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED", "TOO_MANY_STREAMS",
+                  "TOO_MANY_STREAMS_PER_KEY"}
 _CHANNELS = {decode_pb2.COLOR_MODE_GRAY: 1, decode_pb2.COLOR_MODE_RGB: 3,
              decode_pb2.COLOR_MODE_RGBA: 4}
 #: Batches of the largest bucket a shared-memory ring holds.

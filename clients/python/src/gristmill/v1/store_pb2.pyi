@@ -765,8 +765,10 @@ class ReadFilesRequest(_message.Message):
     length: _builtins.int
     """Ranged read: number of bytes; 0 means to the end of the file."""
     max_message_bytes: _builtins.int
-    """Byte budget per response message; 0 means the server default (4 MiB),
-    between 64 KiB and the server's maximum message size.
+    """Byte budget per response message, framing included; 0 means the server
+    default (store.read_message_bytes, 4 MiB - 64 KiB, which fits gRPC's
+    default 4 MiB receive limit). At least 64 KiB; a larger budget than the
+    server's is lowered to it.
     """
     @_builtins.property
     def paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

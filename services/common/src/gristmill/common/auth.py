@@ -20,6 +20,7 @@ from pathlib import Path
 import sqlite_utils
 
 from gristmill.client.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from gristmill.common.private import private_database
 
 __all__ = ["ApiKey", "KeyStore", "Role"]
 
@@ -61,7 +62,7 @@ class KeyStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_database(self.path)
         conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=5000")
@@ -72,7 +73,6 @@ class KeyStore:
              "revoked": str},
             pk="key_id", not_null={"secret_sha256", "role", "created"}, if_not_exists=True,
         )
-        self.path.chmod(0o600)
 
     def create(self, role: Role, name: str = "") -> tuple[str, ApiKey]:
         """Create a key; returns (the full key, shown only now, and its record)."""
@@ -108,7 +108,11 @@ class KeyStore:
                        .fetchone()[0])
 
     def authenticate(self, key: str) -> ApiKey:
-        """The record of a valid key, or :class:`Unauthenticated`."""
+        """The record of a valid key, or :class:`Unauthenticated`.
+
+        Reads the key file every time (one indexed row; WAL readers never wait
+        for writers), so a key revoked by any process is refused at once.
+        """
         parts = key.split("_", 2)
         if len(parts) != 3 or parts[0] != "gm":
             raise Unauthenticated("malformed API key; expected 'authorization: Bearer gm_<id>_"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "CLIENT_ENV_VARS",
@@ -22,6 +22,7 @@ __all__ = [
     "ConfigError",
     "DecodeConfig",
     "IngestConfig",
+    "LimitsConfig",
     "ServerConfig",
     "StoreConfig",
     "TLSConfig",
@@ -62,14 +63,49 @@ class AuthConfig(_Strict):
     keys_file: Path | None = None
 
 
+class LimitsConfig(_Strict):
+    """What one server lets its clients hold at once (see docs/operations.md, "Limits").
+
+    Streams (any call that streams requests or responses) hold an RPC thread
+    for as long as they are open, so they are bounded below ``max_workers``:
+    the threads left over always serve unary calls and health checks.
+    """
+
+    #: Open streams on this server; more are refused with RESOURCE_EXHAUSTED.
+    #: Must leave at least 4 of ``max_workers`` free.
+    max_streams: int = Field(default=48, ge=1)
+    #: Open streams per API key (all ranks of a job usually share one key).
+    max_streams_per_key: int = Field(default=32, ge=1)
+    #: Calls admitted at once, running or queued for a thread; more are
+    #: refused with RESOURCE_EXHAUSTED before their request is read.
+    max_pending_calls: int = Field(default=512, ge=8)
+    #: Seconds between re-checks of the caller's API key inside a long
+    #: stream (a revoked key ends it); PutFiles is re-checked before it commits.
+    key_recheck_seconds: float = Field(default=5.0, gt=0, le=300)
+    #: A peer sending malformed requests is logged at most once per this many seconds.
+    malformed_log_seconds: float = Field(default=60.0, ge=0)
+
+
+#: Room left in each ReadFiles message for field framing, so that a message
+#: stays under gRPC's default 4 MiB receive limit in every client.
+READ_MESSAGE_DEFAULT = 4 * MiB - 64 * 1024
+
+
 class StoreConfig(_Strict):
     """The store service."""
 
     backend: Literal["fs"] = "fs"
-    #: Default byte budget of one ReadFiles response message.
-    read_message_bytes: int = Field(default=4 * MiB, ge=64 * 1024)
+    #: Byte budget of one ReadFiles response message, framing included, and
+    #: the most a request may ask for (requests may only ask for less). The
+    #: default keeps messages under gRPC's default 4 MiB client limit.
+    read_message_bytes: int = Field(default=READ_MESSAGE_DEFAULT, ge=64 * 1024)
     #: Chunk size used when streaming large files.
     read_chunk_bytes: int = Field(default=1 * MiB, ge=64 * 1024)
+    #: Run garbage collection (unreferenced blobs, staging files) at start-up.
+    gc_on_start: bool = True
+    #: Bytes held back in DATA_DIR/store/reserve so that metadata writes
+    #: (deduplicated uploads, deletes) work on a full disk; 0 disables it.
+    disk_reserve_bytes: int = Field(default=16 * MiB, ge=0)
 
 
 class DecodeConfig(_Strict):
@@ -80,8 +116,13 @@ class DecodeConfig(_Strict):
     #: Samples one Decode stream may have in flight (read but not yet sent).
     #: The stream stops reading requests at this bound: backpressure.
     max_inflight_samples: int = Field(default=64, ge=1, le=65536)
-    #: Images with more pixels than this are refused before decoding.
+    #: Images with more pixels than this are refused before decoding; so are
+    #: requests for a larger output (a fixed size or a bucket).
     max_pixels: int = Field(default=100_000_000, ge=1)
+    #: Output bytes one Decode stream may have in flight (decoded, not yet
+    #: sent), estimated from the output size; a request alone is always
+    #: admitted. With ``max_inflight_samples``, the stream's backpressure.
+    max_inflight_bytes: int = Field(default=256 * MiB, ge=MiB)
     #: Store for ``ref`` sources when the store service is not in this process:
     #: its address (host:port), the API key to read with (a reader key), and
     #: the CA certificate when the store serves TLS.
@@ -94,8 +135,18 @@ class IngestConfig(_Strict):
     """The training feed (see docs/ingest.md)."""
 
     #: Batches one stream decodes ahead of what it has sent: keeps the decode
-    #: pool busy while bounding memory (about prefetch x batch bytes).
+    #: pool busy. Memory is bounded by the two byte budgets below.
     prefetch_batches: int = Field(default=4, ge=1, le=256)
+    #: Bytes one stream may hold ahead of its consumer: decoded pixels (and
+    #: companions) of the batches it decoded or is decoding and not yet sent,
+    #: plus their encoded bytes until decoded. A request whose single batch
+    #: (batch_size x largest bucket x channels, companions included) is larger
+    #: is refused with RESOURCE_EXHAUSTED.
+    stream_prefetch_bytes: int = Field(default=256 * MiB, ge=MiB)
+    #: Bytes all streams of this server may hold ahead of their consumers
+    #: together. A stream that holds nothing may always take its next batch, so
+    #: the most held is this plus one batch per open stream.
+    server_prefetch_bytes: int = Field(default=1024 * MiB, ge=MiB)
     #: Default payload bytes per StreamBatches message (a sample is never split).
     chunk_bytes: int = Field(default=1 * MiB, ge=64 * 1024, le=32 * MiB)
     #: Sample lists (from manifests) and epoch plans kept in memory.
@@ -128,16 +179,33 @@ class ServerConfig(_Strict):
     #: Services to run; empty means every installed one.
     services: tuple[str, ...] = ()
     max_message_bytes: int = Field(default=64 * MiB, ge=MiB)
-    max_workers: int = Field(default=32, ge=2)
+    #: RPC threads; streams may hold at most ``limits.max_streams`` of them.
+    max_workers: int = Field(default=64, ge=8, le=1024)
     #: Seconds in-flight calls may take to finish after SIGTERM; keep it below
     #: Kubernetes' terminationGracePeriodSeconds.
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     auth: AuthConfig = AuthConfig()
+    limits: LimitsConfig = LimitsConfig()
     tls: TLSConfig | None = None
     store: StoreConfig = StoreConfig()
     decode: DecodeConfig = DecodeConfig()
     ingest: IngestConfig = IngestConfig()
+
+    @model_validator(mode="after")
+    def _limits_fit(self) -> ServerConfig:
+        if self.limits.max_streams > self.max_workers - 4:
+            raise ValueError(f"limits.max_streams ({self.limits.max_streams}) must leave at least "
+                             f"4 of max_workers ({self.max_workers}) for unary calls and health "
+                             "checks: lower it or raise max_workers")
+        if self.ingest.stream_prefetch_bytes > self.ingest.server_prefetch_bytes:
+            raise ValueError(f"ingest.stream_prefetch_bytes ({self.ingest.stream_prefetch_bytes}) "
+                             "must not exceed ingest.server_prefetch_bytes "
+                             f"({self.ingest.server_prefetch_bytes})")
+        if self.store.read_message_bytes > self.max_message_bytes - 64 * 1024:
+            raise ValueError(f"store.read_message_bytes ({self.store.read_message_bytes}) must be "
+                             f"at least 64 KiB below max_message_bytes ({self.max_message_bytes})")
+        return self
 
     @property
     def keys_file(self) -> Path:
@@ -178,6 +246,9 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 def _describe(err: ValidationError, sources: str) -> str:
     lines = []
     for e in err.errors():
+        if not e["loc"]:  # a rule between keys
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+            continue
         key = ".".join(str(p) for p in e["loc"])
         env = ENV_PREFIX + "__".join(str(p) for p in e["loc"]).upper()
         if e["type"] == "extra_forbidden":

@@ -13,11 +13,15 @@ __all__ = [
     "DECODE_SAMPLES",
     "INGEST_BATCHES",
     "INGEST_BYTES_OUT",
+    "INGEST_PREFETCH_BYTES",
     "INGEST_SAMPLES",
     "INGEST_STREAMS",
     "INGEST_WAIT",
     "RPC_DURATION",
     "RPC_IN_FLIGHT",
+    "RPC_MALFORMED",
+    "RPC_REJECTED",
+    "RPC_STREAMS_OPEN",
     "RPC_TOTAL",
     "STORE_BLOBS_CREATED",
     "STORE_BYTES_READ",
@@ -38,6 +42,14 @@ RPC_DURATION = Histogram(
     ["service", "method"], buckets=_LATENCY_BUCKETS,
 )
 RPC_IN_FLIGHT = Gauge("gristmill_rpc_in_flight", "RPCs being served", ["service", "method"])
+RPC_STREAMS_OPEN = Gauge("gristmill_rpc_streams_open",
+                         "Open streaming calls (bounded by limits.max_streams)")
+RPC_REJECTED = Counter(
+    "gristmill_rpc_rejected", "Calls refused before they ran, by reason (UNAUTHENTICATED, "
+    "PERMISSION_DENIED, TOO_MANY_STREAMS, TOO_MANY_STREAMS_PER_KEY, KEY_REVOKED)", ["reason"],
+)
+RPC_MALFORMED = Counter("gristmill_rpc_malformed_requests",
+                        "Request messages that did not parse", ["service", "method"])
 
 STORE_BYTES_WRITTEN = Counter("gristmill_store_bytes_written", "File bytes received by PutFiles")
 STORE_BYTES_READ = Counter("gristmill_store_bytes_read", "File bytes sent by ReadFiles")
@@ -63,6 +75,10 @@ INGEST_SAMPLES = Counter("gristmill_ingest_samples",
 INGEST_BYTES_OUT = Counter("gristmill_ingest_bytes_out",
                            "Pixel bytes sent to trainers, by path (grpc, shm)", ["path"])
 INGEST_STREAMS = Gauge("gristmill_ingest_streams", "Open StreamBatches calls")
+INGEST_PREFETCH_BYTES = Gauge(
+    "gristmill_ingest_prefetch_bytes",
+    "Bytes streams hold ahead of their consumers (bounded by ingest.server_prefetch_bytes "
+    "plus one batch per stream)")
 INGEST_WAIT = Histogram(
     "gristmill_ingest_wait_seconds",
     "Time a stream waited for its next batch to be decoded (0 when prefetch keeps up)",

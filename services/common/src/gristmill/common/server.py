@@ -17,16 +17,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gristmill.client.tuning import tune_malloc
+from gristmill.client.tuning import SERVER_ARENAS, tune_malloc
 from gristmill.common.auth import KeyStore, Role
 from gristmill.common.config import ServerConfig
-from gristmill.common.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from gristmill.common.interceptors import (
+    AuthInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+    StreamLimiter,
+)
 from gristmill.common.metrics import start_metrics_server
+from gristmill.common.private import private_dir
 from gristmill.common.service import ServiceContext, ServiceSpec, select_services
 
 __all__ = ["GristmillServer", "create_server", "ensure_admin_key", "serve"]
 
 log = logging.getLogger("gristmill.server")
+
+#: Exit code when the server's serving machinery failed (EX_SOFTWARE).
+SERVING_FAILED = 70
 
 
 @dataclass
@@ -39,18 +48,33 @@ class GristmillServer:
     services: list[ServiceSpec]
     keys: KeyStore | None
     grace: float
+    limiter: StreamLimiter
+    #: gRPC's thread that accepts calls; set by :meth:`start`.
+    serving_thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Start serving and report SERVING on health."""
+        before = set(threading.enumerate())
         self.grpc_server.start()
+        started = [t for t in threading.enumerate() if t not in before]
+        # grpc starts exactly one thread, running grpc._server._serve
+        self.serving_thread = next((t for t in started if "_serve" in t.name),
+                                   started[0] if len(started) == 1 else None)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for spec in self.services:
             self.health.set(spec.full_name, health_pb2.HealthCheckResponse.SERVING)
 
+    def serving(self) -> bool:
+        """Whether gRPC's accepting thread is alive (False: no call will ever be served)."""
+        return self.serving_thread is None or self.serving_thread.is_alive()
+
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish, close."""
+        grace = self.grace if grace is None else grace
         self.health.enter_graceful_shutdown()
-        self.grpc_server.stop(self.grace if grace is None else grace).wait()
+        # with a dead serving thread gRPC never reports the end: do not wait forever
+        if not self.grpc_server.stop(grace).wait(grace + 5):
+            log.error("the gRPC server did not stop within %.0f s; closing anyway", grace + 5)
         for res in reversed(self.context.resources):
             res.close()
         if self.keys is not None:
@@ -79,18 +103,24 @@ def create_server(config: ServerConfig,
     Binding port 0 picks a free port, which is what tests do.
     """
     specs = services if services is not None else select_services(config.services)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(config.data_dir)
+    limits = config.limits
     keys = KeyStore(config.keys_file) if config.auth.enabled else None
     roles: dict[str, Role] = {}
     for spec in specs:
         roles.update(spec.method_roles())
-    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(), ErrorInterceptor()]
+    # order matters: auth refuses before a stream takes a slot, errors map everything inside
+    interceptors: list[grpc.ServerInterceptor] = [
+        MetricsInterceptor(), ErrorInterceptor(limits.malformed_log_seconds)]
     if keys is not None:
-        interceptors.append(AuthInterceptor(keys, roles))
+        interceptors.append(AuthInterceptor(keys, roles, limits.key_recheck_seconds))
+    limiter = StreamLimiter(limits.max_streams, limits.max_streams_per_key)
+    interceptors.append(limiter)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers,
                                    thread_name_prefix="gristmill-rpc"),
         interceptors=interceptors,
+        maximum_concurrent_rpcs=limits.max_pending_calls,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -112,7 +142,7 @@ def create_server(config: ServerConfig,
         raise OSError(f"cannot listen on {address}: is the port in use? Pick another with "
                       "--port")
     return GristmillServer(server, health_servicer, ctx, specs, keys,
-                           config.shutdown_grace_seconds), port
+                           config.shutdown_grace_seconds, limiter), port
 
 
 def ensure_admin_key(config: ServerConfig) -> Path | None:
@@ -138,7 +168,7 @@ def serve(config: ServerConfig, ready_file: Path | None = None) -> int:
     With ``ready_file``, writes ``{"port": ..., "metrics_port": ...}`` there once
     serving (atomically), so scripts can use port 0.
     """
-    tune_malloc()
+    tune_malloc(arena_max=SERVER_ARENAS)  # memory freed by a stream can go back (trim)
     admin_file = ensure_admin_key(config)
     if admin_file is not None:
         print(f"created an admin API key, stored in {admin_file} (readable by you only)",
@@ -167,7 +197,16 @@ def serve(config: ServerConfig, ready_file: Path | None = None) -> int:
         tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port}))
         os.replace(tmp, ready_file)
     while not stop.wait(0.5):
-        pass
+        if not server.serving():
+            # e.g. "can't start new thread" killed gRPC's accepting thread: the
+            # process would live on and serve nothing. Exit so a supervisor restarts it.
+            log.critical("the gRPC serving thread died; exiting so that a supervisor "
+                         "restarts this server")
+            print("gristmill: the gRPC serving thread died (see the log); exiting",
+                  file=sys.stderr, flush=True)
+            server.stop(0)
+            logging.shutdown()
+            os._exit(SERVING_FAILED)  # RPC threads stuck in streams would block a normal exit
     server.stop()
     log.info("stopped")
     return 0
