@@ -106,3 +106,29 @@ def test_a_255_byte_segment_uploads_and_downloads(hub: Hub, tmp_path: Path) -> N
     assert hub.get_file("long", f"deep/{name}").read_bytes() == b"long name"
     leftovers = [p.name for p in (tmp_path / "out").rglob(".*")]
     assert leftovers == []
+
+
+def test_paths_stored_before_the_rules_stay_readable_and_deletable(server: Running) -> None:
+    """Rows written by an older release (NFD spelling, a zero-width joiner in an emoji name)
+    are read and deleted by the spelling the manifest shows; new uploads stay strict."""
+    stub = server.store()
+    stub.CreateDataset(store_pb2.CreateDatasetRequest(name="legacy"))
+    legacy = {f"{NFD}.txt": b"nfd", "family-\U0001F468\u200d\U0001F469.txt": b"zwj"}
+    for i, data in enumerate(legacy.values()):
+        stub.PutFiles(iter([put("legacy", f"tmp{i}.txt", data)]))
+    assert server.server is not None
+    catalog = server.server.context.local["store"].catalog
+    for i, path in enumerate(legacy):  # as the previous release stored them
+        catalog.db.execute("UPDATE files SET path = ? WHERE dataset = 'legacy' AND path = ?",
+                           [path, f"tmp{i}.txt"])
+    listed = [f.path for f in stub.ListManifest(
+        store_pb2.ListManifestRequest(dataset="legacy")).files]
+    assert sorted(listed) == sorted(legacy)
+    for path, data in legacy.items():
+        assert read(server, "legacy", path) == (path, data)
+    deleted = stub.DeleteFiles(store_pb2.DeleteFilesRequest(dataset="legacy",
+                                                            paths=list(legacy)))
+    assert deleted.deleted == 2
+    with pytest.raises(grpc.RpcError) as info:
+        stub.PutFiles(iter([put("legacy", "family-\U0001F468\u200d\U0001F469.txt", b"x")]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

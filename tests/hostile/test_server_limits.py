@@ -20,7 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gristmill.common.auth import KeyStore
 from gristmill.v1 import store_pb2, store_pb2_grpc
-from tests.helpers import Running, iter_chunks, spawn_server, start_in_process, stop_process
+from tests.helpers import (
+    Running,
+    config_for,
+    iter_chunks,
+    spawn_server,
+    start_in_process,
+    stop_process,
+)
 
 MiB = 1024 * 1024
 STORE = "/gristmill.v1.StoreService"
@@ -77,7 +84,7 @@ def test_open_streams_never_starve_health_or_unary_calls(tmp_path: Path) -> None
                 next(w)
             except grpc.RpcError as e:
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
-                assert "limits.max_stream" in (e.details() or "")
+                assert "limits.max_" in (e.details() or "")
                 refused += 1
         assert refused == 32
         assert running.server.limiter.open_streams == 8
@@ -97,6 +104,72 @@ def test_open_streams_never_starve_health_or_unary_calls(tmp_path: Path) -> None
         for ch in channels:
             ch.close()
         running.server.stop(0)
+
+
+def test_health_port_answers_when_the_main_port_is_full(tmp_path: Path) -> None:
+    running = start_in_process(tmp_path / "data", max_workers=16, health_port=0,
+                               limits={"max_pending_calls": 8, "max_keyless_streams": 8})
+    assert running.server is not None and running.server.health_port
+    probe = f"127.0.0.1:{running.server.health_port}"
+    channels = [grpc.insecure_channel(running.address) for _ in range(8)]
+    try:
+        watches = [health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
+                   for ch in channels]
+        for w in watches:
+            next(w)  # 8 calls admitted: the main port takes no more
+        with pytest.raises(grpc.RpcError) as info:
+            _health(running.address)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        _health(probe)  # the probe port has threads of its own
+        with grpc.insecure_channel(probe) as ch, pytest.raises(grpc.RpcError) as info:
+            next(health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest()))
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        for w in watches:
+            w.cancel()
+    finally:
+        for ch in channels:
+            ch.close()
+        running.server.stop(0)
+    with pytest.raises(grpc.RpcError):
+        _health(probe, timeout=1)
+
+
+def test_keyless_streams_cannot_take_a_keys_slots(tmp_path: Path) -> None:
+    """Health Watch needs no key: whatever key id its caller claims, it counts as keyless."""
+    running = start_in_process(tmp_path / "data", max_workers=24, limits={
+        "max_streams": 12, "max_streams_per_key": 3, "max_keyless_streams": 4})
+    assert running.server is not None
+    _upload(running, "big", "f.bin", os.urandom(MiB))
+    reader = running.key("reader")
+    claimed = f"gm_{reader.split('_')[1]}_not-the-secret"
+    channels = [grpc.insecure_channel(running.address) for _ in range(10)]
+    try:
+        watches = [health_pb2_grpc.HealthStub(ch).Watch(
+            health_pb2.HealthCheckRequest(), metadata=_auth(claimed)) for ch in channels]
+        refused = 0
+        for w in watches:
+            try:
+                next(w)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "max_keyless_streams" in (e.details() or "")
+                refused += 1
+        assert refused == 6
+        req = store_pb2.ReadFilesRequest(dataset="big", paths=["f.bin"])
+        got = sum(len(p.data) for r in running.store(reader).ReadFiles(req) for p in r.files)
+        assert got == MiB
+        for w in watches:
+            w.cancel()
+    finally:
+        for ch in channels:
+            ch.close()
+        running.server.stop(0)
+
+
+def test_old_configs_still_start_with_derived_stream_limits(tmp_path: Path) -> None:
+    config = config_for(tmp_path / "data", max_workers=32)
+    assert (config.max_streams, config.max_streams_per_key) == (24, 24)
+    assert config_for(tmp_path / "data", max_workers=4).max_streams == 1
 
 
 def test_streams_are_bounded_per_key(tmp_path: Path) -> None:

@@ -92,13 +92,18 @@ def validate_sha256(value: str, field: str = "sha256") -> str:
     return value
 
 
-def validate_path(path: str, field: str = "path") -> str:
+def validate_path(path: str, field: str = "path", *, strict: bool = True) -> str:
     """A relative, normalised POSIX path that cannot escape the dataset; returns its NFC form.
 
     Refused: empty, absolute, ``.``/``..`` segments (also percent-encoded),
     empty segments (``a//b``, trailing ``/``), backslashes, NUL, control,
     bidirectional, zero-width and other invisible format characters, over
     1024 bytes or a segment over 255 bytes (both counted in UTF-8 after NFC).
+
+    ``strict=False`` (reads and deletes of what may have been stored before
+    these rules) refuses only what the first release refused of characters:
+    NUL and the C0 controls; every rule that keeps a path inside its dataset
+    still applies.
     """
     def bad(why: str, fix: str = "use a relative path like 'train/cats/001.jpg'"
             ) -> InvalidArgument:
@@ -107,6 +112,9 @@ def validate_path(path: str, field: str = "path") -> str:
                                reason="INVALID_PATH")
 
     refused = refused_character(path)
+    if not strict and refused is not None and \
+            not any(ord(c) < 32 or ord(c) == 127 for c in path):
+        refused = None
     if not path:
         raise bad("it is empty")
     if refused is not None:

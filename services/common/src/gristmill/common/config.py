@@ -72,10 +72,17 @@ class LimitsConfig(_Strict):
     """
 
     #: Open streams on this server; more are refused with RESOURCE_EXHAUSTED.
-    #: Must leave at least 4 of ``max_workers`` free.
-    max_streams: int = Field(default=48, ge=1)
-    #: Open streams per API key (all ranks of a job usually share one key).
-    max_streams_per_key: int = Field(default=32, ge=1)
+    #: Default: ``max_workers`` less a quarter of them (at least 4) for unary
+    #: calls and health (48 of 64). Set, it must leave 4 of ``max_workers`` free.
+    max_streams: int | None = Field(default=None, ge=1)
+    #: Open streams per API key; default ``max_streams``. Lower it to keep one
+    #: job (all its ranks share a key) from taking every stream, and keep
+    #: it at least the ``max_streams`` of any gristmill service calling this
+    #: one with a service key (ingest reading from store and decode).
+    max_streams_per_key: int | None = Field(default=None, ge=1)
+    #: Open streams of services anyone may call without a key (health Watch,
+    #: reflection), counted together whatever key a caller sends.
+    max_keyless_streams: int = Field(default=8, ge=1)
     #: Calls admitted at once, running or queued for a thread; more are
     #: refused with RESOURCE_EXHAUSTED before their request is read.
     max_pending_calls: int = Field(default=512, ge=8)
@@ -176,11 +183,15 @@ class ServerConfig(_Strict):
     #: Prometheus /metrics port; 0 picks a free one, None disables it.
     metrics_port: int | None = Field(default=9450, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    #: A port that answers only health Check, on two threads of its own, so
+    #: Kubernetes probes never wait behind other calls; 0 picks a free one,
+    #: None (default) serves health on ``port`` only.
+    health_port: int | None = Field(default=None, ge=0, le=65535)
     #: Services to run; empty means every installed one.
     services: tuple[str, ...] = ()
     max_message_bytes: int = Field(default=64 * MiB, ge=MiB)
     #: RPC threads; streams may hold at most ``limits.max_streams`` of them.
-    max_workers: int = Field(default=64, ge=8, le=1024)
+    max_workers: int = Field(default=64, ge=2, le=1024)
     #: Seconds in-flight calls may take to finish after SIGTERM; keep it below
     #: Kubernetes' terminationGracePeriodSeconds.
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
@@ -194,7 +205,8 @@ class ServerConfig(_Strict):
 
     @model_validator(mode="after")
     def _limits_fit(self) -> ServerConfig:
-        if self.limits.max_streams > self.max_workers - 4:
+        if self.limits.max_streams is not None and \
+                self.limits.max_streams > max(1, self.max_workers - 4):
             raise ValueError(f"limits.max_streams ({self.limits.max_streams}) must leave at least "
                              f"4 of max_workers ({self.max_workers}) for unary calls and health "
                              "checks: lower it or raise max_workers")
@@ -206,6 +218,18 @@ class ServerConfig(_Strict):
             raise ValueError(f"store.read_message_bytes ({self.store.read_message_bytes}) must be "
                              f"at least 64 KiB below max_message_bytes ({self.max_message_bytes})")
         return self
+
+    @property
+    def max_streams(self) -> int:
+        """Open streams allowed (``limits.max_streams`` or its default from ``max_workers``)."""
+        if self.limits.max_streams is not None:
+            return self.limits.max_streams
+        return max(1, self.max_workers - max(4, self.max_workers // 4))
+
+    @property
+    def max_streams_per_key(self) -> int:
+        """Open streams allowed per API key."""
+        return self.limits.max_streams_per_key or self.max_streams
 
     @property
     def keys_file(self) -> Path:

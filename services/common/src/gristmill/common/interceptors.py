@@ -23,6 +23,7 @@ What a hostile client cannot do, and where that is enforced:
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -38,6 +39,7 @@ from gristmill.client.errors import (
     InvalidArgument,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 from gristmill.common import metrics
 from gristmill.common.auth import KeyStore, Role
@@ -106,6 +108,10 @@ def _rejection(error: GristmillError) -> Handler:
     return grpc.stream_stream_rpc_method_handler(reject)
 
 
+#: The stream-limit bucket of open services (health, reflection), keys or not.
+_KEYLESS = "(open services)"
+
+
 def _bearer(metadata: Metadata) -> str:
     for name, value in metadata or ():
         if name == "authorization":
@@ -165,22 +171,48 @@ def _tolerant(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | 
     return tolerant
 
 
+def _host(peer: str) -> str:
+    """``ipv4:10.0.0.1:53211`` -> ``ipv4:10.0.0.1`` (a reconnecting client is one host)."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer
+
+
 class _PeerLog:
-    """At most one warning per peer per interval (bounded memory whatever the peers)."""
+    """At most one warning per peer host per interval, and a few per interval in all.
+
+    What is not logged is counted and reported with the next warning that is.
+    """
+
+    #: Warnings per interval across all hosts (a spoofing or many-host flood).
+    MAX_PER_INTERVAL = 10
 
     def __init__(self, interval: float) -> None:
         self._interval = interval
         self._last: dict[str, float] = {}
+        self._window = (0.0, 0)  # start of the current interval, warnings in it
+        self._suppressed = 0
         self._lock = threading.Lock()
 
     def warn(self, peer: str, message: str, *args: object) -> None:
         now = time.monotonic()
+        host = _host(peer)
         with self._lock:
-            if now - self._last.get(peer, -1e18) < self._interval:
+            start, count = self._window
+            if now - start >= self._interval:
+                start, count = now, 0
+            if now - self._last.get(host, -1e18) < self._interval or \
+                    count >= self.MAX_PER_INTERVAL:
+                self._suppressed += 1
                 return
             if len(self._last) > 4096:
-                self._last.clear()
-            self._last[peer] = now
+                self._last = {h: t for h, t in self._last.items()
+                              if now - t < self._interval}
+            self._last[host] = now
+            self._window = (start, count + 1)
+            suppressed, self._suppressed = self._suppressed, 0
+        if suppressed:
+            message += f" ({suppressed} similar warnings suppressed)"
         log.warning(message, *args, extra={"peer": peer})
 
 
@@ -318,13 +350,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self._keys.require(key, needed, method)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        """Refuse the call now (request unread) or wrap it with periodic re-checks."""
-        handler = continuation(details)
-        if handler is None:
-            return None
+        """Refuse the call now (request unread) or wrap it with periodic re-checks.
+
+        The key is checked before the interceptors after this one run, so the
+        stream limiter only ever sees keys that were verified.
+        """
         method = details.method
         if _split(method)[0] in OPEN_SERVICES:
-            return handler
+            return continuation(details)
         # methods nobody declared need admin: safe by default
         needed = self._roles.get(method, Role.ADMIN)
         token = _bearer(details.invocation_metadata)
@@ -332,6 +365,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
             self._check(token, needed, method)
         except GristmillError as e:
             return _rejection(e)
+        except sqlite3.Error as e:  # the key file is unreadable: not the caller's fault
+            log.error("cannot read API keys: %s", e)
+            return _rejection(Unavailable(
+                "the server cannot read its API keys right now; retry, and tell the operator",
+                reason="KEYS_UNAVAILABLE"))
+        handler = continuation(details)
+        if handler is None:
+            return None
         if not _streams(handler):
             return handler
         return _rewrap(handler, lambda b, h: self._rechecking(b, h, token, needed, method))
@@ -343,6 +384,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
         def recheck() -> None:
             try:
                 self._check(token, needed, method)
+            except sqlite3.Error:
+                return  # the key file is briefly unreadable: check again next time
             except GristmillError as e:
                 metrics.RPC_REJECTED.labels("KEY_REVOKED").inc()
                 log.warning("ending %s: the caller's API key is no longer valid (%s)", method,
@@ -388,9 +431,13 @@ class StreamLimiter(grpc.ServerInterceptor):
     reflection) count too, under the empty key.
     """
 
-    def __init__(self, max_streams: int, max_per_key: int) -> None:
+    def __init__(self, max_streams: int, max_per_key: int, max_keyless: int,
+                 keys_verified: bool = True) -> None:
         self._max = max_streams
         self._max_per_key = max_per_key
+        self._max_keyless = max_keyless
+        #: False when auth is off: a key id in the header proves nothing then
+        self._keys_verified = keys_verified
         self._lock = threading.Lock()
         self._open = 0
         self._by_key: Counter[str] = Counter()
@@ -406,8 +453,15 @@ class StreamLimiter(grpc.ServerInterceptor):
                 f"this server has {self._open} open streams, its limit (limits.max_streams); "
                 "retry with backoff, or ask the operator to raise limits.max_streams and "
                 "max_workers or add replicas", reason="TOO_MANY_STREAMS")
+        if key == _KEYLESS:
+            if self._by_key[key] >= self._max_keyless:
+                return ResourceExhausted(
+                    f"{self._by_key[key]} streams without an API key (health Watch, reflection) "
+                    "are open, the limit (limits.max_keyless_streams); close some or retry "
+                    "later", reason="TOO_MANY_STREAMS_PER_KEY")
+            return None
         if self._by_key[key] >= self._max_per_key:
-            who = f"API key {key}" if key else "callers without an API key"
+            who = f"API key {key}" if key else "this server's callers (auth is off)"
             return ResourceExhausted(
                 f"{who}: {self._by_key[key]} open streams already, the per-key limit "
                 "(limits.max_streams_per_key); close finished streams (e.g. Loader.close()) "
@@ -437,7 +491,12 @@ class StreamLimiter(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or not _streams(handler):
             return handler
-        key = _key_id(details.invocation_metadata)
+        if _split(details.method)[0] in OPEN_SERVICES:
+            key = _KEYLESS  # whatever the header claims: nobody checked it
+        elif self._keys_verified:
+            key = _key_id(details.invocation_metadata)  # verified by AuthInterceptor
+        else:
+            key = ""
         with self._lock:
             refusal = self._refusal(key)
         if refusal is not None:

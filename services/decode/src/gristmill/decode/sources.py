@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from gristmill.client.errors import GristmillError, Unavailable, from_item_error
+from gristmill.client.errors import (
+    GristmillError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    from_item_error,
+)
 from gristmill.client.hub import Hub
 from gristmill.common import metrics
 from gristmill.decode.errors import DecodeError, Reason
@@ -82,8 +89,11 @@ def read_refs(source: FileSource | None, refs: list[decode_pb2.StoreRef]
                     raise GristmillError("this server has no store to read references from; "
                                          "send the bytes inline or set decode.store_address")
                 got = source.read_bytes(dataset, version, chunk)
-            except Unavailable:
-                raise  # the store is down: fail the call so the client retries
+            except (Unavailable, ResourceExhausted, Unauthenticated, PermissionDenied):
+                # the store is down, at its stream limit, or refuses this server's key:
+                # fail the call (the client retries or reports it) rather than
+                # turning every sample of the batch into an error and dropping it
+                raise
             except GristmillError as e:
                 got = dict.fromkeys(chunk, e)
             for p in chunk:

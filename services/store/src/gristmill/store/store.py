@@ -344,8 +344,10 @@ class Store:
     def delete_files(self, dataset: str, paths: list[str]) -> int:
         """Remove paths from the head; returns how many were present."""
         self.get_dataset(dataset, "dataset")
-        paths = [validate_path(p, f"paths[{i}]") for i, p in enumerate(paths)]
-        deleted, unreferenced = self.catalog.delete_files(dataset, paths)
+        canonical = [validate_path(p, f"paths[{i}]", strict=False) for i, p in enumerate(paths)]
+        # a path stored before NFC normalisation keeps its spelling: delete that too
+        spellings = list(dict.fromkeys(canonical + paths))
+        deleted, unreferenced = self.catalog.delete_files(dataset, spellings)
         self._collect(unreferenced)
         return deleted
 
@@ -374,7 +376,8 @@ class Store:
         """
         canonical = _check_paths(paths)
         resolved = self.resolve(dataset, version)
-        found = _as_sent(self.catalog.lookup(dataset, resolved, canonical), paths, canonical)
+        found = _as_sent(self.catalog.lookup(dataset, resolved, _spellings(paths, canonical)),
+                         paths, canonical)
         out: dict[str, bytes | GristmillError] = {}
         for path in paths:
             entry = found.get(path)
@@ -415,7 +418,8 @@ class Store:
         # a request may ask for smaller messages, never for more memory than configured
         budget = min(budget or self.read_message_bytes, self.read_message_bytes)
         resolved = self.resolve(dataset, version)
-        found = _as_sent(self.catalog.lookup(dataset, resolved, canonical), paths, canonical)
+        found = _as_sent(self.catalog.lookup(dataset, resolved, _spellings(paths, canonical)),
+                         paths, canonical)
         resp = store_pb2.ReadFilesResponse()
         used = 0
         for path in paths:
@@ -480,13 +484,24 @@ def _check_paths(paths: list[str]) -> list[str]:
     if len(paths) > MAX_PATHS_PER_CALL:
         raise InvalidArgument("paths", f"at most {MAX_PATHS_PER_CALL} paths per call; split "
                               "the request")
-    return [validate_path(p, f"paths[{i}]") for i, p in enumerate(paths)]
+    return [validate_path(p, f"paths[{i}]", strict=False) for i, p in enumerate(paths)]
+
+
+def _spellings(sent: list[str], canonical: list[str]) -> list[str]:
+    """NFC paths, and the spelling sent where it differs (rows stored before NFC)."""
+    return list(dict.fromkeys(canonical + [s for s, c in zip(sent, canonical, strict=True)
+                                           if s != c]))
 
 
 def _as_sent(found: dict[str, store_pb2.FileEntry], sent: list[str], canonical: list[str]
              ) -> dict[str, store_pb2.FileEntry]:
-    """Entries found by NFC path, keyed by the path as the request spelled it."""
-    return {s: found[c] for s, c in zip(sent, canonical, strict=True) if c in found}
+    """Entries found by NFC path (else as spelled), keyed by the path as the request spelled it."""
+    out = {}
+    for s, c in zip(sent, canonical, strict=True):
+        entry = found.get(c) or found.get(s)
+        if entry is not None:
+            out[s] = entry
+    return out
 
 
 def _not_in_version(path: str, dataset: str, version: str) -> NotFound:
