@@ -49,6 +49,9 @@ class GristmillServer:
     keys: KeyStore | None
     grace: float
     limiter: StreamLimiter
+    #: The health-only server on ``health_port`` (None: health on the main port only).
+    health_server: grpc.Server | None = None
+    health_port: int | None = None
     #: gRPC's thread that accepts calls; set by :meth:`start`.
     serving_thread: threading.Thread | None = None
 
@@ -60,6 +63,8 @@ class GristmillServer:
         # grpc starts exactly one thread, running grpc._server._serve
         self.serving_thread = next((t for t in started if "_serve" in t.name),
                                    started[0] if len(started) == 1 else None)
+        if self.health_server is not None:
+            self.health_server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for spec in self.services:
             self.health.set(spec.full_name, health_pb2.HealthCheckResponse.SERVING)
@@ -75,6 +80,8 @@ class GristmillServer:
         # with a dead serving thread gRPC never reports the end: do not wait forever
         if not self.grpc_server.stop(grace).wait(grace + 5):
             log.error("the gRPC server did not stop within %.0f s; closing anyway", grace + 5)
+        if self.health_server is not None:  # probes saw NOT_SERVING during the drain
+            self.health_server.stop(0).wait(5)
         for res in reversed(self.context.resources):
             res.close()
         if self.keys is not None:
@@ -114,7 +121,8 @@ def create_server(config: ServerConfig,
         MetricsInterceptor(), ErrorInterceptor(limits.malformed_log_seconds)]
     if keys is not None:
         interceptors.append(AuthInterceptor(keys, roles, limits.key_recheck_seconds))
-    limiter = StreamLimiter(limits.max_streams, limits.max_streams_per_key)
+    limiter = StreamLimiter(config.max_streams, config.max_streams_per_key,
+                            limits.max_keyless_streams, keys_verified=keys is not None)
     interceptors.append(limiter)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers,
@@ -127,6 +135,20 @@ def create_server(config: ServerConfig,
             ("grpc.so_reuseport", 0),
         ],
     )
+    # bind first: a busy port fails before any service opens its storage
+    address = f"{config.host}:{config.port}"
+    creds = _credentials(config)
+    try:
+        port = (server.add_secure_port(address, creds) if creds is not None
+                else server.add_insecure_port(address))
+    except RuntimeError:  # grpc: "Failed to bind to address ..."
+        port = 0
+    if port == 0:
+        if keys is not None:
+            keys.close()
+        raise OSError(f"cannot listen on {address}: port {config.port} is in use (or "
+                      f"{config.host} is not an address of this host); stop what uses it "
+                      "or pick another port with --port")
     ctx = ServiceContext(config=config)
     for spec in specs:
         spec.build(ctx, server)
@@ -134,15 +156,45 @@ def create_server(config: ServerConfig,
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [s.full_name for s in specs] + [health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    address = f"{config.host}:{config.port}"
-    creds = _credentials(config)
-    port = (server.add_secure_port(address, creds) if creds is not None
-            else server.add_insecure_port(address))
+    built = GristmillServer(server, health_servicer, ctx, specs, keys,
+                            config.shutdown_grace_seconds, limiter)
+    if config.health_port is not None:
+        built.health_server, built.health_port = _health_server(config, health_servicer)
+    return built, port
+
+
+class _CheckOnly(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """Health Check of another servicer; Watch stays unimplemented (it would hold a thread)."""
+
+    def __init__(self, inner: health.HealthServicer) -> None:
+        self._inner = inner
+
+    def Check(self, request: health_pb2.HealthCheckRequest,  # noqa: N802 - gRPC's name
+              context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
+        """The main server's status."""
+        return self._inner.Check(request, context)
+
+
+def _health_server(config: ServerConfig, servicer: health.HealthServicer
+                   ) -> tuple[grpc.Server, int]:
+    """A plaintext server with its own two threads that answers only health Check.
+
+    Probes there never queue behind the main server's calls (Kubernetes'
+    grpc probe speaks plaintext).
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2,
+                                                    thread_name_prefix="gristmill-health"),
+                         maximum_concurrent_rpcs=64, options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(_CheckOnly(servicer), server)
+    address = f"{config.host}:{config.health_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc: "Failed to bind to address ..."
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}: is the port in use? Pick another with "
-                      "--port")
-    return GristmillServer(server, health_servicer, ctx, specs, keys,
-                           config.shutdown_grace_seconds, limiter), port
+        raise OSError(f"cannot listen on {address} for health checks: is the port in use? "
+                      "Pick another health_port")
+    return server, port
 
 
 def ensure_admin_key(config: ServerConfig) -> Path | None:
@@ -169,11 +221,11 @@ def serve(config: ServerConfig, ready_file: Path | None = None) -> int:
     serving (atomically), so scripts can use port 0.
     """
     tune_malloc(arena_max=SERVER_ARENAS)  # memory freed by a stream can go back (trim)
+    server, port = create_server(config)  # binds the port: a busy one fails before any key
     admin_file = ensure_admin_key(config)
     if admin_file is not None:
         print(f"created an admin API key, stored in {admin_file} (readable by you only)",
               file=sys.stderr, flush=True)
-    server, port = create_server(config)
     server.start()
     metrics_port = None
     if config.metrics_port is not None:
@@ -190,11 +242,13 @@ def serve(config: ServerConfig, ready_file: Path | None = None) -> int:
                                "services": [s.name for s in server.services],
                                "tls": config.tls is not None})
     print(f"gristmill serving {', '.join(s.name for s in server.services)} on "
-          f"{config.host}:{port}" + (f", metrics on :{metrics_port}" if metrics_port else ""),
+          f"{config.host}:{port}" + (f", metrics on :{metrics_port}" if metrics_port else "")
+          + (f", health on :{server.health_port}" if server.health_port else ""),
           file=sys.stderr, flush=True)
     if ready_file is not None:
         tmp = ready_file.with_name(ready_file.name + ".tmp")
-        tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port}))
+        tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port,
+                                   "health_port": server.health_port}))
         os.replace(tmp, ready_file)
     while not stop.wait(0.5):
         if not server.serving():
