@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
+from gristmill.cli.cache_cmds import add_cache_commands
 from gristmill.cli.decode_cmds import add_decode_commands
 from gristmill.cli.stream_cmds import add_stream_commands
 from gristmill.client.channel import DEFAULT_ADDRESS
@@ -46,6 +51,33 @@ def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
+_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+
+
+def _int64_as_numbers(descriptor: Any, obj: dict[str, Any]) -> dict[str, Any]:
+    """Undo proto3 JSON's strings for 64-bit integers (sizes, counts), in place."""
+    for f in descriptor.fields:
+        if f.name not in obj:
+            continue
+        value = obj[f.name]
+        if f.type in _INT64:
+            obj[f.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif (f.message_type is not None and not f.message_type.GetOptions().map_entry
+              and not f.message_type.full_name.startswith("google.protobuf.")):
+            for item in value if isinstance(value, list) else [value]:
+                _int64_as_numbers(f.message_type, item)
+    return obj
+
+
+def _json_dict(message: object) -> dict[str, Any]:
+    """A message as a JSON object with field names as in the proto and numbers as numbers."""
+    # a message, or a hub wrapper of one such as Manifest
+    msg: Message = message if isinstance(message, Message) else message.message  # type: ignore[attr-defined]
+    return _int64_as_numbers(msg.DESCRIPTOR,
+                             MessageToDict(msg, preserving_proto_field_name=True))
+
+
 def _size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -66,7 +98,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     with _hub(args) as hub:
         datasets = hub.list_datasets()
     if args.json:
-        _print_json([MessageToDict(d, preserving_proto_field_name=True) for d in datasets])
+        _print_json([_json_dict(d) for d in datasets])
         return 0
     if not datasets:
         print("no datasets; create one with `gristmill dataset create NAME`")
@@ -81,9 +113,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         ds = hub.get_dataset(args.name)
         versions = hub.list_versions(args.name)
     if args.json:
-        _print_json({"dataset": MessageToDict(ds, preserving_proto_field_name=True),
-                     "versions": [MessageToDict(v, preserving_proto_field_name=True)
-                                  for v in versions]})
+        _print_json({"dataset": _json_dict(ds), "versions": [_json_dict(v) for v in versions]})
         return 0
     print(f"dataset      {ds.name}")
     if ds.description:
@@ -128,7 +158,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     with _hub(args) as hub:
         manifest = hub.get_manifest(args.name, args.version)
     if args.json:
-        _print_json(MessageToDict(manifest, preserving_proto_field_name=True))
+        _print_json(_json_dict(manifest))
         return 0
     print(f"# {manifest.dataset} @ {manifest.version}: {len(manifest.files)} files")
     for e in manifest.files:
@@ -217,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_decode_commands(commands, conn)
     add_stream_commands(commands, conn)
+    add_cache_commands(commands)
 
     found = False
     for ep in entry_points(group="gristmill.server"):
@@ -234,17 +265,45 @@ def _missing_server() -> int:
     return 2
 
 
+def _quiet_stdout() -> None:
+    """Send what is left for stdout nowhere: its reader is gone (``| head``)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (tests capture stdout)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``gristmill`` command."""
+    """Entry point of the ``gristmill`` command.
+
+    Errors are one line on stderr, never a traceback (``GRISTMILL_DEBUG=1``
+    shows it for unexpected ones). A closed stdout (``| head``) ends the
+    command quietly with status 141, as for other tools killed by SIGPIPE.
+    """
     args = build_parser().parse_args(argv)
     try:
         code: int = args.handler(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at exit
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
     except GristmillError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a file or folder named on the command line
+        print(f"error: {e.strerror}: {e.filename}" if e.strerror and e.filename
+              else f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if os.environ.get("GRISTMILL_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e} (run with GRISTMILL_DEBUG=1 for the "
+              "traceback)", file=sys.stderr)
+        return 1
     return code
 
 

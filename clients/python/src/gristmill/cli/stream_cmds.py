@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import collections
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from gristmill.client.delivery import audit
 from gristmill.client.loader import Batch, Loader
 from gristmill.client.progress import progress
+from gristmill.client.world import World
 
 __all__ = ["add_stream_commands", "contact_sheet"]
 
@@ -34,7 +36,20 @@ def contact_sheet(batch: Batch, path: Path, tile: int = 160) -> Path:
     return path
 
 
+def _check_world(args: argparse.Namespace) -> str | None:
+    """What is wrong with --rank/--world-size (or RANK/WORLD_SIZE), if anything."""
+    try:
+        World.from_env(args.rank, args.world_size)
+    except ValueError as e:
+        return (f"{e}: pass --rank from 0 to --world-size - 1 (or set RANK and WORLD_SIZE as "
+                "torchrun does)")
+    return None
+
+
 def cmd_stream(args: argparse.Namespace) -> int:
+    if (problem := _check_world(args)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     common: dict[str, Any] = dict(
         batch_size=args.batch_size, image_size=args.image_size,
         downsampling_ratio=args.downsampling, seed=args.seed, policy=args.policy,
@@ -81,7 +96,15 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    report = audit(args.logdir)
+    if not args.logdir.is_dir():
+        print(f"error: {args.logdir} is not a folder: pass the directory given to "
+              "Loader(delivery_log=...) or `gristmill stream --delivery-log`", file=sys.stderr)
+        return 2
+    try:
+        report = audit(args.logdir)
+    except FileNotFoundError as e:  # a folder without logs
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for line in report.lines():
         print(line)
     print("exactly once: OK" if report.ok else "exactly once: FAILED")

@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 
 __all__ = [
     "DOMAIN",
+    "NO_SERVER",
     "AlreadyExists",
     "DataLoss",
     "FailedPrecondition",
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 DOMAIN = "gristmill.dev"
+#: Reason of the :class:`Unavailable` raised when a call could not connect at all
+#: (no server at the address, a name that does not resolve, a TLS mismatch).
+NO_SERVER = "NO_SERVER"
 
 
 class GristmillError(Exception):

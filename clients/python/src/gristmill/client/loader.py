@@ -7,6 +7,8 @@ server runs on the same host, pixels come through a shared-memory ring
 (:mod:`gristmill.client.shm`) and only their place in it crosses gRPC. A dropped
 connection or a restarted server is retried with backoff, resuming from the
 cursor of the first batch not yet received: no sample is lost or repeated.
+A Loader that never reached its server (a wrong address, no server started)
+fails within seconds instead, with ``no gristmill server at ADDR``.
 ``state_dict()`` / ``load_state_dict()`` resume a training run mid-epoch.
 """
 
@@ -29,6 +31,7 @@ from gristmill.client.channel import DEFAULT_MAX_MESSAGE_BYTES, ConnectionOption
 from gristmill.client.decoding import to_array
 from gristmill.client.delivery import DeliveryLog
 from gristmill.client.errors import (
+    NO_SERVER,
     FailedPrecondition,
     GristmillError,
     Internal,
@@ -56,9 +59,9 @@ _COLOR = {"rgb": decode_pb2.COLOR_MODE_RGB, "rgba": decode_pb2.COLOR_MODE_RGBA,
           "gray": decode_pb2.COLOR_MODE_GRAY}
 #: Error reasons worth retrying: the server went away or is restarting.
 #: Failures worth retrying within ``retry_timeout``: the server is restarting,
-#: or it is at its stream limit (another job's streams will end).
-_RETRY_REASONS = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED", "TOO_MANY_STREAMS",
-                  "TOO_MANY_STREAMS_PER_KEY"}
+#: or it is at its stream limit (other jobs' streams will end). Not the
+#: per-key limit: a job's own ranks hold those slots and would wait forever.
+_RETRY_REASONS = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED", "TOO_MANY_STREAMS"}
 _CHANNELS = {decode_pb2.COLOR_MODE_GRAY: 1, decode_pb2.COLOR_MODE_RGB: 3,
              decode_pb2.COLOR_MODE_RGBA: 4}
 #: Batches of the largest bucket a shared-memory ring holds.
@@ -293,7 +296,10 @@ class Loader:
         color: "rgb", "rgba" or "gray".
         prefetch: batches kept ready ahead of the training loop.
         delivery_log: directory for the delivery log (see ``gristmill audit``).
-        retry_timeout: seconds to keep retrying a lost connection before raising.
+        retry_timeout: seconds to keep retrying a lost connection before raising
+            (a server that was reached and went away, e.g. restarts). A server
+            never reached fails at once (after gRPC's own ~3 s of retries) with
+            :class:`~gristmill.client.errors.Unavailable`, reason ``NO_SERVER``.
         shared_memory: pixels through a shared-memory ring in ``/dev/shm``
             (or ``GRISTMILL_SHM_DIR``) instead of the socket. None (default):
             when the server can open the ring, i.e. runs on this host, else
@@ -330,6 +336,7 @@ class Loader:
         self.shared_memory = shared_memory
         self._use_ring = shared_memory is not False
         self.retry_timeout = retry_timeout
+        self._connected = False  # a call has reached the server: retry for retry_timeout
         self._transport = transport or _GrpcTransport(ConnectionOptions(
             address, api_key, Path(ca_file) if ca_file else None,
             DEFAULT_MAX_MESSAGE_BYTES).resolved())
@@ -347,14 +354,22 @@ class Loader:
         self._position = 0
         self._planned: ingest_pb2.PlanEpochResponse | None = None
         self._planned_epoch = -1
+        # a live folder (from_folder, hash or sequential) streams while it is listed: its
+        # plan is counted only when asked (len, .plan) or when a delivery log needs it
+        self._streamed = (isinstance(self._transport, _LocalTransport)
+                          and self._transport.live and delivery_log is None)
         try:
-            first = self._plan(spec, 0)  # pins "latest" to a version id
+            if self._streamed:
+                assert isinstance(self._transport, _LocalTransport)
+                first = self._transport.begin(ingest_pb2.PlanEpochRequest(spec=spec, epoch=0))
+            else:
+                first = self._plan(spec, 0)  # pins "latest" to a version id
         except BaseException:
             self._transport.close()
             raise
         self.spec = first.spec
         self.plan_id = first.plan_id
-        self._ring_bytes = self._ring_capacity()
+        self._ring_bytes = self._ring_capacity(first)
         self._log: DeliveryLog | None = None
         if delivery_log is not None:
             self._log = DeliveryLog(delivery_log, self.world.rank, {
@@ -367,11 +382,16 @@ class Loader:
                     max_aspect_ratio: float = 2.0, seed: int = 0, shuffle: bool = True,
                     policy: str | Policy = "exact", drop_last: bool = False,
                     rank: int | None = None, world_size: int | None = None, *,
-                    workers: int = 0, show_progress: bool = True, **kwargs: Any) -> Loader:
+                    workers: int = 0, show_progress: bool = True,
+                    folder_index: bool | None = None, **kwargs: Any) -> Loader:
         """The same pipeline in this process on a local folder of images, no server.
 
         Needs the ingest package (``pip install gristmill-ingest``), which
         brings the decoders. ``workers`` decoding threads (0: one per core).
+        With the hash and sequential policies batches stream while the folder
+        is being listed; the exact policy lists it first. ``folder_index``
+        remembers image headers on disk between starts (default on, unless
+        ``GRISTMILL_FOLDER_INDEX=0``; see docs/ingest.md).
         Other keyword arguments are those of :class:`Loader`.
         """
         if kwargs.get("shared_memory"):
@@ -382,16 +402,22 @@ class Loader:
         except ImportError as e:
             raise ImportError("Loader.from_folder decodes in this process and needs the "
                               "gristmill-ingest package: pip install gristmill-ingest") from e
+        pol = Policy(policy) if isinstance(policy, str) else policy
         ingest, decoder = folder_ingest(path, workers=workers,
                                         prefetch_batches=kwargs.get("prefetch", 4),
-                                        show_progress=show_progress)
+                                        show_progress=show_progress,
+                                        live=pol is not Policy.EXACT or not shuffle,
+                                        folder_index=folder_index)
         return cls(None, "folder", "latest", batch_size, image_size, downsampling_ratio,
                    min_aspect_ratio, max_aspect_ratio, seed, shuffle, policy, drop_last, rank,
                    world_size, transport=_LocalTransport(ingest, decoder), **kwargs)
 
     # plans -----------------------------------------------------------------
+    def _retry(self) -> _Retry:
+        return _Retry(self.retry_timeout, lambda: self._connected)
+
     def _with_retry(self, what: str, fn: Callable[[], Any]) -> Any:
-        retry = _Retry(self.retry_timeout)
+        retry = self._retry()
         while True:
             try:
                 return fn()
@@ -406,6 +432,7 @@ class Loader:
         resp: ingest_pb2.PlanEpochResponse = self._with_retry(
             "PlanEpoch", lambda: self._transport.plan(
                 ingest_pb2.PlanEpochRequest(spec=spec, epoch=epoch)))
+        self._connected = True
         self._planned, self._planned_epoch = resp, epoch
         return resp
 
@@ -460,10 +487,12 @@ class Loader:
     # iteration ---------------------------------------------------------------
     def __iter__(self) -> Generator[Batch, None, None]:
         epoch, start = self._epoch, self._position
-        plan = self._plan(self.spec, epoch)
-        total = int(plan.batches_per_rank)
-        if self._log is not None:
-            self._log.epoch(epoch, total, int(plan.samples_per_epoch))
+        total: int | None = None  # a streamed plan: until the stream ends
+        if not self._streamed:
+            plan = self._plan(self.spec, epoch)
+            total = int(plan.batches_per_rank)
+            if self._log is not None:
+                self._log.epoch(epoch, total, int(plan.samples_per_epoch))
         ready: queue.Queue[Any] = queue.Queue(self.prefetch)
         stop = threading.Event()
         calls: list[_Call] = []
@@ -490,13 +519,13 @@ class Loader:
                 call.cancel()
             thread.join(timeout=10)
 
-    def _produce(self, epoch: int, position: int, total: int, ready: queue.Queue[Any],
+    def _produce(self, epoch: int, position: int, total: int | None, ready: queue.Queue[Any],
                  stop: threading.Event, calls: list[_Call]) -> None:
         def put(item: Any) -> bool:
             return put_unless_stopped(ready, item, stop)
 
-        retry = _Retry(self.retry_timeout)
-        while position < total and not stop.is_set():
+        retry = self._retry()
+        while (total is None or position < total) and not stop.is_set():
             request = ingest_pb2.StreamBatchesRequest(
                 spec=self.spec, rank=self.world.rank,
                 cursor=ingest_pb2.Cursor(epoch=epoch, position=position))
@@ -519,6 +548,8 @@ class Loader:
                         return
                     position = batch.cursor.position + 1
                     retry.progressed()
+                if total is None:
+                    break  # a streamed plan ends with its stream
                 if position < total:
                     raise Unavailable(f"the stream ended at batch {position} of {total}")
             except GristmillError as e:
@@ -539,13 +570,11 @@ class Loader:
         put(_END)
 
     # shared memory -----------------------------------------------------------
-    def _ring_capacity(self) -> int:
+    def _ring_capacity(self, plan: ingest_pb2.PlanEpochResponse) -> int:
         """Room for RING_BATCHES batches of the largest bucket, companions included.
 
         Every epoch of a plan has the same buckets, so any epoch's plan tells.
         """
-        plan = self._planned
-        assert plan is not None
         area = max((b.bucket.width * b.bucket.height for b in plan.buckets), default=0)
         channels = _CHANNELS.get(self.spec.transform.color, 4)
         per_sample = area * channels * (1 + len(self.spec.companions))
@@ -574,33 +603,23 @@ class Loader:
         self._use_ring = False
         return True
 
-    def as_torch(self) -> IterableDataset[Batch]:
+    def as_torch(self, tensors: bool = False) -> IterableDataset[Any]:
         """This loader as a ``torch.utils.data.IterableDataset`` (needs torch).
 
         Use it with ``DataLoader(dataset, batch_size=None)``: batching, prefetch
-        and decoding are done already. DataLoader worker processes are refused:
-        each would stream the whole rank again.
+        and decoding are done already (torch's default ``batch_size=1`` is
+        refused with an error saying so). DataLoader worker processes are
+        refused too: each would stream the whole rank again.
+
+        Args:
+            tensors: yield :class:`~gristmill.client.torchdata.TorchBatch`
+                dicts of torch tensors (``images`` uint8 ``[B, C, H, W]``,
+                ``ids``, ``fresh`` bool mask), ready for ``pin_memory=True``,
+                instead of :class:`Batch` objects.
         """
-        try:
-            from torch.utils.data import IterableDataset, get_worker_info
-        except ImportError as e:
-            raise ImportError("as_torch() needs PyTorch: pip install torch") from e
-        loader = self
+        from gristmill.client.torchdata import as_torch
 
-        def batches(_self: object) -> Iterator[Batch]:
-            if get_worker_info() is not None:
-                raise RuntimeError(
-                    "a gristmill Loader must not run in DataLoader worker processes: each "
-                    "worker would stream this rank's whole epoch again. Use "
-                    "DataLoader(dataset, batch_size=None, num_workers=0); the Loader "
-                    "prefetches on its own thread and the server decodes")
-            return iter(loader)
-
-        dataset: IterableDataset[Batch] = type("GristmillBatches", (IterableDataset,), {
-            "__iter__": batches,
-            "__len__": lambda _self: len(loader),
-        })()
-        return dataset
+        return as_torch(self, tensors)
 
     def close(self) -> None:
         """Close the connection (and the local pipeline of ``from_folder``)."""
@@ -616,10 +635,16 @@ class Loader:
 
 
 class _Retry:
-    """Backoff of one retried operation; the deadline restarts whenever it progresses."""
+    """Backoff of one retried operation; the deadline restarts whenever it progresses.
 
-    def __init__(self, timeout: float) -> None:
+    ``connected()`` tells whether the server was ever reached: until then a
+    call that cannot connect (reason ``NO_SERVER``) is not retried here (gRPC's
+    retry policy gave it a few seconds already), so a wrong address fails fast.
+    """
+
+    def __init__(self, timeout: float, connected: Callable[[], bool] = lambda: True) -> None:
         self.timeout = timeout
+        self.connected = connected
         self.progressed()
 
     def progressed(self) -> None:
@@ -633,6 +658,8 @@ class _Retry:
         reconnect in step.
         """
         if not _retryable(error) or time.monotonic() >= self.deadline:
+            return False
+        if error.reason == NO_SERVER and not self.connected():
             return False
         delay = min(5.0, 0.1 * 2 ** self.attempt) * (0.5 + random.random() / 2)
         log.warning("%s failed (%s); retrying in %.1fs", what, error, delay)
@@ -648,6 +675,15 @@ class _LocalTransport:
         self._ingest = ingest
         self._decoder = decoder
 
+    @property
+    def live(self) -> bool:
+        """Whether plans stream while the folder is listed (hash and sequential)."""
+        return bool(getattr(self._ingest, "live", False))
+
+    def begin(self, request: ingest_pb2.PlanEpochRequest) -> ingest_pb2.PlanEpochResponse:
+        """A live folder's spec and plan id at once (counts unknown, every bucket listed)."""
+        return self._ingest.begin(request)  # type: ignore[no-any-return]
+
     def plan(self, request: ingest_pb2.PlanEpochRequest) -> ingest_pb2.PlanEpochResponse:
         return self._ingest.plan_epoch(request)  # type: ignore[no-any-return]
 
@@ -657,6 +693,9 @@ class _LocalTransport:
         return _LocalCall(self._ingest.stream_batches(request, ring=writer))
 
     def close(self) -> None:
+        close = getattr(self._ingest, "close", None)
+        if close is not None:
+            close()  # stop listing the folder
         self._decoder.close()
 
 

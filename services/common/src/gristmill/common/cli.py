@@ -15,6 +15,18 @@ from gristmill.common.logs import setup_logging
 __all__ = ["register"]
 
 
+def _data_dir_problem(data_dir: Path) -> str | None:
+    """Why ``data_dir`` cannot be a data directory (created if missing), if it cannot."""
+    for d in (data_dir, *data_dir.parents):
+        if d.exists():
+            if not d.is_dir():
+                return (f"the data directory {data_dir} " + ("is a file" if d == data_dir else
+                        f"is under {d}, which is a file") + ": give --data a directory (it "
+                        "is created if missing)")
+            return None
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from gristmill.common.server import serve
 
@@ -33,6 +45,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if (problem := _data_dir_problem(config.data_dir)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.no_metrics:
         config = config.model_copy(update={"metrics_port": None})
     setup_logging(config.log_level)
@@ -50,6 +65,8 @@ def _keys_store(args: argparse.Namespace) -> KeyStore:
         config = load_config(args.config, overrides={"data_dir": args.data})
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+    if (problem := _data_dir_problem(config.data_dir)) is not None:
+        raise SystemExit(f"error: {problem}")
     return KeyStore(config.keys_file)
 
 
