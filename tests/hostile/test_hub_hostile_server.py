@@ -42,6 +42,7 @@ class Lies:
     read_skip: set[str] = field(default_factory=set)
     read_no_eof: set[str] = field(default_factory=set)
     resolved: str | None = None  # GetManifest's version
+    store_id: str = "5" * 32
     version_ids: list[str] = field(default_factory=lambda: [VERSION])
 
 
@@ -55,6 +56,10 @@ class HostileStore(store_pb2_grpc.StoreServiceServicer):
                                     sha256=lies.entry_sha.get(p, hashlib.sha256(d).hexdigest()),
                                     media_type="application/octet-stream")
                 for p, d in lies.files.items()]
+
+    def GetStoreInfo(self, request: store_pb2.GetStoreInfoRequest,
+                     context: grpc.ServicerContext) -> store_pb2.GetStoreInfoResponse:
+        return store_pb2.GetStoreInfoResponse(store_id=self.lies.store_id)
 
     def GetDataset(self, request: store_pb2.GetDatasetRequest,
                    context: grpc.ServicerContext) -> store_pb2.GetDatasetResponse:
@@ -122,6 +127,7 @@ def work(tmp_path: Path) -> Path:
 @pytest.fixture
 def hub(hostile: str, work: Path) -> Iterator[Hub]:
     with Hub(hostile, None, work / "cache", show_progress=False) as h:
+        assert h.cache is not None  # the cache folder exists before each test looks
         yield h
 
 
@@ -309,6 +315,19 @@ def test_a_good_download_still_works(hub: Hub, lies: Lies, work: Path) -> None:
     assert hub.get_file("ds", "d.txt").read_bytes() == b"d"
     assert hub.get_cache_size("ds") > 0
     assert hub.clear_cache("ds") > 0 and hub.get_cache_size("ds") == 0
+
+
+@pytest.mark.parametrize("bad", ["../../../../evil", "..", "", "a/b", "ABCDEF" * 6, "x\x00"])
+def test_store_ids_from_the_server_are_refused(hostile: str, lies: Lies, work: Path,
+                                               tmp_path: Path, bad: str) -> None:
+    lies.store_id = bad
+    before = snapshot(tmp_path)
+    with Hub(hostile, None, work / "cache2", show_progress=False) as hub:
+        with pytest.raises(DataLoss, match="store id"):
+            hub.get_file("ds", "ok.txt")
+        with pytest.raises(DataLoss, match="store id"):
+            hub.download_dataset("ds", dest=work / "dest")
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("address", ["..", ".", "", "../..:1"])

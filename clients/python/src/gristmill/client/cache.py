@@ -1,4 +1,8 @@
-"""The Hub's disk cache: files by dataset and path, indexed by sha256 in SQLite.
+"""The Hub's disk cache: files by store, dataset and path, indexed by sha256 in SQLite.
+
+A cache folder holds one folder per store, named by the id the server reports
+(``GetStoreInfo``), so that every address of one server shares its files and
+two servers never mix theirs; see :class:`FileCache`.
 
 Every name that becomes part of a filesystem path here (dataset, file path,
 version) is validated first, and :func:`inside` checks that the result stays
@@ -14,13 +18,19 @@ import shutil
 import sqlite3
 import stat
 import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from gristmill.client.errors import FailedPrecondition, InvalidArgument
+from gristmill.client.errors import FailedPrecondition, GristmillError, InvalidArgument
 from gristmill.client.names import validate_dataset_name, validate_path
 
-__all__ = ["Confined", "FileCache", "inside", "safe_component", "validate_version_name"]
+__all__ = ["Confined", "FileCache", "address_store_id", "cache_summary", "clear_folder", "inside",
+           "known_store", "safe_component", "validate_store_id", "validate_version_name"]
 
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -59,14 +69,14 @@ def inside(root: Path, relative: str, field: str = "path", *,
         InvalidArgument: ``relative`` is not a valid path.
         FailedPrecondition: a symbolic link would lead the path out of ``root``.
     """
-    rel = validate_path(relative, field)
+    rel = validate_path(relative, field, strict=False)
     return _join(Path(root).resolve(), Path(root), rel.split("/"), real)
 
 
 @lru_cache(maxsize=1 << 16)
 def _valid_path(path: str) -> str:
     """:func:`validate_path` for paths met again and again (errors are not cached)."""
-    return validate_path(path)
+    return validate_path(path, strict=False)
 
 
 def _join(base: Path, root: Path, parts: list[str], real: set[str] | None = None) -> Path:
@@ -103,7 +113,7 @@ class Confined:
         try:
             rel = _valid_path(relative)
         except InvalidArgument:
-            rel = validate_path(relative, field)  # raises, naming the field
+            rel = validate_path(relative, field, strict=False)  # raises, naming the field
         return self.join(rel.split("/"))
 
     def join(self, segments: list[str]) -> Path:
@@ -135,23 +145,92 @@ def _tree_bytes(base: Path) -> int:
     return total
 
 
-class FileCache:
-    """``<root>/datasets/<dataset>/<path>`` plus ``index.sqlite`` of what is verified there."""
+_STORE_ID = re.compile(r"[0-9a-f]{32}|addr-[A-Za-z0-9._-]{1,200}")
+INDEX = "index.sqlite"
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root).expanduser()
+
+def validate_store_id(store_id: str, field: str = "store_id") -> str:
+    """A store id as a cache folder name: 32 hex digits (or ``addr-...`` for an old server)."""
+    if _STORE_ID.fullmatch(store_id) is None:
+        shown = ascii(store_id if len(store_id) <= 80 else store_id[:80] + "...")
+        raise InvalidArgument(field, f"{shown} is not a store id (32 lower-case hex digits)",
+                              reason="INVALID_STORE_ID")
+    return store_id
+
+
+def address_store_id(address: str) -> str:
+    """The cache key for a server too old to report its store id: its address."""
+    return "addr-" + safe_component(address)[:200]
+
+
+#: Files being returned right now, by (cache folder, store, dataset, path): never evicted.
+_KEPT: Counter[tuple[str, str, str, str]] = Counter()
+_KEPT_LOCK = threading.Lock()
+
+
+def _connect(top: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(str(top / INDEX), check_same_thread=False, isolation_level=None,
+                         timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")  # a cache: a lost row costs a download
+    db.execute("CREATE TABLE IF NOT EXISTS stores (address TEXT PRIMARY KEY, store TEXT, "
+               "seen REAL)")
+    db.execute("CREATE TABLE IF NOT EXISTS cache_files (store TEXT, dataset TEXT, path TEXT, "
+               "sha256 TEXT, size INTEGER, used INTEGER, PRIMARY KEY (store, dataset, path))")
+    db.execute("CREATE INDEX IF NOT EXISTS cache_files_used ON cache_files (used)")
+    return db
+
+
+def known_store(top: Path, address: str) -> str | None:
+    """The store id last seen at ``address`` by a cache in ``top`` (None; nothing is created)."""
+    index = Path(top).expanduser() / INDEX
+    if not index.is_file():
+        return None
+    db = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=30)
+    try:
+        row = db.execute("SELECT store FROM stores WHERE address = ?", [address]).fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+    if row is None or _STORE_ID.fullmatch(str(row[0])) is None:
+        return None
+    return str(row[0])
+
+
+class FileCache:
+    """One store's cached files: ``<top>/<store id>/datasets/<dataset>/<path>``.
+
+    ``<top>/index.sqlite`` records every verified file of every store cached
+    under ``top`` (sha256, size, last use) and the store id last seen at each
+    address. ``limit`` bounds the bytes of cached files under ``top``: when a
+    new file takes the total above it, the least recently used files (of any
+    store) are deleted whole until it fits, except files being returned.
+    Manifests of pinned versions are kept beside the files (small; not counted
+    in the limit).
+    """
+
+    def __init__(self, top: Path, store_id: str, limit: int | None = None) -> None:
+        self.top = Path(top).expanduser()
+        self.store = validate_store_id(store_id)
+        self.root = self.top / self.store
+        self.limit = limit
         self.root.mkdir(parents=True, exist_ok=True)
+        self._top = Confined(self.top)
         self._folder = Confined(self.root)
+        self._key = os.fspath(self.top.resolve())
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.root / "index.sqlite"), check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS cached (dataset TEXT, path TEXT, "
-                         "sha256 TEXT, size INTEGER, PRIMARY KEY (dataset, path))")
+        self._db = _connect(self.top)
 
     def _under(self, *parts: str) -> Path:
         """``root/parts...`` (each part already a valid name or path), refusing links out of it."""
         return self._folder.join([s for p in parts for s in p.split("/")])
+
+    def remember(self, address: str) -> None:
+        """Note that ``address`` reached this store (for offline use)."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO stores VALUES (?, ?, ?)",
+                             [address, self.store, time.time()])
 
     def dataset_dir(self, dataset: str) -> Path:
         """Where a dataset's files are cached (the name is validated)."""
@@ -174,8 +253,9 @@ class FileCache:
         dataset, path = validate_dataset_name(dataset, "dataset"), _valid_path(path)
         target = self._file(dataset, path)
         with self._lock:
-            row = self._db.execute("SELECT sha256, size FROM cached WHERE dataset = ? AND "
-                                   "path = ?", [dataset, path]).fetchone()
+            row = self._db.execute("SELECT sha256, size FROM cache_files WHERE store = ? AND "
+                                   "dataset = ? AND path = ?",
+                                   [self.store, dataset, path]).fetchone()
         if row is None:
             return None
         try:
@@ -185,41 +265,183 @@ class FileCache:
             return None
         return str(row[0]), int(row[1])
 
+    def touch(self, dataset: str, paths: list[str]) -> None:
+        """Mark cached files as just used (the last to be evicted)."""
+        now = time.time_ns()
+        with self._lock:
+            self._db.executemany("UPDATE cache_files SET used = ? WHERE store = ? AND "
+                                 "dataset = ? AND path = ?",
+                                 [(now, self.store, dataset, p) for p in paths])
+
     def record(self, dataset: str, path: str, sha256: str, size: int) -> None:
-        """Note a verified file."""
+        """Note a verified file, then evict others if the cache is over its limit."""
         dataset, path = validate_dataset_name(dataset), _valid_path(path)
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO cached VALUES (?, ?, ?, ?)",
-                             [dataset, path, sha256, size])
+            self._db.execute("INSERT OR REPLACE INTO cache_files VALUES (?, ?, ?, ?, ?, ?)",
+                             [self.store, dataset, path, sha256, size, time.time_ns()])
+            self._evict()
 
-    def _dataset_dirs(self, dataset: str) -> tuple[str, Path, Path]:
+    def fits(self, sizes: list[int], what: str) -> None:
+        """InvalidArgument if files of these sizes, kept together, exceed the limit."""
+        need = sum(sizes)
+        if self.limit is not None and need > self.limit:
+            raise InvalidArgument("cache_limit", f"{what} needs {need} bytes in the cache at "
+                                  f"once, more than cache_limit={self.limit}; raise "
+                                  "cache_limit, ask for fewer files, or use get_file_bytes",
+                                  reason="CACHE_LIMIT")
+
+    @contextmanager
+    def keeping(self, dataset: str, paths: list[str]) -> Iterator[None]:
+        """Files that eviction leaves alone while the block runs (they are being returned)."""
+        keys = [(self._key, self.store, dataset, p) for p in paths]
+        with _KEPT_LOCK:
+            _KEPT.update(keys)
+        try:
+            yield
+        finally:
+            with _KEPT_LOCK:
+                _KEPT.subtract(keys)
+                for k in keys:
+                    if _KEPT[k] <= 0:
+                        del _KEPT[k]
+
+    def _evict(self) -> None:
+        """Delete least recently used files until the total fits the limit (lock held)."""
+        if self.limit is None:
+            return
+        total = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM cache_files")
+                    .fetchone()[0])
+        if total <= self.limit:
+            return
+        rows = self._db.execute("SELECT store, dataset, path, size FROM cache_files "
+                                "ORDER BY used, rowid").fetchall()
+        with _KEPT_LOCK:
+            kept = set(_KEPT)
+        for store, dataset, path, size in rows:
+            if total <= self.limit:
+                break
+            if (self._key, store, dataset, path) in kept:
+                continue
+            try:
+                target = self._top.join([validate_store_id(store), "datasets",
+                                         validate_dataset_name(dataset), *_valid_path(path)
+                                         .split("/")])
+                target.unlink(missing_ok=True)
+            except (GristmillError, IsADirectoryError):
+                pass  # a row naming nothing the cache may delete: forget it
+            except OSError:
+                continue
+            self._db.execute("DELETE FROM cache_files WHERE store = ? AND dataset = ? AND "
+                             "path = ?", [store, dataset, path])
+            total -= int(size)
+
+    def _scope(self, dataset: str | None) -> tuple[str | None, list[Path]]:
+        if dataset is None:
+            return None, [self._under("datasets"), self._under("manifests")]
         name = validate_dataset_name(dataset, "dataset")
-        return name, self._under("datasets", name), self._under("manifests", name)
+        return name, [self._under("datasets", name), self._under("manifests", name)]
 
     def size(self, dataset: str | None = None) -> int:
-        """Bytes on disk under the cache (or one dataset of it); links are not followed."""
-        if dataset is None:
-            return _tree_bytes(self.root)
-        _, files, manifests = self._dataset_dirs(dataset)
-        return _tree_bytes(files) + _tree_bytes(manifests)
+        """Bytes of files and manifests cached for this store (or one dataset of it).
+
+        The index is not counted, and links are not followed.
+        """
+        _, dirs = self._scope(dataset)
+        return sum(_tree_bytes(d) for d in dirs)
 
     def clear(self, dataset: str | None = None) -> int:
-        """Delete cached files and manifests; returns the bytes freed."""
-        dirs = self._dataset_dirs(dataset) if dataset is not None else None
-        freed = self.size(dataset)
+        """Delete this store's cached files and manifests (all, or one dataset's).
+
+        Returns the bytes freed: what :meth:`size` counted before, less what
+        could not be deleted.
+        """
+        name, dirs = self._scope(dataset)
+        before = sum(_tree_bytes(d) for d in dirs)
         with self._lock:
             self._folder.forget()
-            if dirs is not None:
-                name, files, manifests = dirs
-                self._db.execute("DELETE FROM cached WHERE dataset = ?", [name])
-                shutil.rmtree(files, ignore_errors=True)
-                shutil.rmtree(manifests, ignore_errors=True)
+            self._top.forget()
+            if name is None:
+                self._db.execute("DELETE FROM cache_files WHERE store = ?", [self.store])
             else:
-                self._db.execute("DELETE FROM cached")
-                shutil.rmtree(self.root / "datasets", ignore_errors=True)
-                shutil.rmtree(self.root / "manifests", ignore_errors=True)
-        return freed - (self.size() if dataset is None else 0)
+                self._db.execute("DELETE FROM cache_files WHERE store = ? AND dataset = ?",
+                                 [self.store, name])
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
+        return max(0, before - sum(_tree_bytes(d) for d in dirs))
 
     def close(self) -> None:
         """Close the index."""
         self._db.close()
+
+
+def cache_summary(top: Path) -> dict[str, Any]:
+    """What a cache folder holds, by store and dataset (read-only; nothing is created).
+
+    ``{"path", "bytes", "files", "stores": [{"store_id", "addresses", "bytes",
+    "files", "datasets": {name: {"bytes", "files"}}}]}``; bytes are files on
+    disk (manifests included), files are the indexed files.
+    """
+    top = Path(top).expanduser()
+    out: dict[str, Any] = {"path": str(top), "bytes": 0, "files": 0, "stores": []}
+    if not (top / INDEX).is_file():
+        return out
+    db = sqlite3.connect(f"file:{top / INDEX}?mode=ro", uri=True, timeout=30)
+    try:
+        addresses = db.execute("SELECT store, address FROM stores ORDER BY seen DESC").fetchall()
+        counts = db.execute("SELECT store, dataset, COUNT(*) FROM cache_files "
+                            "GROUP BY store, dataset").fetchall()
+    except sqlite3.Error:
+        addresses, counts = [], []
+    finally:
+        db.close()
+    by_store: dict[str, list[str]] = {}
+    for store, address in addresses:
+        by_store.setdefault(str(store), []).append(str(address))
+    indexed = {(str(s), str(d)): int(n) for s, d, n in counts}
+    for folder in sorted(top.iterdir()):
+        if _STORE_ID.fullmatch(folder.name) is None or folder.is_symlink() or \
+                not folder.is_dir():
+            continue
+        names: set[str] = set()
+        for sub in ("datasets", "manifests"):
+            d = folder / sub
+            if d.is_dir() and not d.is_symlink():
+                names.update(p.name for p in d.iterdir())
+        datasets: dict[str, dict[str, int]] = {}
+        for name in sorted(names):
+            if _dataset_or_none(name) is None:
+                continue
+            size = _tree_bytes(folder / "datasets" / name) + _tree_bytes(
+                folder / "manifests" / name)
+            datasets[name] = {"bytes": size, "files": indexed.get((folder.name, name), 0)}
+        store = {"store_id": folder.name, "addresses": by_store.get(folder.name, []),
+                 "bytes": sum(d["bytes"] for d in datasets.values()),
+                 "files": sum(d["files"] for d in datasets.values()), "datasets": datasets}
+        out["stores"].append(store)
+        out["bytes"] += store["bytes"]
+        out["files"] += store["files"]
+    return out
+
+
+def _dataset_or_none(name: str) -> str | None:
+    try:
+        return validate_dataset_name(name)
+    except InvalidArgument:
+        return None
+
+
+def clear_folder(top: Path, dataset: str | None = None) -> int:
+    """Clear every store cached in ``top`` (or one dataset in each); returns bytes freed."""
+    top = Path(top).expanduser()
+    if dataset is not None:
+        validate_dataset_name(dataset, "dataset")
+    if not (top / INDEX).is_file():
+        return 0
+    freed = 0
+    for store in cache_summary(top)["stores"]:
+        cache = FileCache(top, store["store_id"])
+        try:
+            freed += cache.clear(dataset)
+        finally:
+            cache.close()
+    return freed

@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 
-from gristmill.client.cache import Confined, FileCache, safe_component, validate_version_name
+from gristmill.client.cache import (
+    Confined,
+    FileCache,
+    address_store_id,
+    known_store,
+    validate_store_id,
+    validate_version_name,
+)
 from gristmill.client.channel import ConnectionOptions, open_channel
 from gristmill.client.errors import (
     DataLoss,
@@ -28,11 +35,12 @@ from gristmill.client.errors import (
     stream_rpc,
 )
 from gristmill.client.folder import open_regular, scan_folder
+from gristmill.client.manifest import Manifest
 from gristmill.client.names import validate_dataset_name, validate_path, validate_sha256
 from gristmill.client.progress import Progress, progress
 from gristmill.v1 import store_pb2, store_pb2_grpc
 
-__all__ = ["DEFAULT_CACHE_DIR", "Hub", "ImportReport"]
+__all__ = ["DEFAULT_CACHE_DIR", "Hub", "ImportReport", "Manifest"]
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("GRISTMILL_CACHE_DIR", "~/.cache/gristmill"))
 LATEST = "latest"
@@ -122,15 +130,23 @@ class Hub:
         api_key: default ``GRISTMILL_API_KEY``.
         cache_dir: disk cache for files and pinned manifests; None disables it
             (then :meth:`get_file` and :meth:`download_dataset` are unavailable).
+            Files are kept under the store id the server reports
+            (:meth:`store_id`), so every address of one server shares them.
         ca_file: PEM root certificate; enables TLS.
         workers: parallel ReadFiles calls in :meth:`download_dataset`.
         show_progress: draw progress bars (when stderr is a terminal).
+        cache_limit: most bytes of cached files in ``cache_dir`` (all stores);
+            the least recently used files are deleted whole to stay under it,
+            never a file being returned. None: unbounded.
     """
 
     def __init__(self, address: str | None = None, api_key: str | None = None,
                  cache_dir: Path | str | None | object = _DEFAULT, *,
                  ca_file: Path | None = None, workers: int = 4,
-                 show_progress: bool = True) -> None:
+                 show_progress: bool = True, cache_limit: int | None = None) -> None:
+        if cache_limit is not None and cache_limit < 0:
+            raise InvalidArgument("cache_limit", f"{cache_limit} is negative; give a number of "
+                                  "bytes, or None for no limit")
         self.options = ConnectionOptions(address, api_key, ca_file).resolved()
         self._channel = open_channel(self.options)
         self._stub = store_pb2_grpc.StoreServiceStub(self._channel)
@@ -138,20 +154,73 @@ class Hub:
         self.show_progress = show_progress
         if cache_dir is _DEFAULT:
             cache_dir = DEFAULT_CACHE_DIR
-        self.cache: FileCache | None = None
-        if cache_dir is not None:
-            assert isinstance(cache_dir, (str, Path))
-            assert self.options.address is not None
-            root = Path(cache_dir).expanduser() / safe_component(self.options.address)
-            self.cache = FileCache(root)
-        self._latest: dict[str, store_pb2.Manifest] = {}
+        assert cache_dir is None or isinstance(cache_dir, (str, Path))
+        #: where the cache lives (None: no cache); nothing is created before it is used
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        self.cache_limit = cache_limit
+        self._cache: FileCache | None = None
+        self._store_id = ""
+        self._latest: dict[str, Manifest] = {}
         self._lock = threading.Lock()
+
+    def store_id(self) -> str:
+        """The id the server reports for its store (``GetStoreInfo``; asked once per Hub).
+
+        A server too old to report one is keyed by the address it was reached at.
+        """
+        if not self._store_id:
+            try:
+                reply = call_rpc(self._stub.GetStoreInfo, store_pb2.GetStoreInfoRequest())
+                try:
+                    self._store_id = validate_store_id(reply.store_id)
+                except InvalidArgument as e:
+                    raise _unsafe(f"store id {ascii(reply.store_id)}", e) from None
+            except GristmillError as e:
+                if e.reason != "UNIMPLEMENTED":
+                    raise
+                assert self.options.address is not None
+                self._store_id = address_store_id(self.options.address)
+        return self._store_id
+
+    @property
+    def cache(self) -> FileCache | None:
+        """The disk cache of this server's store, opened on first use (None without cache_dir).
+
+        Opening it asks the server for its store id; when the server cannot be
+        reached, the store last seen at this address is used (cached files
+        stay readable offline). With neither, :class:`Unavailable` is raised
+        and nothing is created on disk.
+        """
+        if self.cache_dir is None:
+            return None
+        with self._lock:
+            if self._cache is None:
+                assert self.options.address is not None
+                try:
+                    store = self.store_id()
+                    online = True
+                except Unavailable:
+                    found = known_store(self.cache_dir, self.options.address)
+                    if found is None:
+                        raise
+                    store, online = found, False
+                self._cache = FileCache(self.cache_dir, store, self.cache_limit)
+                if online:
+                    self._cache.remember(self.options.address)
+            return self._cache
+
+    def _known_cache(self) -> FileCache | None:
+        """The cache if its store can be known (None if never reached and offline)."""
+        try:
+            return self.cache
+        except Unavailable:
+            return None
 
     def close(self) -> None:
         """Close the channel and the cache index."""
         self._channel.close()
-        if self.cache is not None:
-            self.cache.close()
+        if self._cache is not None:
+            self._cache.close()
 
     def __enter__(self) -> Hub:
         return self
@@ -178,8 +247,9 @@ class Hub:
         """Delete a dataset (admin); blobs used elsewhere are kept."""
         req = store_pb2.DeleteDatasetRequest(name=name)
         resp = call_rpc(self._stub.DeleteDataset, req)
-        if self.cache is not None:
-            self.cache.clear(name)
+        self._latest.pop(name, None)
+        if (cache := self._known_cache()) is not None:
+            cache.clear(name)
         return resp
 
     def commit_version(self, dataset: str) -> store_pb2.Version:
@@ -194,19 +264,23 @@ class Hub:
 
     # manifests -------------------------------------------------------------
     def get_manifest(self, dataset: str, version: str = LATEST,
-                     refresh: bool = False) -> store_pb2.Manifest:
-        """A version's manifest.
+                     refresh: bool = False) -> Manifest:
+        """A version's manifest, sized and iterable over its entries.
 
-        Pinned versions are cached on disk and never refetched; "latest" is
-        fetched once per Hub (``refresh=True`` fetches it again).
+        The result has the message's fields (``.files``, ``.dataset``,
+        ``.version``) and ``len(m)``, ``for e in m``, ``m[i]``. Pinned
+        versions are cached on disk and never refetched; "latest" is fetched
+        once per Hub (``refresh=True`` fetches it again).
         """
         version = version or LATEST
         if version == LATEST and not refresh and dataset in self._latest:
             return self._latest[dataset]
-        if version != LATEST and self.cache is not None:
-            cached = self.cache.manifest_path(dataset, version)
+        cache = self._known_cache() if version != LATEST else None
+        if cache is not None:
+            cached = cache.manifest_path(dataset, version)
             if cached.is_file():
-                return store_pb2.Manifest.FromString(zlib.decompress(cached.read_bytes()))
+                return Manifest(store_pb2.Manifest.FromString(
+                    zlib.decompress(cached.read_bytes())))
         req = store_pb2.GetManifestRequest(dataset=dataset, version=version)
         blob = bytearray()
         resolved = version
@@ -216,16 +290,16 @@ class Hub:
                 resolved = resp.version
             count = max(count, resp.file_count)
             blob += resp.data
-        manifest = store_pb2.Manifest.FromString(_inflate_manifest(bytes(blob), count))
+        manifest = Manifest(store_pb2.Manifest.FromString(_inflate_manifest(bytes(blob), count)))
         if resolved == LATEST:
             self._latest[dataset] = manifest
-        elif self.cache is not None:
+        elif cache is not None:
             try:
                 validate_version_name(resolved)
             except InvalidArgument as e:
                 raise _unsafe(f"version {ascii(resolved)} for {version!r}", e) from None
             for name in {version, resolved}:
-                target = self.cache.manifest_path(dataset, name)
+                target = cache.manifest_path(dataset, name)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".gm-{uuid.uuid4().hex[:16]}.tmp")
                 tmp.write_bytes(bytes(blob))
@@ -250,7 +324,8 @@ class Hub:
         yield from stream_rpc(self._stub.ReadFiles(req))
 
     def _entry(self, dataset: str, path: str, version: str) -> store_pb2.FileEntry:
-        for entry in self.get_manifest(dataset, version).files:
+        entry: store_pb2.FileEntry
+        for entry in self.get_manifest(dataset, version):
             if entry.path == path:
                 return entry
         raise NotFound(f"file {path!r} is not in dataset {dataset!r} ({version})",
@@ -281,19 +356,47 @@ class Hub:
     def get_file(self, dataset: str, path: str, version: str = LATEST) -> Path:
         """Path of the file in the disk cache, downloading it if needed.
 
-        A cached file is returned without a network call; for a pinned version
-        it is also checked against that version's (cached) manifest.
+        The cached copy is used when its sha256 is the version's: for a pinned
+        version that is checked against the version's (cached) manifest, with
+        no network call; for "latest" against the dataset's current entry
+        (one small ``ListManifest`` call), so a changed file is fetched again.
+        When the server cannot be reached, a cached copy of "latest" is
+        returned as it is.
         """
-        cache = self._need_cache("get_file")
         dataset = validate_dataset_name(dataset, "dataset")
-        path = validate_path(path)
+        path = validate_path(path, strict=False)
+        cache = self._need_cache("get_file")
+        entries: dict[str, store_pb2.FileEntry] | None = None
+        if version in ("", LATEST):
+            try:
+                entry = self._head_entry(dataset, path)
+            except Unavailable:
+                if cache.lookup(dataset, path) is None:
+                    raise
+                cache.touch(dataset, [path])
+                return cache.file_path(dataset, path)
+        else:
+            entry = self._entry(dataset, path, version)
+            entries = {path: entry}
+        _check_entry(entry)
         hit = cache.lookup(dataset, path)
-        if hit is not None and version in ("", LATEST):
+        if hit is not None and hit[0] == entry.sha256:
+            cache.touch(dataset, [path])
             return cache.file_path(dataset, path)
-        if hit is not None and hit[0] == self._entry(dataset, path, version).sha256:
-            return cache.file_path(dataset, path)
-        self._fetch(dataset, version, [path])
+        cache.fits([entry.size], f"file {path!r}")
+        with cache.keeping(dataset, [path]):
+            self._fetch(dataset, version, [path], entries=entries)
         return cache.file_path(dataset, path)
+
+    def _head_entry(self, dataset: str, path: str) -> store_pb2.FileEntry:
+        """The manifest entry of ``path`` in the dataset's head, asked of the server now."""
+        req = store_pb2.ListManifestRequest(dataset=dataset, version=LATEST, prefix=path,
+                                            page_size=1)
+        for entry in call_rpc(self._stub.ListManifest, req).files:
+            if entry.path == path:  # the first entry with this prefix, if it exists
+                return entry
+        raise NotFound(f"file {path!r} is not in dataset {dataset!r} (latest)",
+                       reason="FILE_NOT_FOUND")
 
     def download_dataset(self, dataset: str, file_list: Iterable[str] | None = None, *,
                          version: str = LATEST, dest: Path | str | None = None) -> list[Path]:
@@ -311,7 +414,7 @@ class Hub:
         """
         cache = self._need_cache("download_dataset")
         dataset = validate_dataset_name(dataset, "dataset")
-        asked = None if file_list is None else [validate_path(p, "file_list")
+        asked = None if file_list is None else [validate_path(p, "file_list", strict=False)
                                                 for p in file_list]
         manifest = self.get_manifest(dataset, version, refresh=True)
         entries = {e.path: e for e in manifest.files}
@@ -326,8 +429,20 @@ class Hub:
         if folder is not None:  # a link in dest fails before anything is downloaded
             for p in wanted:
                 folder.path(p)
+        unique = list(dict.fromkeys(wanted))
+        cache.fits([entries[p].size for p in unique], f"downloading {len(unique)} files of "
+                   f"{dataset!r}")
+        with cache.keeping(dataset, unique):
+            return self._download(cache, dataset, manifest.version, wanted, entries, folder)
+
+    def _download(self, cache: FileCache, dataset: str, version: str, wanted: list[str],
+                  entries: dict[str, store_pb2.FileEntry], folder: Confined | None
+                  ) -> list[Path]:
+        """The rest of :meth:`download_dataset`, with the wanted files kept from eviction."""
         todo = [entries[p] for p in wanted
                 if (hit := cache.lookup(dataset, p)) is None or hit[0] != entries[p].sha256]
+        fetched = {e.path for e in todo}
+        cache.touch(dataset, [p for p in wanted if p not in fetched])
         batches: list[list[str]] = []
         cur: list[str] = []
         cur_bytes = 0
@@ -344,7 +459,7 @@ class Hub:
                        self.show_progress)
         try:
             with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
-                for fut in [pool.submit(self._fetch, dataset, manifest.version, b, bar, entries)
+                for fut in [pool.submit(self._fetch, dataset, version, b, bar, entries)
                             for b in batches]:
                     fut.result()
         finally:
@@ -366,11 +481,16 @@ class Hub:
             out.append(target)
         return out
 
-    def _need_cache(self, what: str) -> FileCache:
-        if self.cache is None:
+    def _require_cache_dir(self, what: str) -> None:
+        if self.cache_dir is None:
             raise InvalidArgument("cache_dir", f"{what} needs a disk cache; create the Hub with "
                                   "cache_dir=... or use get_file_bytes")
-        return self.cache
+
+    def _need_cache(self, what: str) -> FileCache:
+        self._require_cache_dir(what)
+        cache = self.cache
+        assert cache is not None
+        return cache
 
     def _fetch(self, dataset: str, version: str, paths: list[str],
                bar: Progress | None = None,
@@ -441,22 +561,33 @@ class Hub:
                 tmp.unlink(missing_ok=True)
 
     def get_cache_size(self, dataset: str | None = None) -> int:
-        """Bytes in the disk cache (all, or one dataset); the name is validated."""
-        return self._need_cache("get_cache_size").size(dataset)
+        """Bytes of files and manifests cached for this store (all, or one dataset).
+
+        The name is validated; the cache's own index is not counted. 0 when
+        nothing was ever cached for this server and it cannot be reached.
+        """
+        if dataset is not None:
+            dataset = validate_dataset_name(dataset, "dataset")
+        self._require_cache_dir("get_cache_size")
+        cache = self._known_cache()
+        return cache.size(dataset) if cache is not None else 0
 
     def clear_cache(self, dataset: str | None = None) -> int:
-        """Empty the disk cache (all, or one dataset); returns bytes freed.
+        """Empty this store's disk cache (all, or one dataset); returns bytes freed.
 
+        The bytes freed are what :meth:`get_cache_size` counted before.
         ``dataset`` must be a valid dataset name (``InvalidArgument`` otherwise,
-        with nothing deleted); ``None`` clears everything.
+        with nothing deleted); ``None`` clears everything cached for this store.
         """
-        cache = self._need_cache("clear_cache")
+        if dataset is not None:
+            dataset = validate_dataset_name(dataset, "dataset")
+        self._require_cache_dir("clear_cache")
         if dataset is None:
             self._latest.clear()
-            return cache.clear()
-        dataset = validate_dataset_name(dataset, "dataset")
-        self._latest.pop(dataset, None)
-        return cache.clear(dataset)
+        else:
+            self._latest.pop(dataset, None)
+        cache = self._known_cache()
+        return cache.clear(dataset) if cache is not None else 0
 
     def import_folder(self, dataset: str, folder: Path | str, *, create: bool = True,
                       include: Sequence[str] = (), exclude: Sequence[str] = ()
@@ -680,7 +811,7 @@ def _bad_read(what: str) -> DataLoss:
 def _check_entry(entry: store_pb2.FileEntry) -> None:
     """DataLoss unless a manifest entry from the server is safe to download."""
     try:
-        validate_path(entry.path, "manifest.files.path")
+        validate_path(entry.path, "manifest.files.path", strict=False)
         validate_sha256(entry.sha256, "manifest.files.sha256")
     except InvalidArgument as e:
         raise _unsafe(f"manifest entry {ascii(entry.path)}", e) from None

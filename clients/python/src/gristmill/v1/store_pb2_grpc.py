@@ -99,6 +99,11 @@ class StoreServiceStub:
                 request_serializer=gristmill_dot_v1_dot_store__pb2.ListVersionsRequest.SerializeToString,
                 response_deserializer=gristmill_dot_v1_dot_store__pb2.ListVersionsResponse.FromString,
                 _registered_method=True)
+        self.GetStoreInfo = channel.unary_unary(
+                '/gristmill.v1.StoreService/GetStoreInfo',
+                request_serializer=gristmill_dot_v1_dot_store__pb2.GetStoreInfoRequest.SerializeToString,
+                response_deserializer=gristmill_dot_v1_dot_store__pb2.GetStoreInfoResponse.FromString,
+                _registered_method=True)
 
 
 class StoreServiceServicer:
@@ -197,6 +202,13 @@ class StoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStoreInfo(self, request, context):
+        """Which store this is: an id that names its data, whatever address reaches it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -259,6 +271,11 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.ListVersions,
                     request_deserializer=gristmill_dot_v1_dot_store__pb2.ListVersionsRequest.FromString,
                     response_serializer=gristmill_dot_v1_dot_store__pb2.ListVersionsResponse.SerializeToString,
+            ),
+            'GetStoreInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStoreInfo,
+                    request_deserializer=gristmill_dot_v1_dot_store__pb2.GetStoreInfoRequest.FromString,
+                    response_serializer=gristmill_dot_v1_dot_store__pb2.GetStoreInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -590,6 +607,33 @@ class StoreService:
             '/gristmill.v1.StoreService/ListVersions',
             gristmill_dot_v1_dot_store__pb2.ListVersionsRequest.SerializeToString,
             gristmill_dot_v1_dot_store__pb2.ListVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStoreInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gristmill.v1.StoreService/GetStoreInfo',
+            gristmill_dot_v1_dot_store__pb2.GetStoreInfoRequest.SerializeToString,
+            gristmill_dot_v1_dot_store__pb2.GetStoreInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,8 @@ class StoreServiceStub:
     """
     ListVersions: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListVersionsRequest, _store_pb2.ListVersionsResponse]
     """List a dataset's versions, newest first, paged."""
+    GetStoreInfo: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetStoreInfoRequest, _store_pb2.GetStoreInfoResponse]
+    """Which store this is: an id that names its data, whatever address reaches it."""
 
 @_typing.type_check_only
 class StoreServiceAsyncStub(StoreServiceStub):
@@ -113,6 +115,8 @@ class StoreServiceAsyncStub(StoreServiceStub):
     """
     ListVersions: _aio.UnaryUnaryMultiCallable[_store_pb2.ListVersionsRequest, _store_pb2.ListVersionsResponse]  # type: ignore[assignment]
     """List a dataset's versions, newest first, paged."""
+    GetStoreInfo: _aio.UnaryUnaryMultiCallable[_store_pb2.GetStoreInfoRequest, _store_pb2.GetStoreInfoResponse]  # type: ignore[assignment]
+    """Which store this is: an id that names its data, whatever address reaches it."""
 
 class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
     """Datasets of content-addressed files (sha256, deduplicated across datasets),
@@ -225,5 +229,13 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_pb2.ListVersionsResponse, _abc.Awaitable[_store_pb2.ListVersionsResponse]]:
         """List a dataset's versions, newest first, paged."""
+
+    @_abc_1.abstractmethod
+    def GetStoreInfo(
+        self,
+        request: _store_pb2.GetStoreInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.GetStoreInfoResponse, _abc.Awaitable[_store_pb2.GetStoreInfoResponse]]:
+        """Which store this is: an id that names its data, whatever address reaches it."""
 
 def add_StoreServiceServicer_to_server(servicer: StoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import sqlite3
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,6 +108,21 @@ class Catalog:
                                 if_not_exists=True)
         self.db.table("files").create_index(["sha256"], if_not_exists=True)
         self.db.table("version_files").create_index(["sha256"], if_not_exists=True)
+        self.db.table("store_info").create({"key": str, "value": str}, pk="key",
+                                           if_not_exists=True)
+        #: This store's id: made once per catalog (data directory), kept across restarts.
+        self.store_id = self._store_id(conn)
+
+    @staticmethod
+    def _store_id(conn: sqlite3.Connection) -> str:
+        """The id in ``store_info``, made (32 hex characters) the first time."""
+        query = "SELECT value FROM store_info WHERE key = 'store_id'"
+        row = conn.execute(query).fetchone()
+        if row is None:
+            conn.execute("INSERT OR IGNORE INTO store_info (key, value) VALUES ('store_id', ?)",
+                         [uuid.uuid4().hex])
+            row = conn.execute(query).fetchone()
+        return str(row[0])
 
     def _error(self, operation: str, error: sqlite3.Error) -> GristmillError | None:
         """The domain error for a database error, or None to let it through."""

@@ -131,6 +131,10 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         return store_pb2.ListVersionsResponse(versions=[version_message(r) for r in rows[:size]],
                                               next_page_token=token)
 
+    def GetStoreInfo(self, request: store_pb2.GetStoreInfoRequest,
+                     context: grpc.ServicerContext) -> store_pb2.GetStoreInfoResponse:
+        return store_pb2.GetStoreInfoResponse(store_id=self.store.catalog.store_id)
+
 
 def open_store(ctx: ServiceContext) -> Store:
     """The store for a server config (filesystem backend under data_dir/store).
@@ -191,5 +195,6 @@ SERVICE = ServiceSpec(
         "ReadFiles": Role.READER,
         "CommitVersion": Role.WRITER,
         "ListVersions": Role.READER,
+        "GetStoreInfo": Role.READER,
     },
 )
