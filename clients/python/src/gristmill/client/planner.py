@@ -14,8 +14,8 @@ Policies:
   goes to exactly one rank and every rank gets the same number of batches.
   The tail is padded by repeating samples (or dropped with ``drop_last``).
 * ``hash``: a stable hash of the sample id picks the rank, independent of the
-  seed and the epoch (as datago does), so a sample stays on its rank as the
-  dataset grows; ranks are then evened out by padding (or trimming).
+  seed and the epoch (like datago, though not datago's hash), so a sample
+  stays on its rank as the dataset grows; ranks are then evened out by padding (or trimming).
 * ``sequential``: ``exact`` without shuffling: manifest order.
 
 Repeated samples (padding) are marked: :attr:`PlannedBatch.fresh` counts the
