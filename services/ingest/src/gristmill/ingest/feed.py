@@ -120,7 +120,10 @@ class BatchFeed:
         try:
             batches = self.plan.ranks[self.rank]
             for position in range(self.start, self.stop):
-                planned = batches[position]
+                try:
+                    planned = batches[position]
+                except IndexError:
+                    break  # a streamed plan (Loader.from_folder) ended: the epoch is over
                 # a padded batch repeats samples: decode each once
                 unique = list(dict.fromkeys(planned.samples))
                 charge = self.charge(planned.bucket, unique)

@@ -176,13 +176,19 @@ class Ingest:
         self.check_limits(request.spec, info)
         spec = self.planner.resolve(request.spec)
         samples, plan = self.planner.plan(spec, info, request.epoch)
+        return self.summary(spec, info, len(samples), plan)
+
+    @staticmethod
+    def summary(spec: ingest_pb2.PlanSpec, info: SpecInfo, dataset_samples: int,
+                plan: EpochPlan) -> ingest_pb2.PlanEpochResponse:
+        """The PlanEpoch response of a planned epoch."""
         per_bucket: dict[int, int] = {}
         for rank in plan.ranks:
             for b in rank:
                 per_bucket[b.bucket] = per_bucket.get(b.bucket, 0) + 1
         return ingest_pb2.PlanEpochResponse(
             spec=spec, plan_id=plan_id(spec), batches_per_rank=plan.batches_per_rank,
-            samples_per_epoch=plan.fresh_samples, dataset_samples=len(samples),
+            samples_per_epoch=plan.fresh_samples, dataset_samples=dataset_samples,
             buckets=[ingest_pb2.BucketCount(bucket=bucket_message(info.buckets[i]), batches=n)
                      for i, n in sorted(per_bucket.items())])
 

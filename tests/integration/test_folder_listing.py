@@ -1,0 +1,150 @@
+"""Loader.from_folder: streaming start (hash, sequential) and the on-disk header index."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gristmill.client.loader import Loader
+from gristmill.ingest import folderindex
+from gristmill.ingest.folderindex import FolderListing, HeaderIndex
+from gristmill.ingest.local import FolderStore
+from scripts.sample_data import jpeg_bytes, make_sample_folder
+
+SMALL = {"batch_size": 4, "image_size": 128, "downsampling_ratio": 16}
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("GRISTMILL_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "folder-index"
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    make_sample_folder(tmp_path / "photos", count=30, max_side=300)
+    return tmp_path / "photos"
+
+
+def fresh_ids(loader: Loader) -> list[str]:
+    return [i for b in loader for i, f in zip(b.ids, b.fresh, strict=True) if f]
+
+
+@pytest.mark.parametrize("policy", ["hash", "sequential"])
+def test_streamed_policies_deliver_every_sample_once_across_ranks(
+        photos: Path, cache: Path, policy: str) -> None:
+    everything: list[str] = []
+    for rank in range(3):
+        with Loader.from_folder(photos, policy=policy, rank=rank, world_size=3, seed=5,
+                                show_progress=False, **SMALL) as ld:  # type: ignore[arg-type]
+            first = fresh_ids(ld)
+            assert fresh_ids(ld) != [] and len(ld) > 0  # a second epoch, and len() counts
+            with Loader.from_folder(photos, policy=policy, rank=rank, world_size=3, seed=5,
+                                    show_progress=False, **SMALL) as again:  # type: ignore[arg-type]
+                assert fresh_ids(again) == first  # same folder and seed: same order
+        everything += first
+    assert sorted(everything) == sorted({p.relative_to(photos).as_posix()
+                                         for p in photos.rglob("*.*")})
+
+
+def test_streamed_plan_resumes_from_state_dict(photos: Path, cache: Path) -> None:
+    with Loader.from_folder(photos, policy="hash", show_progress=False,
+                            **SMALL) as ld:  # type: ignore[arg-type]
+        whole = [b.ids for b in ld]
+    with Loader.from_folder(photos, policy="hash", show_progress=False,
+                            **SMALL) as ld:  # type: ignore[arg-type]
+        it = iter(ld)
+        head = [next(it).ids for _ in range(3)]
+        state = ld.state_dict()
+        it.close()
+    with Loader.from_folder(photos, policy="hash", show_progress=False,
+                            **SMALL) as ld:  # type: ignore[arg-type]
+        ld.load_state_dict(state)
+        assert head + [b.ids for b in ld] == whole
+
+
+def test_first_batch_arrives_while_the_folder_is_still_listed(
+        tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    data = jpeg_bytes(32, 24)
+    for i in range(600):
+        (folder / f"{i:04d}.jpg").write_bytes(data)
+    release = threading.Event()
+    real_walk = folderindex.walk
+
+    def slow_walk(root: Path) -> Iterator[tuple[str, str, int, int]]:
+        for k, entry in enumerate(real_walk(root)):
+            if k == 300:
+                assert release.wait(30)
+            yield entry
+
+    monkeypatch.setattr(folderindex, "walk", slow_walk)
+    for policy in ("sequential", "hash"):
+        release.clear()
+        with Loader.from_folder(folder, policy=policy, show_progress=False,
+                                **SMALL) as ld:  # type: ignore[arg-type]
+            listing = ld._transport._ingest.planner.store.listing  # type: ignore[attr-defined]
+            it = iter(ld)
+            first = next(it)
+            assert len(first) == 4 and not listing.done and len(listing.files) <= 300
+            release.set()
+            assert len(first.ids) + sum(len(b.ids) for b in it) == 600
+
+
+def test_second_start_reads_no_header_and_only_changed_ones_later(
+        photos: Path, cache: Path) -> None:
+    store = FolderStore(photos, show_progress=False)
+    assert store.listing.header_reads == 30
+    index = HeaderIndex(store.root)
+    assert stat.S_IMODE(os.stat(index.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(index.path.parent).st_mode) == 0o700
+    again = FolderStore(photos, show_progress=False)
+    assert again.listing.header_reads == 0
+    assert [e.image for e in again.entries] == [e.image for e in store.entries]
+    assert again.version == store.version
+    changed = sorted(photos.rglob("*.jpg"))[0]
+    changed.write_bytes(jpeg_bytes(64, 20))
+    (photos / "new.jpg").write_bytes(jpeg_bytes(20, 64))
+    third = FolderStore(photos, show_progress=False)
+    assert third.listing.header_reads == 2 and third.version != store.version
+    by_path = {e.path: e.image for e in third.entries}
+    assert (by_path["new.jpg"].width, by_path["new.jpg"].height) == (20, 64)
+    rel = changed.relative_to(photos).as_posix()
+    assert (by_path[rel].width, by_path[rel].height) == (64, 20)
+    assert FolderStore(photos, show_progress=False).listing.header_reads == 0
+
+
+def test_corrupt_index_is_ignored_and_rebuilt(photos: Path, cache: Path) -> None:
+    store = FolderStore(photos, show_progress=False)
+    index = HeaderIndex(store.root)
+    index.path.write_bytes(b"this is not a database" * 100)
+    again = FolderStore(photos, show_progress=False)
+    assert again.listing.header_reads == 30
+    assert [e.image for e in again.entries] == [e.image for e in store.entries]
+    assert FolderStore(photos, show_progress=False).listing.header_reads == 0
+    assert stat.S_IMODE(os.stat(index.path).st_mode) == 0o600
+
+
+def test_index_can_be_turned_off(photos: Path, cache: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    FolderStore(photos, show_progress=False, folder_index=False)
+    assert not cache.exists()
+    monkeypatch.setenv("GRISTMILL_FOLDER_INDEX", "0")
+    FolderStore(photos, show_progress=False)
+    assert FolderStore(photos, show_progress=False).listing.header_reads == 30
+    assert not cache.exists()
+
+
+def test_parallel_scan_equals_serial_scan(photos: Path) -> None:
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    serial = FolderListing(photos.resolve(), None, workers=1).wait()
+    parallel = FolderListing(photos.resolve(), None, workers=8).wait()
+    assert serial == parallel and len(serial) == 31
+    assert [f.path for f in serial] == sorted(f.path for f in serial)
+    assert not next(f for f in serial if f.path == "broken.png").readable
