@@ -18,7 +18,6 @@ first sample < 0.5 s.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import statistics
@@ -39,6 +38,7 @@ import cv2  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.bench_decode import raw_one  # noqa: E402
+from bench.bench_ingest import datago_config  # noqa: E402
 from gristmill.client.tuning import tune_malloc  # noqa: E402
 from scripts.sample_data import photo_like  # noqa: E402
 
@@ -79,17 +79,6 @@ def make_folder(folder: Path) -> list[bytes]:
         path.write_bytes(buf.getvalue())
         out.append(buf.getvalue())
     return out
-
-
-def datago_config(folder: Path) -> str:
-    return json.dumps({
-        "source_type": "file",
-        "source_config": {"root_path": str(folder), "random_sampling": False, "rank": 0,
-                          "world_size": 1},
-        "image_config": {"crop_and_resize": True, "default_image_size": 512,
-                         "downsampling_ratio": 16, "min_aspect_ratio": 0.5,
-                         "max_aspect_ratio": 2.0, "pre_encode_images": False},
-        "limit": COUNT, "samples_buffer_size": 64})
 
 
 def pixels(image: object) -> int:
@@ -144,7 +133,7 @@ def main() -> int:
         os.environ["GRISTMILL_CACHE_DIR"] = str(tmp / "cache")  # the index starts empty
         folder = tmp / "photos"
         images = make_folder(folder)
-        config = datago_config(folder)
+        config = datago_config(folder, COUNT)
 
         from datago import DatagoClient as Datago
 

@@ -92,17 +92,22 @@ def pil_file(path: str) -> int:
         return int(pil_one(f.read()).shape[0] > 0)
 
 
-def datago_epoch(folder: Path) -> int:
-    from datago import DatagoClient
-
-    client = DatagoClient(json.dumps({
+def datago_config(folder: Path, limit: int) -> str:
+    """datago's JSON config for one rank over ``folder``, buckets as OPTIONS (S=512, d=16)."""
+    return json.dumps({
         "source_type": "file",
         "source_config": {"root_path": str(folder), "random_sampling": False, "rank": 0,
                           "world_size": 1},
         "image_config": {"crop_and_resize": True, "default_image_size": 512,
                          "downsampling_ratio": 16, "min_aspect_ratio": 0.5,
                          "max_aspect_ratio": 2.0, "pre_encode_images": False},
-        "limit": COUNT, "samples_buffer_size": 64}))
+        "limit": limit, "samples_buffer_size": 64})
+
+
+def datago_epoch(folder: Path) -> int:
+    from datago import DatagoClient
+
+    client = DatagoClient(datago_config(folder, COUNT))
     client.start()
     n = 0
     while n < COUNT and (sample := client.get_sample()) is not None:
