@@ -18,7 +18,16 @@ from gristmill.client.planner import PlanConfig, Policy, SampleSet
 from gristmill.decode.transform import Color, Encoding, Transform, transform_from_proto
 from gristmill.v1 import ingest_pb2, store_pb2
 
-__all__ = ["Samples", "SpecInfo", "check_spec", "companion_paths", "plan_id", "sample_seed"]
+__all__ = [
+    "PlanRow",
+    "Samples",
+    "SpecInfo",
+    "check_spec",
+    "companion_paths",
+    "plan_id",
+    "rows_from_entries",
+    "sample_seed",
+]
 
 _POLICY = {ingest_pb2.PLAN_POLICY_UNSPECIFIED: Policy.EXACT,
            ingest_pb2.PLAN_POLICY_EXACT: Policy.EXACT,
@@ -170,32 +179,78 @@ class Samples:
     @classmethod
     def from_manifest(cls, spec: ingest_pb2.PlanSpec, info: SpecInfo,
                       entries: Iterable[store_pb2.FileEntry]) -> Samples:
-        """Samples of a manifest: image files under the prefix, companions excluded.
+        """Samples of a manifest's entries (see :meth:`from_rows`)."""
+        return cls.from_rows(spec, info, rows_from_entries(entries))
 
-        A file counts as an image when the store read its header, or when its
-        media type says image (a corrupt file is then planned and reported as
-        a per-sample error when decoded, instead of silently vanishing).
+    @classmethod
+    def from_rows(cls, spec: ingest_pb2.PlanSpec, info: SpecInfo, rows: Sequence[PlanRow],
+                  *, selected: bool = False) -> Samples:
+        """Samples of a manifest's planning columns: images under the prefix, not companions.
+
+        ``rows`` are (path, is image, width, height, size) sorted by path: every
+        file of the version, or with ``selected`` only the image files under
+        the prefix (enough when the spec has no companions). A file counts as
+        an image when the store read its header, or when its media type says
+        image (a corrupt file is then planned and reported as a per-sample
+        error when decoded, instead of silently vanishing). Without companions
+        no path is built or looked up: the cost per sample is a few list
+        items and numpy elements.
         """
-        entries = list(entries)
-        chosen = [e for e in entries if e.path.startswith(spec.prefix)
-                  and (e.HasField("image") or e.media_type.startswith("image/"))]
-        companions = [companion_paths(e.path, spec.prefix, spec.companions) for e in chosen]
+        prefix = spec.prefix
+        chosen = rows if selected else [r for r in rows if r[1] and r[0].startswith(prefix)]
+        if spec.companions:
+            return cls._with_companions(spec, info, rows, chosen)
+        if not chosen:
+            raise _no_samples(spec)
+        ids = tuple([r[0] for r in chosen])
+        bucketed = len(info.buckets) > 1  # one bucket: no sizes needed
+        sample_set = _sample_set(info, ids, [r[2] for r in chosen] if bucketed else (),
+                                 [r[3] for r in chosen] if bucketed else ())
+        return cls(sample_set, ((),) * len(ids), tuple([r[4] for r in chosen]))
+
+    @classmethod
+    def _with_companions(cls, spec: ingest_pb2.PlanSpec, info: SpecInfo,
+                         rows: Sequence[PlanRow], chosen: Sequence[PlanRow]) -> Samples:
+        companions = [companion_paths(r[0], spec.prefix, spec.companions) for r in chosen]
         taken = {p for c in companions for p in c}
-        keep = [i for i, e in enumerate(chosen) if e.path not in taken]
+        keep = [i for i, r in enumerate(chosen) if r[0] not in taken]
         if not keep:
-            raise FailedPrecondition(
-                f"dataset {spec.dataset!r} version {spec.version} has no images under prefix "
-                f"{spec.prefix!r}; check the prefix or import images first",
-                reason="NO_SAMPLES")
-        ids = [chosen[i].path for i in keep]
-        sizes = [(chosen[i].image.width, chosen[i].image.height) for i in keep]
-        if len(info.buckets) == 1:
-            sample_set = SampleSet(tuple(ids), np.zeros(len(ids), dtype=np.int64))
-        else:
-            assert info.transform.buckets is not None
-            sample_set = SampleSet.from_sizes(ids, sizes, bucket_table(info.transform.buckets))
-        size_of = {e.path: e.size for e in entries} if spec.companions else {}
-        encoded = tuple(chosen[i].size + sum(size_of.get(c, 0) for c in companions[i])
+            raise _no_samples(spec)
+        ids = tuple(chosen[i][0] for i in keep)
+        sample_set = _sample_set(info, ids, [chosen[i][2] for i in keep],
+                                 [chosen[i][3] for i in keep])
+        size_of = {r[0]: r[4] for r in rows}
+        encoded = tuple(chosen[i][4] + sum(size_of.get(c, 0) for c in companions[i])
                         for i in keep)
         return cls(sample_set, tuple(companions[i] for i in keep), encoded)
 
+
+#: A manifest entry's planning columns: path, is image (0/1), width, height (as displayed,
+#: 0 when unknown), size in bytes.
+PlanRow = tuple[str, int, int, int, int]
+
+
+def rows_from_entries(entries: Iterable[store_pb2.FileEntry]) -> list[PlanRow]:
+    """Planning columns of manifest entries (a remote store's manifest, a folder's)."""
+    rows: list[PlanRow] = []
+    for e in entries:
+        image = e.HasField("image")
+        rows.append((e.path, int(image or e.media_type.startswith("image/")),
+                     e.image.width if image else 0, e.image.height if image else 0, e.size))
+    return rows
+
+
+def _sample_set(info: SpecInfo, ids: tuple[str, ...], widths: Sequence[int],
+                heights: Sequence[int]) -> SampleSet:
+    if len(info.buckets) == 1:
+        return SampleSet(ids, np.zeros(len(ids), dtype=np.int64))
+    assert info.transform.buckets is not None
+    wh = np.column_stack((np.asarray(widths, dtype=np.int64),
+                          np.asarray(heights, dtype=np.int64)))
+    return SampleSet.from_sizes(ids, wh, bucket_table(info.transform.buckets))
+
+
+def _no_samples(spec: ingest_pb2.PlanSpec) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"dataset {spec.dataset!r} version {spec.version} has no images under prefix "
+        f"{spec.prefix!r}; check the prefix or import images first", reason="NO_SAMPLES")

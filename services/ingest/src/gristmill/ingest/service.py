@@ -37,6 +37,7 @@ from gristmill.ingest.sources import (
     DecodeBackend,
     LocalDecode,
     LocalStore,
+    PlanRowSource,
     RemoteDecode,
     RemoteStoreAccess,
     StoreAccess,
@@ -98,8 +99,18 @@ class Planner:
     def samples(self, spec: ingest_pb2.PlanSpec, info: SpecInfo) -> Samples:
         """The samples of a resolved spec."""
         key = (spec.dataset, spec.version, spec.prefix, tuple(spec.companions), info.buckets)
-        return self._samples.get(key, lambda: Samples.from_manifest(
-            spec, info, self.store.manifest(spec.dataset, spec.version)))
+        return self._samples.get(key, lambda: self._read_samples(spec, info))
+
+    def _read_samples(self, spec: ingest_pb2.PlanSpec, info: SpecInfo) -> Samples:
+        """Samples from the planning columns of the catalog, else from the whole manifest."""
+        if not isinstance(self.store, PlanRowSource):
+            return Samples.from_manifest(spec, info,
+                                         self.store.manifest(spec.dataset, spec.version))
+        if spec.companions:  # companions may lie anywhere, of any type
+            rows = self.store.plan_rows(spec.dataset, spec.version, "", images_only=False)
+            return Samples.from_rows(spec, info, rows)
+        rows = self.store.plan_rows(spec.dataset, spec.version, spec.prefix, images_only=True)
+        return Samples.from_rows(spec, info, rows, selected=True)
 
     def plan(self, spec: ingest_pb2.PlanSpec, info: SpecInfo, epoch: int
              ) -> tuple[Samples, EpochPlan]:

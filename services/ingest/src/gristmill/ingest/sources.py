@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import grpc
 import numpy as np
@@ -24,6 +24,7 @@ from gristmill.decode.pool import Decoder
 from gristmill.decode.service import result_message
 from gristmill.decode.sources import FileSource, HubFiles, remote_store, resolve_samples
 from gristmill.decode.transform import transform_from_proto
+from gristmill.ingest.samples import PlanRow
 from gristmill.v1 import decode_pb2, decode_pb2_grpc, store_pb2
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Decoded",
     "LocalDecode",
     "LocalStore",
+    "PlanRowSource",
     "RemoteDecode",
     "RemoteStoreAccess",
     "StoreAccess",
@@ -94,6 +96,18 @@ class StoreAccess(FileSource, Protocol):
         """Every entry of a committed version, sorted by path."""
 
 
+@runtime_checkable
+class PlanRowSource(Protocol):
+    """A store that reads the planning columns of a version straight from its catalog."""
+
+    def plan_rows(self, dataset: str, version: str, prefix: str, *, images_only: bool
+                  ) -> list[PlanRow]:
+        """(path, is image, width, height, size) sorted by path.
+
+        With ``images_only``, only the image files under ``prefix``.
+        """
+
+
 class LocalStore:
     """The store service of this process, called directly."""
 
@@ -113,6 +127,12 @@ class LocalStore:
     def manifest(self, dataset: str, version: str) -> Sequence[store_pb2.FileEntry]:
         """See :class:`StoreAccess`."""
         return self.store.list_manifest(dataset, version, None, -1)[1]  # type: ignore[no-any-return]
+
+    def plan_rows(self, dataset: str, version: str, prefix: str, *, images_only: bool
+                  ) -> list[PlanRow]:
+        """See :class:`PlanRowSource`."""
+        return self.store.plan_rows(dataset, version, prefix,  # type: ignore[no-any-return]
+                                    images_only=images_only)
 
     def read_bytes(self, dataset: str, version: str, paths: list[str]
                    ) -> dict[str, bytes | GristmillError]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import sqlite3
 import threading
 import uuid
@@ -15,17 +16,41 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from gristmill.client.errors import GristmillError, Internal, ResourceExhausted, Unavailable
+from gristmill.client.errors import (
+    GristmillError,
+    Internal,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from gristmill.common.private import private_database
 from gristmill.store.disk import DISK_FULL, disk_full
 from gristmill.v1 import store_pb2
 
-__all__ = ["Catalog", "DatasetRow", "VersionRow"]
+__all__ = ["SCHEMA_VERSION", "Catalog", "DatasetRow", "VersionRow", "entry_from_row", "prefix_end"]
 
 T = TypeVar("T")
 
 _ENTRY_COLS = "path, sha256, size, media_type, width, height, format, orientation"
 _LATEST = "latest"
+#: Version of the catalog's schema, kept in ``store_info``; see :meth:`Catalog._migrate`.
+SCHEMA_VERSION = 2
+#: Per-dataset counters kept by SQLite itself, in the transaction that changes ``files``
+#: (with recursive_triggers on, the row an INSERT OR REPLACE replaces counts as deleted).
+_COUNTER_TRIGGERS = (
+    """CREATE TRIGGER IF NOT EXISTS files_counted_insert AFTER INSERT ON files BEGIN
+         UPDATE datasets SET file_count = file_count + 1, total_bytes = total_bytes + NEW.size
+         WHERE name = NEW.dataset; END""",
+    """CREATE TRIGGER IF NOT EXISTS files_counted_delete AFTER DELETE ON files BEGIN
+         UPDATE datasets SET file_count = file_count - 1, total_bytes = total_bytes - OLD.size
+         WHERE name = OLD.dataset; END""",
+    """CREATE TRIGGER IF NOT EXISTS files_counted_update AFTER UPDATE OF dataset, size ON files
+       BEGIN
+         UPDATE datasets SET file_count = file_count - 1, total_bytes = total_bytes - OLD.size
+         WHERE name = OLD.dataset;
+         UPDATE datasets SET file_count = file_count + 1, total_bytes = total_bytes + NEW.size
+         WHERE name = NEW.dataset; END""",
+)
 
 
 @dataclass(frozen=True)
@@ -90,6 +115,7 @@ class Catalog:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA recursive_triggers=ON")  # REPLACE fires the delete trigger
         self.db = sqlite_utils.Database(conn)
         self.lock = threading.RLock()
         entry = {"dataset": str, "path": str, "sha256": str, "size": int, "media_type": str,
@@ -110,6 +136,7 @@ class Catalog:
         self.db.table("version_files").create_index(["sha256"], if_not_exists=True)
         self.db.table("store_info").create({"key": str, "value": str}, pk="key",
                                            if_not_exists=True)
+        self._migrate(conn)
         #: This store's id: made once per catalog (data directory), kept across restarts.
         self.store_id = self._store_id(conn)
 
@@ -123,6 +150,44 @@ class Catalog:
                          [uuid.uuid4().hex])
             row = conn.execute(query).fetchone()
         return str(row[0])
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Bring an older catalog to :data:`SCHEMA_VERSION`, once, in one transaction.
+
+        Version 2 keeps each dataset's file count and bytes in its row (counted
+        once here for existing files, then by triggers), and indexes versions
+        by creation time, so that per-call reads touch one row whatever the
+        dataset's size.
+        """
+        query = "SELECT value FROM store_info WHERE key = 'schema_version'"
+        row = conn.execute(query).fetchone()
+        if row is not None and int(row[0]) >= SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(query).fetchone()  # another process may have migrated meanwhile
+            if row is None or int(row[0]) < SCHEMA_VERSION:
+                columns = {r[1] for r in conn.execute("PRAGMA table_info(datasets)")}
+                if "file_count" not in columns:
+                    for column in ("file_count", "total_bytes"):
+                        conn.execute(f"ALTER TABLE datasets ADD COLUMN {column} INTEGER "
+                                     "NOT NULL DEFAULT 0")
+                    conn.execute(
+                        "UPDATE datasets SET "
+                        "file_count = (SELECT count(*) FROM files f WHERE f.dataset = name), "
+                        "total_bytes = (SELECT coalesce(sum(size), 0) FROM files f "
+                        "WHERE f.dataset = name)")
+                for trigger in _COUNTER_TRIGGERS:
+                    conn.execute(trigger)
+                conn.execute("CREATE INDEX IF NOT EXISTS idx_versions_created "
+                             "ON versions(dataset, created, id)")
+                conn.execute("INSERT OR REPLACE INTO store_info (key, value) "
+                             "VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def _error(self, operation: str, error: sqlite3.Error) -> GristmillError | None:
         """The domain error for a database error, or None to let it through."""
@@ -225,16 +290,18 @@ class Catalog:
         rows = self.datasets(after=None, limit=1, exact=name)
         return rows[0] if rows else None
 
+    def exists(self, name: str) -> bool:
+        """Whether the dataset exists (one row read)."""
+        return bool(self.query("SELECT 1 FROM datasets WHERE name = ?", [name]))
+
     def datasets(self, after: str | None, limit: int, exact: str | None = None) -> list[DatasetRow]:
-        """Datasets by name after ``after``."""
+        """Datasets by name after ``after``: one row each, plus one index probe for the latest."""
         where, params = ("d.name = ?", [exact]) if exact is not None else (
             "d.name > ?", [after or ""])
         rows = self.query(
-            f"""SELECT d.name, d.description, d.created,
-                  (SELECT count(*) FROM files f WHERE f.dataset = d.name),
-                  (SELECT coalesce(sum(size), 0) FROM files f WHERE f.dataset = d.name),
+            f"""SELECT d.name, d.description, d.created, d.file_count, d.total_bytes,
                   (SELECT id FROM versions v WHERE v.dataset = d.name
-                    ORDER BY created DESC LIMIT 1)
+                    ORDER BY created DESC, id DESC LIMIT 1)
                 FROM datasets d WHERE {where} ORDER BY d.name LIMIT ?""", [*params, limit])
         return [DatasetRow(r[0], r[1] or "", r[2], r[3], r[4], r[5] or "") for r in rows]
 
@@ -332,15 +399,80 @@ class Catalog:
 
     def entries(self, dataset: str, version: str, after: str | None = None,
                 limit: int = -1, prefix: str = "") -> list[store_pb2.FileEntry]:
-        """Manifest entries sorted by path."""
+        """Manifest entries sorted by path: a range of the primary key, never an OFFSET.
+
+        A page reads the rows it returns (and one index seek), wherever in the
+        manifest it starts.
+        """
         source, params = self._source(dataset, version)
-        sql = f"SELECT {_ENTRY_COLS} FROM {source} AND path > ?"
-        params.append(after or "")
-        if prefix:
-            sql += " AND substr(path, 1, ?) = ?"
-            params += [len(prefix), prefix]
-        sql += " ORDER BY path LIMIT ?"
-        return [entry_from_row(r) for r in self.query(sql, [*params, limit])]
+        where, bounds = _path_range(after, prefix)
+        sql = f"SELECT {_ENTRY_COLS} FROM {source}{where} ORDER BY path LIMIT ?"
+        return [entry_from_row(r) for r in self.query(sql, [*params, *bounds, limit])]
+
+    @contextmanager
+    def snapshot(self, operation: str = "read the catalog") -> Iterator[sqlite3.Connection]:
+        """A connection of its own inside one read transaction.
+
+        A consistent view of the catalog while writers go on (WAL), for reads
+        that stream many rows without holding the catalog's lock.
+        """
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(str(self.path), check_same_thread=False,
+                                   isolation_level=None)
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("BEGIN")
+            yield conn
+        except sqlite3.Error as e:
+            mapped = self._error(operation, e)
+            if mapped is None:
+                raise
+            raise mapped from e
+        finally:
+            if conn is not None:
+                conn.close()
+
+    @staticmethod
+    def counts(conn: sqlite3.Connection, dataset: str, version: str) -> tuple[int, int] | None:
+        """(file count, total bytes) of the head or a version, from its row; None if absent."""
+        if version == _LATEST:
+            row = conn.execute("SELECT file_count, total_bytes FROM datasets WHERE name = ?",
+                               [dataset]).fetchone()
+        else:
+            row = conn.execute("SELECT file_count, total_bytes FROM versions "
+                               "WHERE dataset = ? AND id = ?", [dataset, version]).fetchone()
+        return (int(row[0]), int(row[1])) if row else None
+
+    def entry_pages(self, conn: sqlite3.Connection, dataset: str, version: str,
+                    page: int = 4096) -> Iterator[list[tuple[Any, ...]]]:
+        """Rows of ``_ENTRY_COLS`` sorted by path, ``page`` at a time.
+
+        From one cursor of ``conn`` (a :meth:`snapshot`): memory is one page,
+        whatever the manifest's size.
+        """
+        source, params = self._source(dataset, version)
+        cursor = conn.execute(f"SELECT {_ENTRY_COLS} FROM {source} ORDER BY path", params)
+        while rows := cursor.fetchmany(page):
+            yield rows
+
+    def image_columns(self, dataset: str, version: str, prefix: str = "",
+                      images_only: bool = True) -> list[tuple[str, int, int, int, int]]:
+        """(path, is image, width, height, size) rows sorted by path, for planning.
+
+        Only these columns are read. With ``images_only`` only image files
+        under ``prefix`` (a key range): a file counts as an image when its
+        header was read or its media type says image. Width and height are as
+        displayed (0 when unknown).
+        """
+        source, params = self._source(dataset, version)
+        where, bounds = _path_range(None, prefix)
+        sql = ("SELECT path, width IS NOT NULL OR substr(media_type, 1, 6) = 'image/', "
+               f"coalesce(width, 0), coalesce(height, 0), size FROM {source}{where}")
+        if images_only:
+            sql += " AND (width IS NOT NULL OR substr(media_type, 1, 6) = 'image/')"
+        with self.snapshot("read a manifest for planning") as conn:
+            return conn.execute(sql + " ORDER BY path", [*params, *bounds]).fetchall()
 
     def lookup(self, dataset: str, version: str, paths: list[str]
                ) -> dict[str, store_pb2.FileEntry]:
@@ -361,27 +493,34 @@ class Catalog:
         """Full version id for an id or a unique prefix of at least 8 characters."""
         if len(version) < 8:
             return None
-        rows = self.query("SELECT id FROM versions WHERE dataset = ? AND substr(id, 1, ?) = ? "
-                          "LIMIT 2", [dataset, len(version), version])
+        where, bounds = _path_range(None, version, "id")
+        rows = self.query(f"SELECT id FROM versions WHERE dataset = ?{where} LIMIT 2",
+                          [dataset, *bounds])
         return rows[0][0] if len(rows) == 1 else None
 
-    def head_rows(self, dataset: str) -> list[tuple[str, int, str]]:
-        """(path, size, sha256) of the head, sorted by path: the canonical content."""
-        return [(r[0], r[1], r[2]) for r in self.query(
-            "SELECT path, size, sha256 FROM files WHERE dataset = ? ORDER BY path", [dataset])]
+    def commit_version(self, dataset: str) -> tuple[VersionRow, bool]:
+        """Freeze the head; returns (row, created).
 
-    def commit_version(self, dataset: str, version_id: str, expected: int
-                       ) -> tuple[VersionRow, bool]:
-        """Freeze the head as ``version_id``; returns (row, created)."""
+        The id is the sha256 of the canonical content (per file sorted by
+        path: path, size and sha256 joined by tabs, ending in a newline),
+        hashed as the rows stream by, in the transaction that freezes them (no
+        upload lands in between).
+        """
         def body(conn: sqlite3.Connection) -> tuple[VersionRow, bool]:
+            digest = hashlib.sha256()
+            cursor = conn.execute("SELECT path, size, sha256 FROM files WHERE dataset = ? "
+                                  "ORDER BY path", [dataset])
+            while rows := cursor.fetchmany(4096):
+                digest.update("".join(f"{p}\t{n}\t{h}\n" for p, n, h in rows).encode())
+            version_id = digest.hexdigest()
             existing = self._version(conn, dataset, version_id)
             if existing is not None:
                 return existing, False
-            count, total = conn.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM files WHERE dataset = ?",
-                [dataset]).fetchone()
-            if count != expected:
-                raise RuntimeError("head changed while committing")
+            counted = self.counts(conn, dataset, _LATEST)
+            if counted is None:
+                raise NotFound(f"dataset {dataset!r} does not exist (deleted while committing)",
+                               reason="DATASET_NOT_FOUND", metadata={"dataset": dataset})
+            count, total = counted
             conn.execute("INSERT INTO versions(dataset, id, created, file_count, total_bytes) "
                          "VALUES (?, ?, ?, ?, ?)", [dataset, version_id, now(), count, total])
             conn.execute(f"INSERT INTO version_files(version, dataset, {_ENTRY_COLS}) "
@@ -413,3 +552,39 @@ class Catalog:
     def close(self) -> None:
         """Close the database."""
         self.db.conn.close()
+
+
+def prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (None: no bound).
+
+    SQLite compares text as UTF-8 bytes, which order like code points, so
+    ``column >= prefix AND column < prefix_end(prefix)`` is exactly "starts
+    with ``prefix``", answered by an index range.
+    """
+    for i in range(len(prefix) - 1, -1, -1):
+        code = ord(prefix[i]) + 1
+        if code == 0xD800:
+            code = 0xE000  # surrogates are not text
+        if code <= 0x10FFFF:
+            return prefix[:i] + chr(code)
+    return None
+
+
+def _path_range(after: str | None, prefix: str, column: str = "path"
+                ) -> tuple[str, list[str]]:
+    """SQL conditions (each after an AND) and parameters: ``column`` after ``after``.
+
+    And starting with ``prefix``: a range of the index either way.
+    """
+    where, params = "", []
+    if after:
+        where += f" AND {column} > ?"
+        params.append(after)
+    if prefix:
+        where += f" AND {column} >= ?"
+        params.append(prefix)
+        end = prefix_end(prefix)
+        if end is not None:
+            where += f" AND {column} < ?"
+            params.append(end)
+    return where, params

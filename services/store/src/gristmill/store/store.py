@@ -6,11 +6,12 @@ import hashlib
 import logging
 import threading
 import unicodedata
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
 
 from gristmill.client.errors import (
     AlreadyExists,
@@ -24,9 +25,10 @@ from gristmill.client.names import validate_dataset_name, validate_path, validat
 from gristmill.common import metrics
 from gristmill.store.blobs import BlobStore, BlobWriter
 from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
-from gristmill.store.disk import DiskReserve
+from gristmill.store.disk import DiskReserve, storage_error
 from gristmill.store.gc import GcReport, collect_garbage
 from gristmill.store.images import sniff
+from gristmill.store.manifests import ManifestFiles, read_pieces, write_manifest
 from gristmill.v1 import common_pb2, store_pb2
 
 __all__ = ["LATEST", "PutResult", "Store"]
@@ -47,6 +49,9 @@ class PutResult:
     blobs_created: int = 0
     #: Blobs this call stored first; removed again if the call fails.
     created: list[str] = field(default_factory=list)
+    #: Files received since the last publish: (path, sha256, size, sealed writer or None
+    #: when the blob is stored already). Their blobs are stored together.
+    waiting: list[tuple[str, str, int, BlobWriter | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -71,8 +76,10 @@ class Store:
 
     def __init__(self, catalog: Catalog, blobs: BlobStore, *, read_message_bytes: int,
                  read_chunk_bytes: int, max_message_bytes: int,
-                 reserve: DiskReserve | None = None) -> None:
+                 reserve: DiskReserve | None = None, manifest_dir: Path | None = None) -> None:
         self.catalog = catalog
+        #: Manifests of committed versions, built once (default: next to the catalog).
+        self.manifests = ManifestFiles(manifest_dir or catalog.path.parent / "manifests")
         self.blobs = blobs
         #: Space held back for metadata writes on a full disk (released by the catalog).
         self.reserve = reserve
@@ -113,14 +120,19 @@ class Store:
         return self.get_dataset(name)
 
     def get_dataset(self, name: str, field: str = "name") -> DatasetRow:
-        """A dataset or NotFound."""
+        """A dataset or NotFound: one row (its counters are kept as files change)."""
         name = validate_dataset_name(name, field)
         row = self.catalog.dataset(name)
         if row is None:
-            raise NotFound(f"dataset {name!r} does not exist; create it with `gristmill dataset "
-                           f"create {name}`", reason="DATASET_NOT_FOUND",
-                           metadata={"dataset": name})
+            raise _no_dataset(name)
         return row
+
+    def require_dataset(self, name: str, field: str = "name") -> str:
+        """The (NFC) name of an existing dataset, or NotFound; reads one row."""
+        name = validate_dataset_name(name, field)
+        if not self.catalog.exists(name):
+            raise _no_dataset(name)
+        return name
 
     def list_datasets(self, after: str | None, limit: int) -> list[DatasetRow]:
         """Datasets sorted by name."""
@@ -128,8 +140,10 @@ class Store:
 
     def delete_dataset(self, name: str) -> tuple[int, int]:
         """Delete a dataset; returns (blobs deleted, bytes freed)."""
-        self.get_dataset(name)
-        return self._collect(self.catalog.delete_dataset(name))
+        name = self.require_dataset(name)
+        unreferenced = self.catalog.delete_dataset(name)
+        self.manifests.remove(name)
+        return self._collect(unreferenced)
 
     def _collect(self, unreferenced: list[tuple[str, int]]) -> tuple[int, int]:
         deleted = freed = 0
@@ -143,8 +157,8 @@ class Store:
 
     # versions -------------------------------------------------------------
     def resolve(self, dataset: str, version: str, field: str = "version") -> str:
-        """"latest" or the full id of an existing version."""
-        self.get_dataset(dataset, "dataset")
+        """"latest" or the full id of an existing version (one row per lookup)."""
+        self.require_dataset(dataset, "dataset")
         if version in ("", LATEST):
             return LATEST
         resolved = self.catalog.resolve_version(dataset, version)
@@ -155,18 +169,23 @@ class Store:
         return resolved
 
     def commit_version(self, dataset: str) -> tuple[VersionRow, bool]:
-        """Freeze the head; the id is the sha256 of its canonical manifest."""
-        self.get_dataset(dataset, "dataset")
-        with self.catalog.lock:  # no upload may land between hashing and freezing
-            rows = self.catalog.head_rows(dataset)
-            digest = hashlib.sha256()
-            for path, size, sha in rows:
-                digest.update(f"{path}\t{size}\t{sha}\n".encode())
-            return self.catalog.commit_version(dataset, digest.hexdigest(), len(rows))
+        """Freeze the head; the id is the sha256 of its canonical manifest.
+
+        The version's manifest is written once, here; if that fails (or the
+        process stops first) the first GetManifest builds it.
+        """
+        dataset = self.require_dataset(dataset, "dataset")
+        row, created = self.catalog.commit_version(dataset)
+        try:
+            self._stored_manifest(dataset, row.id)[0].close()
+        except GristmillError:
+            log.warning("cannot write the manifest of %r version %s now; the first request "
+                        "for it will", dataset, row.id, exc_info=True)
+        return row, created
 
     def list_versions(self, dataset: str, after: str | None, limit: int) -> list[VersionRow]:
         """Versions newest first."""
-        self.get_dataset(dataset, "dataset")
+        self.require_dataset(dataset, "dataset")
         return self.catalog.versions(dataset, after, limit)
 
     # manifests -------------------------------------------------------------
@@ -179,13 +198,64 @@ class Store:
 
     def manifest_chunks(self, dataset: str, version: str, chunk: int = 1024 * 1024
                         ) -> Iterator[tuple[str, int, bytes]]:
-        """The whole manifest, zlib-compressed, as (version, count, piece) tuples."""
+        """The whole manifest, zlib-compressed, as (version, count, piece) tuples.
+
+        A committed version's comes from its file (built once); ``latest`` is
+        built from one snapshot of the catalog into a temporary file. Memory
+        is a page of entries and a piece, whatever the manifest's size.
+        """
         resolved = self.resolve(dataset, version)
-        entries = self.catalog.entries(dataset, resolved)
-        blob = zlib.compress(store_pb2.Manifest(dataset=dataset, version=resolved,
-                                                files=entries).SerializeToString(), 6)
-        for i in range(0, max(len(blob), 1), chunk):
-            yield resolved, len(entries), blob[i:i + chunk]
+        if resolved == LATEST:
+            f = self.manifests.scratch()
+            try:
+                with self.catalog.snapshot("read the manifest") as conn:
+                    counted = self.catalog.counts(conn, dataset, LATEST)
+                    if counted is None:
+                        raise _no_dataset(dataset)
+                    try:
+                        count = write_manifest(f, dataset, LATEST, self.catalog.entry_pages(
+                            conn, dataset, LATEST))
+                    except OSError as e:
+                        raise storage_error("build the manifest", e, self.manifests.root
+                                            ) from e
+            except BaseException:
+                f.close()
+                raise
+        else:
+            f, count = self._stored_manifest(dataset, resolved)
+        with f:
+            for piece in read_pieces(f, chunk):
+                yield resolved, count, piece
+
+    def _stored_manifest(self, dataset: str, version: str) -> tuple[IO[bytes], int]:
+        """A committed version's manifest file, open, and its entry count; built if missing."""
+        with self.catalog.snapshot("read the manifest") as conn:
+            counted = self.catalog.counts(conn, dataset, version)
+        if counted is None:
+            raise NotFound(f"version {version!r} of dataset {dataset!r} does not exist",
+                           reason="VERSION_NOT_FOUND", metadata={"dataset": dataset})
+        f = self.manifests.open(dataset, version)
+        if f is None:
+            with self.manifests.building(dataset, version):
+                f = self.manifests.open(dataset, version)
+                if f is None:
+                    with self.catalog.snapshot("read the manifest") as conn:
+                        self.manifests.save(dataset, version, self.catalog.entry_pages(
+                            conn, dataset, version))
+                    f = self.manifests.open(dataset, version)
+        if f is None:  # removed as soon as written: the dataset was deleted meanwhile
+            raise _no_dataset(dataset)
+        return f, counted[0]
+
+    def plan_rows(self, dataset: str, version: str, prefix: str = "", *,
+                  images_only: bool = True) -> list[tuple[str, int, int, int, int]]:
+        """(path, is image, width, height, size) of a version's files, sorted by path.
+
+        The columns epoch planning needs and no others; with ``images_only``
+        only image files under ``prefix`` (see :meth:`Catalog.image_columns`).
+        """
+        resolved = self.resolve(dataset, version)
+        return self.catalog.image_columns(dataset, resolved, prefix, images_only)
 
     # uploads ---------------------------------------------------------------
     def find_blobs(self, shas: list[str]) -> list[str]:
@@ -197,6 +267,36 @@ class Store:
             validate_sha256(sha, f"sha256[{i}]")
         known = self.catalog.known_blobs(shas)
         return [s for s in shas if s in known and self.blobs.exists(s)]
+
+    def find_files(self, dataset: str, files: list[store_pb2.FileRef]
+                   ) -> tuple[list[str], list[str]]:
+        """(paths whose head entry has the same size and sha256, stored blobs of the others).
+
+        The cost follows the request (one lookup per path, one per hash), not
+        the dataset's size: an import checks batch by batch what it can skip.
+        """
+        if len(files) > MAX_PATHS_PER_CALL:
+            raise InvalidArgument("files", f"at most {MAX_PATHS_PER_CALL} files per call; "
+                                  "split the request")
+        dataset = validate_dataset_name(dataset, "dataset")
+        self.resolve(dataset, LATEST, "dataset")
+        sent = [f.path for f in files]
+        canonical = [validate_path(p, f"files[{i}].path", strict=False)
+                     for i, p in enumerate(sent)]
+        for i, f in enumerate(files):
+            validate_sha256(f.sha256, f"files[{i}].sha256")
+        found = _as_sent(self.catalog.lookup(dataset, LATEST, _spellings(sent, canonical)),
+                         sent, canonical) if files else {}
+        present: list[str] = []
+        others: set[str] = set()
+        for f in files:
+            entry = found.get(f.path)
+            if entry is not None and entry.size == f.size and entry.sha256 == f.sha256:
+                present.append(f.path)
+            else:
+                others.add(f.sha256)
+        stored = self.find_blobs(sorted(others)) if others else []
+        return present, stored
 
     def _pin(self, sha: str, delta: int) -> None:
         with self._pin_lock:
@@ -238,6 +338,7 @@ class Store:
                         # name the file for clients that retry without it
                         e.metadata.setdefault("path", upload.path if upload else chunk.path)
                         raise
+                self._publish(result)  # the files this message completed, durable together
             if upload is not None:
                 raise InvalidArgument("chunks.last", f"the stream ended inside file "
                                       f"{upload.path!r}; send its remaining bytes and a chunk "
@@ -254,6 +355,9 @@ class Store:
         finally:
             if upload is not None:
                 upload.writer.abort()
+            for _, _, _, sealed in result.waiting:
+                if sealed is not None:
+                    sealed.abort()
             for sha in pinned:
                 self._pin(sha, -1)
             if not committed and result.created:
@@ -315,7 +419,7 @@ class Store:
         if known != chunk.size:
             raise InvalidArgument("chunks.size", f"file {path!r}: declared {chunk.size} bytes but "
                                   f"blob {chunk.sha256} has {known}", reason="SIZE_MISMATCH")
-        self._add_entry(path, chunk.sha256, chunk.size, result)
+        result.waiting.append((path, chunk.sha256, chunk.size, None))
         return None
 
     def _finish(self, upload: _Upload, result: PutResult, pinned: list[str]) -> None:
@@ -324,14 +428,34 @@ class Store:
         digest = writer.hexdigest()
         self._pin(digest, 1)
         pinned.append(digest)
-        sha, created = writer.finish(upload.sha256, upload.size)
-        if created:
-            result.blobs_created += 1
-            result.created.append(sha)
-            metrics.STORE_BLOBS_CREATED.inc()
-        else:
-            self.blobs.touch(sha)  # in use again: a collector's grace period starts over
-        self._add_entry(upload.path, sha, upload.size, result)
+        sha = writer.seal(upload.sha256, upload.size)
+        result.waiting.append((upload.path, sha, upload.size, writer))
+
+    def _publish(self, result: PutResult) -> None:
+        """Store the blobs of the files received since the last call, then record their entries.
+
+        The backend makes them durable together (:meth:`BlobStore.publish`:
+        the fsyncs of a message's files are batched), all before the catalog
+        commit, so a crash leaves only unreferenced blobs for garbage collection.
+        """
+        if not result.waiting:
+            return
+        waiting = result.waiting
+        writers = [w for _, _, _, w in waiting if w is not None]
+        try:
+            self.blobs.publish(writers)
+        finally:
+            for _, sha, _, w in waiting:
+                if w is not None and w.created:
+                    result.blobs_created += 1
+                    result.created.append(sha)
+                    metrics.STORE_BLOBS_CREATED.inc()
+        for _, sha, _, w in waiting:
+            if w is not None and not w.created:
+                self.blobs.touch(sha)  # in use again: a collector's grace period starts over
+        result.waiting = []
+        for path, sha, size, _ in waiting:
+            self._add_entry(path, sha, size, result)
 
     def _add_entry(self, path: str, sha: str, size: int, result: PutResult) -> None:
         # the header only: a few KiB through bounded ranged reads, never the whole blob
@@ -502,6 +626,11 @@ def _as_sent(found: dict[str, store_pb2.FileEntry], sent: list[str], canonical: 
         if entry is not None:
             out[s] = entry
     return out
+
+
+def _no_dataset(name: str) -> NotFound:
+    return NotFound(f"dataset {name!r} does not exist; create it with `gristmill dataset "
+                    f"create {name}`", reason="DATASET_NOT_FOUND", metadata={"dataset": name})
 
 
 def _not_in_version(path: str, dataset: str, version: str) -> NotFound:
