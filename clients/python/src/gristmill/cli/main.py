@@ -141,7 +141,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     with _hub(args) as hub:
         report = hub.import_folder(args.name, args.folder, create=not args.no_create,
-                                   include=args.include, exclude=args.exclude)
+                                   include=args.include, exclude=args.exclude,
+                                   rehash=args.rehash)
     print(f"imported {args.folder} into {args.name}: {report}")
     for path, why in report.links_skipped:
         print(f"  link not followed: {path}: {why}", file=sys.stderr)
@@ -229,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="skip files matching PATTERN, and whole directories whose name or "
                    "path matches it (repeatable; same syntax as --include; wins over it)")
+    p.add_argument("--rehash", action="store_true",
+                   help="read every file again instead of trusting the hashes remembered in "
+                   "the cache directory for files whose size and times are unchanged")
     p = add("manifest", cmd_manifest, "print a version's manifest")
     p.add_argument("name")
     p.add_argument("--version", default="latest", help="version id (or prefix) or 'latest'")

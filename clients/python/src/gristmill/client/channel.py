@@ -33,7 +33,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: to outlast a server restart.
 _IDEMPOTENT = {
     "gristmill.v1.StoreService": ["GetStoreInfo", "GetDataset", "ListDatasets", "FindBlobs",
-                                  "ListManifest", "GetManifest", "ReadFiles", "ListVersions"],
+                                  "FindFiles", "ListManifest", "GetManifest", "ReadFiles",
+                                  "ListVersions"],
     "gristmill.v1.IngestService": ["PlanEpoch"],
     "gristmill.v1.DecodeService": ["ListBuckets"],
     "grpc.health.v1.Health": ["Check"],

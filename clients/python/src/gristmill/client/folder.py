@@ -26,7 +26,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -35,7 +35,8 @@ from typing import BinaryIO
 from gristmill.client.errors import InvalidArgument
 from gristmill.client.names import validate_path
 
-__all__ = ["FolderScan", "LocalSource", "is_skipped_name", "open_regular", "scan_folder"]
+__all__ = ["FolderScan", "LocalSource", "is_skipped_name", "open_regular", "scan_folder",
+           "walk_folder"]
 
 #: Version-control directories whose names do not start with a dot.
 VCS_DIRS = frozenset({"CVS", "_darcs", "RCS", "SCCS"})
@@ -93,82 +94,136 @@ def scan_folder(root: Path | str, include: Sequence[str] = (),
                 exclude: Sequence[str] = ()) -> FolderScan:
     """The files under ``root`` that an import takes, by the rules in this module's doc.
 
-    ``files`` are sorted by dataset path (NFC, validated); two local names
-    that are one path after Unicode normalisation are a failure for the second.
+    ``files`` are sorted by dataset path (NFC, validated); of two local names
+    that are one path after Unicode normalisation, one is a failure (see
+    :func:`walk_folder`).
     """
-    includes = _check_patterns(include, "include")
-    excludes = _check_patterns(exclude, "exclude")
-    base = Path(root).resolve(strict=True)
     scan = FolderScan()
-    taken: dict[str, str] = {}
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        directory = base / rel_dir if rel_dir else base
-        try:
-            with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            scan.failed.append((f"{rel_dir}/" if rel_dir else ".",
-                                f"unreadable directory: {e.strerror or e}"))
-            continue
-        subdirs: list[str] = []
-        for entry in entries:
-            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            try:
-                is_link = entry.is_symlink()
-                is_dir = not is_link and entry.is_dir(follow_symlinks=False)
-                is_file = not is_link and entry.is_file(follow_symlinks=False)
-            except OSError as e:
-                scan.failed.append((rel, f"unreadable: {e.strerror or e}"))
-                continue
-            if is_skipped_name(entry.name):
-                scan.ignored.append(f"{rel}/" if is_dir else rel)
-                continue
-            if is_dir:
-                if _matches(rel, excludes):
-                    scan.ignored.append(f"{rel}/")
-                else:
-                    subdirs.append(rel)
-                continue
-            if (includes and not _matches(rel, includes)) or _matches(rel, excludes):
-                scan.ignored.append(rel)
-                continue
-            source = Path(entry.path)
-            if is_link:
-                target, why = _link_target(base, source)
-                if target is None:
-                    scan.links.append((rel, why))
-                    continue
-                source = target
-            elif not is_file:
-                scan.failed.append((rel, "not a regular file (a pipe, socket or device); "
-                                    "not imported"))
-                continue
-            _take(scan, taken, rel, source, is_link)
-        stack.extend(reversed(subdirs))
+    scan.files.extend(walk_folder(root, include, exclude, scan))
     scan.files.sort(key=lambda f: f.path)
     return scan
 
 
-def _take(scan: FolderScan, taken: dict[str, str], rel: str, source: Path,
-          via_link: bool) -> None:
+def walk_folder(root: Path | str, include: Sequence[str], exclude: Sequence[str],
+                scan: FolderScan) -> Iterator[LocalSource]:
+    """Yield the files an import takes, one directory in memory at a time.
+
+    Files come sorted by their relative path (a directory's entries are
+    visited in the order their paths sort). Links not followed, paths
+    ignored and failures are added to ``scan`` as they are met; its
+    ``files`` stays empty. Memory is one directory's entries per level,
+    plus the paths spelled other than NFC.
+
+    Of two names that are one dataset path after Unicode normalisation
+    (NFC), the one spelled in NFC is taken if it exists on disk; otherwise
+    the first met. The other is a failure.
+    """
+    includes = _check_patterns(include, "include")  # checked now, not at the first file
+    excludes = _check_patterns(exclude, "exclude")
+    return _walk(Path(root).resolve(strict=True), includes, excludes, scan)
+
+
+def _walk(base: Path, includes: Sequence[str], excludes: Sequence[str], scan: FolderScan
+          ) -> Iterator[LocalSource]:
+    odd: dict[str, str] = {}  # NFC path -> the other spelling taken for it
+    stack = [("", iter(_children(scan, base, "")))]
+    while stack:
+        rel, children = stack[-1]
+        item = next(children, None)
+        if item is None:
+            stack.pop()
+            continue
+        is_dir = item.endswith("/")
+        name = item[:-1] if is_dir else item
+        child = f"{rel}/{name}" if rel else name
+        taken = _visit(scan, base, child, name, is_dir, includes, excludes)
+        if taken is True:
+            stack.append((child, iter(_children(scan, base, child))))
+        elif isinstance(taken, tuple):
+            found = _take(scan, odd, base, child, *taken)
+            if found is not None:
+                yield found
+
+
+def _children(scan: FolderScan, base: Path, rel: str) -> list[str]:
+    """A directory's entry names, directories with a "/" after, in the order their paths sort.
+
+    A directory sorts as its paths do: ``a/...`` after ``a.txt`` and before
+    ``a0``. Only names are kept (a few dozen bytes each).
+    """
+    out: list[str] = []
+    try:
+        with os.scandir(base / rel if rel else base) as it:
+            for entry in it:
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_dir = False  # _visit reports it
+                out.append(f"{entry.name}/" if is_dir else entry.name)
+    except OSError as e:
+        scan.failed.append((f"{rel}/" if rel else ".", f"unreadable directory: {e.strerror or e}"))
+        return []
+    out.sort()
+    return out
+
+
+def _visit(scan: FolderScan, base: Path, rel: str, name: str, is_dir: bool,
+           includes: Sequence[str], excludes: Sequence[str]) -> tuple[Path, bool] | bool:
+    """(source, via link) of a file to take, True for a directory to walk, else False."""
+    if is_skipped_name(name):
+        scan.ignored.append(f"{rel}/" if is_dir else rel)
+        return False
+    if is_dir:
+        if _matches(rel, excludes):
+            scan.ignored.append(f"{rel}/")
+            return False
+        return True
+    if (includes and not _matches(rel, includes)) or _matches(rel, excludes):
+        scan.ignored.append(rel)
+        return False
+    source = base / rel
+    try:
+        mode = source.lstat().st_mode
+    except OSError as e:
+        scan.failed.append((rel, f"unreadable: {e.strerror or e}"))
+        return False
+    if stat.S_ISLNK(mode):
+        target, why = _link_target(base, source)
+        if target is None:
+            scan.links.append((rel, why))
+            return False
+        return target, True
+    if not stat.S_ISREG(mode):
+        scan.failed.append((rel, "not a regular file (a pipe, socket or device); "
+                            "not imported"))
+        return False
+    return source, False
+
+
+def _take(scan: FolderScan, odd: dict[str, str], base: Path, rel: str, source: Path,
+          via_link: bool) -> LocalSource | None:
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         scan.failed.append((rel, "the file name is not valid UTF-8; rename it"))
-        return
+        return None
     try:
         path = validate_path(rel)
     except InvalidArgument as e:
         scan.failed.append((rel, e.message))
-        return
-    if path in taken:
-        scan.failed.append((rel, f"same dataset path as {taken[path]!r} after Unicode "
+        return None
+    if path != rel:  # spelled other than NFC: the NFC spelling, or the first met, wins
+        other = odd.get(path) or (path if os.path.lexists(base / path) else None)
+        if other is not None:
+            scan.failed.append((rel, f"same dataset path as {other!r} after Unicode "
+                                "normalisation (NFC); rename one of them"))
+            return None
+        odd[path] = rel
+    elif path in odd:
+        scan.failed.append((rel, f"same dataset path as {odd[path]!r} after Unicode "
                             "normalisation (NFC); rename one of them"))
-        return
-    taken[path] = rel
-    scan.files.append(LocalSource(path, source, via_link))
+        return None
+    return LocalSource(path, source, via_link)
 
 
 def _link_target(base: Path, link: Path) -> tuple[Path | None, str]:

@@ -564,6 +564,94 @@ class FindBlobsResponse(_message.Message):
 Global___FindBlobsResponse: _TypeAlias = FindBlobsResponse  # noqa: Y015
 
 @_typing.final
+class FileRef(_message.Message):
+    """A file an import holds: its dataset path, size and sha256."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Path inside the dataset."""
+    size: _builtins.int
+    """Size in bytes."""
+    sha256: _builtins.str
+    """sha256 (hex) of the content."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileRef: _TypeAlias = FileRef  # noqa: Y015
+
+@_typing.final
+class FindFilesRequest(_message.Message):
+    """Request for FindFiles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    """Dataset name."""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileRef]:
+        """Files to look for; at most 10000."""
+
+    def __init__(
+        self,
+        *,
+        dataset: _builtins.str = ...,
+        files: _abc.Iterable[Global___FileRef] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "files", b"files"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindFilesRequest: _TypeAlias = FindFilesRequest  # noqa: Y015
+
+@_typing.final
+class FindFilesResponse(_message.Message):
+    """Response for FindFiles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRESENT_FIELD_NUMBER: _builtins.int
+    STORED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def present(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Paths (as sent) whose entry in the head has the same size and sha256."""
+
+    @_builtins.property
+    def stored(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """sha256 of the other files whose blobs are stored (send them with reuse_blob)."""
+
+    def __init__(
+        self,
+        *,
+        present: _abc.Iterable[_builtins.str] | None = ...,
+        stored: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["present", b"present", "stored", b"stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindFilesResponse: _TypeAlias = FindFilesResponse  # noqa: Y015
+
+@_typing.final
 class DeleteFilesRequest(_message.Message):
     """Request for DeleteFiles."""
 

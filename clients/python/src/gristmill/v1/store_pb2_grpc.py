@@ -69,6 +69,11 @@ class StoreServiceStub:
                 request_serializer=gristmill_dot_v1_dot_store__pb2.FindBlobsRequest.SerializeToString,
                 response_deserializer=gristmill_dot_v1_dot_store__pb2.FindBlobsResponse.FromString,
                 _registered_method=True)
+        self.FindFiles = channel.unary_unary(
+                '/gristmill.v1.StoreService/FindFiles',
+                request_serializer=gristmill_dot_v1_dot_store__pb2.FindFilesRequest.SerializeToString,
+                response_deserializer=gristmill_dot_v1_dot_store__pb2.FindFilesResponse.FromString,
+                _registered_method=True)
         self.DeleteFiles = channel.unary_unary(
                 '/gristmill.v1.StoreService/DeleteFiles',
                 request_serializer=gristmill_dot_v1_dot_store__pb2.DeleteFilesRequest.SerializeToString,
@@ -152,6 +157,16 @@ class StoreServiceServicer:
 
     def FindBlobs(self, request, context):
         """Which of these blobs are already stored (to skip uploading them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindFiles(self, request, context):
+        """Which of these files the dataset's head holds already (same path, size
+        and sha256), and which of the others' blobs are stored (to link them with
+        reuse_blob). An import checks each batch of local files with it instead of
+        fetching the whole manifest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -241,6 +256,11 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.FindBlobs,
                     request_deserializer=gristmill_dot_v1_dot_store__pb2.FindBlobsRequest.FromString,
                     response_serializer=gristmill_dot_v1_dot_store__pb2.FindBlobsResponse.SerializeToString,
+            ),
+            'FindFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindFiles,
+                    request_deserializer=gristmill_dot_v1_dot_store__pb2.FindFilesRequest.FromString,
+                    response_serializer=gristmill_dot_v1_dot_store__pb2.FindFilesResponse.SerializeToString,
             ),
             'DeleteFiles': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteFiles,
@@ -445,6 +465,33 @@ class StoreService:
             '/gristmill.v1.StoreService/FindBlobs',
             gristmill_dot_v1_dot_store__pb2.FindBlobsRequest.SerializeToString,
             gristmill_dot_v1_dot_store__pb2.FindBlobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gristmill.v1.StoreService/FindFiles',
+            gristmill_dot_v1_dot_store__pb2.FindFilesRequest.SerializeToString,
+            gristmill_dot_v1_dot_store__pb2.FindFilesResponse.FromString,
             options,
             channel_credentials,
             insecure,

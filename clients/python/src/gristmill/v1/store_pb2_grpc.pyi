@@ -52,6 +52,12 @@ class StoreServiceStub:
     """
     FindBlobs: _grpc.UnaryUnaryMultiCallable[_store_pb2.FindBlobsRequest, _store_pb2.FindBlobsResponse]
     """Which of these blobs are already stored (to skip uploading them)."""
+    FindFiles: _grpc.UnaryUnaryMultiCallable[_store_pb2.FindFilesRequest, _store_pb2.FindFilesResponse]
+    """Which of these files the dataset's head holds already (same path, size
+    and sha256), and which of the others' blobs are stored (to link them with
+    reuse_blob). An import checks each batch of local files with it instead of
+    fetching the whole manifest.
+    """
     DeleteFiles: _grpc.UnaryUnaryMultiCallable[_store_pb2.DeleteFilesRequest, _store_pb2.DeleteFilesResponse]
     """Remove paths from the dataset's head (pinned versions keep them)."""
     ListManifest: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListManifestRequest, _store_pb2.ListManifestResponse]
@@ -97,6 +103,12 @@ class StoreServiceAsyncStub(StoreServiceStub):
     """
     FindBlobs: _aio.UnaryUnaryMultiCallable[_store_pb2.FindBlobsRequest, _store_pb2.FindBlobsResponse]  # type: ignore[assignment]
     """Which of these blobs are already stored (to skip uploading them)."""
+    FindFiles: _aio.UnaryUnaryMultiCallable[_store_pb2.FindFilesRequest, _store_pb2.FindFilesResponse]  # type: ignore[assignment]
+    """Which of these files the dataset's head holds already (same path, size
+    and sha256), and which of the others' blobs are stored (to link them with
+    reuse_blob). An import checks each batch of local files with it instead of
+    fetching the whole manifest.
+    """
     DeleteFiles: _aio.UnaryUnaryMultiCallable[_store_pb2.DeleteFilesRequest, _store_pb2.DeleteFilesResponse]  # type: ignore[assignment]
     """Remove paths from the dataset's head (pinned versions keep them)."""
     ListManifest: _aio.UnaryUnaryMultiCallable[_store_pb2.ListManifestRequest, _store_pb2.ListManifestResponse]  # type: ignore[assignment]
@@ -175,6 +187,18 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_pb2.FindBlobsResponse, _abc.Awaitable[_store_pb2.FindBlobsResponse]]:
         """Which of these blobs are already stored (to skip uploading them)."""
+
+    @_abc_1.abstractmethod
+    def FindFiles(
+        self,
+        request: _store_pb2.FindFilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.FindFilesResponse, _abc.Awaitable[_store_pb2.FindFilesResponse]]:
+        """Which of these files the dataset's head holds already (same path, size
+        and sha256), and which of the others' blobs are stored (to link them with
+        reuse_blob). An import checks each batch of local files with it instead of
+        fetching the whole manifest.
+        """
 
     @_abc_1.abstractmethod
     def DeleteFiles(

@@ -113,6 +113,11 @@ class StoreConfig(_Strict):
     #: Bytes held back in DATA_DIR/store/reserve so that metadata writes
     #: (deduplicated uploads, deletes) work on a full disk; 0 disables it.
     disk_reserve_bytes: int = Field(default=16 * MiB, ge=0)
+    #: How a PutFiles message's new blobs are made durable before they are
+    #: recorded: "fsync" (each file, then each directory that gained a blob,
+    #: once) or "syncfs" (Linux: one syncfs of the volume before the renames
+    #: and one after; best on a volume of the store's own).
+    sync_method: Literal["fsync", "syncfs"] = "fsync"
 
 
 class DecodeConfig(_Strict):

@@ -8,15 +8,17 @@ same interface on RADOS objects.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import re
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Literal, Protocol
 
 from gristmill.client.errors import DataLoss, FailedPrecondition, GristmillError, InvalidArgument
 from gristmill.store.disk import (
@@ -28,7 +30,11 @@ from gristmill.store.disk import (
     storage_error,
 )
 
-__all__ = ["BlobStore", "BlobWriter", "FsBlobStore", "StoredBlob"]
+__all__ = ["SYNC_METHODS", "BlobStore", "BlobWriter", "FsBlobStore", "StoredBlob", "SyncMethod"]
+
+#: How :meth:`FsBlobStore.publish` makes a group of new blobs durable.
+SyncMethod = Literal["fsync", "syncfs"]
+SYNC_METHODS: tuple[SyncMethod, ...] = ("fsync", "syncfs")
 
 
 class BlobWriter(Protocol):
@@ -47,6 +53,16 @@ class BlobWriter(Protocol):
     def finish(self, expected_sha256: str = "", expected_size: int = -1) -> tuple[str, bool]:
         """Check and store; returns (sha256, created). Nothing is stored on failure."""
 
+    def seal(self, expected_sha256: str = "", expected_size: int = -1) -> str:
+        """Check the bytes and close the writer; the blob is stored by a later ``publish``.
+
+        Returns the sha256. On failure nothing is kept (the writer is aborted).
+        """
+
+    @property
+    def created(self) -> bool:
+        """Whether ``publish`` (or ``finish``) stored this blob first."""
+
     def abort(self) -> None:
         """Discard what was written (safe to call more than once)."""
 
@@ -56,6 +72,14 @@ class BlobStore(Protocol):
 
     def writer(self, expected_sha256: str = "", *, stage: bool = True) -> BlobWriter:
         """A writer for a new blob; ``stage=False`` only hashes (the blob is stored already)."""
+
+    def publish(self, writers: Sequence[BlobWriter]) -> None:
+        """Store the blobs of sealed writers together, durably, before returning.
+
+        Each writer's ``created`` says whether it stored its blob first (also
+        when this raises: a failure may come after some were stored). Writers
+        not stored are aborted.
+        """
 
     def exists(self, sha256: str) -> bool:
         """Whether the blob is stored."""
@@ -101,7 +125,7 @@ class StoredBlob:
 
 
 class _FsWriter:
-    """Stages one blob in ``tmp/`` (0600), then fsyncs and renames it into place.
+    """Stages one blob in ``tmp/`` (0600); :meth:`FsBlobStore.publish` stores it.
 
     When the volume fills up, the writer drops what it staged and goes on
     hashing: if the bytes turn out to be a blob that is stored already, the
@@ -118,6 +142,9 @@ class _FsWriter:
         self._size = 0
         self._fd: int | None = None
         self._full = False
+        #: set by a successful :meth:`seal` of staged bytes
+        self._digest: str | None = None
+        self._created = False
         if stage:
             store.active_temporaries.add(self._tmp.name)  # before it exists: gc skips it
             try:
@@ -158,7 +185,16 @@ class _FsWriter:
         except OSError as e:
             self._spill(e, "write an upload's bytes")
 
+    @property
+    def created(self) -> bool:
+        return self._created
+
     def finish(self, expected_sha256: str = "", expected_size: int = -1) -> tuple[str, bool]:
+        digest = self.seal(expected_sha256, expected_size)
+        self._store.publish([self])
+        return digest, self._created
+
+    def seal(self, expected_sha256: str = "", expected_size: int = -1) -> str:
         try:
             digest = self._hash.hexdigest()
             if expected_size >= 0 and expected_size != self._size:
@@ -170,46 +206,57 @@ class _FsWriter:
                                "it", reason="HASH_MISMATCH")
             if self._fd is None:  # nothing staged: only a stored blob can take these bytes
                 if self._store.exists(digest):
-                    return digest, False
+                    return digest
                 if self._full:
                     raise disk_full("cannot store an upload's bytes", self._store.root)
                 raise FailedPrecondition(f"blob {digest} is no longer stored; resend the file",
                                          reason="BLOB_NOT_FOUND")
-            return self._publish(digest)
+            self._digest = digest
+            return digest
         except BaseException:
             self.abort()
             raise
 
-    def _publish(self, digest: str) -> tuple[str, bool]:
+    @property
+    def digest(self) -> str | None:
+        """The sha256 of sealed staged bytes (None before :meth:`seal` or after :meth:`abort`)."""
+        return self._digest
+
+    @property
+    def staged(self) -> bool:
+        """Sealed with bytes in ``tmp/`` that :meth:`FsBlobStore.publish` has yet to store."""
+        return self._digest is not None and self._fd is not None
+
+    def flush(self, sync: bool) -> None:
+        """Close the staging file, fsyncing it first if ``sync``."""
         fd, self._fd = self._fd, None
         assert fd is not None
-        final = self._store.path_for(digest)
-        renamed = False
         try:
-            try:
+            if sync:
                 os.fsync(fd)
-            finally:
-                os.close(fd)
-            if final.exists():
-                self.abort()
-                return digest, False
-            for directory in (final.parent.parent, final.parent):
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(directory, DIR_MODE)
-            os.replace(self._tmp, final)
-            renamed = True
-            self._store.active_temporaries.discard(self._tmp.name)
-            dir_fd = os.open(final.parent, os.O_RDONLY)
+        finally:
+            os.close(fd)
+
+    def place(self, made: set[Path]) -> Path | None:
+        """Rename the flushed file into place; returns its directory (None: stored already).
+
+        Directories created on the way are added to ``made``.
+        """
+        assert self._digest is not None
+        final = self._store.path_for(self._digest)
+        if final.exists():
+            self.abort()
+            return None
+        for directory in (final.parent.parent, final.parent):
             try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as e:
-            if final.exists():  # stored meanwhile, or only the directory fsync failed
-                self.abort()
-                return digest, renamed
-            raise self._store.error("store an upload's bytes", e) from None
-        return digest, True
+                os.mkdir(directory, DIR_MODE)
+                made.add(directory)
+            except FileExistsError:
+                pass
+        os.replace(self._tmp, final)
+        self._created = True
+        self._store.active_temporaries.discard(self._tmp.name)
+        return final.parent
 
     def abort(self) -> None:
         if self._fd is not None:
@@ -217,18 +264,32 @@ class _FsWriter:
             self._fd = None
         self._tmp.unlink(missing_ok=True)
         self._store.active_temporaries.discard(self._tmp.name)
+        self._digest = None
 
 
 class FsBlobStore:
     """Blobs as files ``blobs/ab/cd/<sha256>`` under a root directory.
 
-    Writes go to ``tmp/`` and are fsynced and renamed into place. Reads refuse
-    symlinks anywhere below the root, so nothing outside it is ever served.
-    Directories are created 0700 and files 0600. Staging files left by a
-    crash are removed by garbage collection (see :mod:`gristmill.store.gc`).
+    Writes go to ``tmp/``; :meth:`publish` makes a group of them durable and
+    renames them into place (see there). Reads refuse symlinks anywhere below
+    the root, so nothing outside it is ever served. Directories are created
+    0700 and files 0600. Staging files left by a crash are removed by garbage
+    collection (see :mod:`gristmill.store.gc`).
+
+    Args:
+        root: the store's directory.
+        sync: ``"fsync"`` (each file, then each directory a blob went into,
+            once) or ``"syncfs"`` (Linux: one ``syncfs`` of the volume before
+            the renames and one after, whatever the number of files).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sync: SyncMethod = "fsync") -> None:
+        if sync not in SYNC_METHODS:
+            raise ValueError(f"unknown sync method {sync!r}; use one of {SYNC_METHODS}")
+        if sync == "syncfs" and _syncfs_call() is None:
+            raise ValueError("store.sync_method 'syncfs' needs Linux (the syncfs call); use "
+                             "'fsync'")
+        self.sync: SyncMethod = sync
         self.root = Path(root).resolve()
         self.blob_dir = self.root / "blobs"
         self.tmp_dir = self.root / "tmp"
@@ -268,6 +329,65 @@ class FsBlobStore:
     def writer(self, expected_sha256: str = "", *, stage: bool = True) -> _FsWriter:
         """A writer staging into tmp/ (or only hashing, with ``stage=False``)."""
         return _FsWriter(self, expected_sha256, stage)
+
+    def publish(self, writers: Sequence[BlobWriter]) -> None:
+        """Store sealed writers' blobs: all durable before any is visible, then their names.
+
+        In order: every staged file is flushed (fsynced, or one ``syncfs``),
+        renamed into ``blobs/ab/cd/``, and then each directory that gained an
+        entry is fsynced once (or one more ``syncfs``). A crash before the end
+        leaves at most complete, unreferenced blobs (garbage collection removes
+        them); the catalog commit that makes them part of a dataset comes
+        after this returns. A blob stored meanwhile is kept and the staged
+        copy dropped. On failure writers not stored are aborted.
+        """
+        staged = [w for w in writers if isinstance(w, _FsWriter) and w.staged]
+        if not staged:
+            return
+        try:
+            try:
+                for w in staged:
+                    w.flush(sync=self.sync == "fsync")
+                if self.sync == "syncfs":
+                    self._syncfs()
+            except OSError as e:
+                raise self.error("store an upload's bytes", e) from None
+            touched: set[Path] = set()
+            made: set[Path] = set()
+            for w in staged:
+                try:
+                    directory = w.place(made)
+                except OSError as e:
+                    if w.digest is not None and self.path_for(w.digest).exists():
+                        w.abort()  # stored meanwhile by another upload
+                        continue
+                    raise self.error("store an upload's bytes", e) from None
+                if directory is not None:
+                    touched.add(directory)
+            touched.update(d.parent for d in made)  # a new directory is an entry of its parent
+            try:
+                if touched and self.sync == "syncfs":
+                    self._syncfs()
+                elif touched:
+                    for directory in sorted(touched):
+                        _fsync_dir(directory)
+            except OSError as e:
+                raise self.error("store an upload's bytes", e) from None
+        finally:
+            for w in staged:
+                if not w.created:
+                    w.abort()
+
+    def _syncfs(self) -> None:
+        call = _syncfs_call()
+        assert call is not None
+        fd = os.open(self.tmp_dir, os.O_RDONLY)
+        try:
+            if call(fd) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
+        finally:
+            os.close(fd)
 
     def exists(self, sha256: str) -> bool:
         """Whether the blob file exists."""
@@ -361,6 +481,32 @@ class FsBlobStore:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_SYNCFS: list[Callable[[int], int] | None] = []
+
+
+def _syncfs_call() -> Callable[[int], int] | None:
+    """The C library's ``syncfs`` (Linux), or None where there is none."""
+    if not _SYNCFS:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            call = getattr(libc, "syncfs", None)
+        except OSError:
+            call = None
+        if call is not None:
+            call.argtypes = [ctypes.c_int]
+            call.restype = ctypes.c_int
+        _SYNCFS.append(call)
+    return _SYNCFS[0]
 
 
 _HEX2 = re.compile(r"[0-9a-f]{2}")

@@ -85,6 +85,11 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
                   context: grpc.ServicerContext) -> store_pb2.FindBlobsResponse:
         return store_pb2.FindBlobsResponse(present=self.store.find_blobs(list(request.sha256)))
 
+    def FindFiles(self, request: store_pb2.FindFilesRequest,
+                  context: grpc.ServicerContext) -> store_pb2.FindFilesResponse:
+        present, stored = self.store.find_files(request.dataset, list(request.files))
+        return store_pb2.FindFilesResponse(present=present, stored=stored)
+
     def DeleteFiles(self, request: store_pb2.DeleteFilesRequest,
                     context: grpc.ServicerContext) -> store_pb2.DeleteFilesResponse:
         n = self.store.delete_files(request.dataset, list(request.paths))
@@ -146,7 +151,7 @@ def open_store(ctx: ServiceContext) -> Store:
     private_dir(cfg.data_dir)
     root = private_dir(cfg.data_dir / "store")
     reserve = DiskReserve(root / "reserve", cfg.store.disk_reserve_bytes)
-    return Store(Catalog(root / "catalog.sqlite"), FsBlobStore(root),
+    return Store(Catalog(root / "catalog.sqlite"), FsBlobStore(root, cfg.store.sync_method),
                  read_message_bytes=cfg.store.read_message_bytes,
                  read_chunk_bytes=cfg.store.read_chunk_bytes,
                  max_message_bytes=cfg.max_message_bytes, reserve=reserve)
@@ -189,6 +194,7 @@ SERVICE = ServiceSpec(
         "DeleteDataset": Role.ADMIN,
         "PutFiles": Role.WRITER,
         "FindBlobs": Role.WRITER,
+        "FindFiles": Role.WRITER,
         "DeleteFiles": Role.WRITER,
         "ListManifest": Role.READER,
         "GetManifest": Role.READER,
