@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -9,6 +10,16 @@ import pytest
 
 from gristmill.client.hub import Hub
 from tests.helpers import Running, start_in_process
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """CLI commands run in-process install a handler on this test's captured stdout: undo it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,8 @@ from gristmill.client.planner import (
     Policy,
     SampleSet,
     plan_epoch,
+    rank_key,
+    rank_keys,
 )
 
 CONFIG = BucketConfig(image_size=256, downsampling=16)
@@ -149,6 +151,18 @@ def test_hash_policy_keeps_a_sample_on_its_rank_as_the_dataset_grows() -> None:
                 for b in rank:
                     for i in b.samples:
                         assert owner.setdefault(plan_samples.ids[i], r) == r
+
+
+def test_hash_policy_keys_are_fixed_and_the_same_one_by_one_and_vectorised() -> None:
+    # frozen: a change moves samples between ranks for every user of the hash policy
+    golden = {"img/00001.jpg": 0x6564849D8033B878, "train/cats/001.jpg": 0xC9F81465FF3D73C2,
+              "\u00fcn\u00ef/\u00e7\u00f8d\u00e9.png": 0x692A02C2100A0520, "": 0}
+    assert {i: rank_key(i) for i in golden} == golden
+    ids = [*golden, *(f"d{i % 7}/\u65e5{i}.jpg" for i in range(2000))]
+    assert rank_keys(ids).tolist() == [rank_key(i) for i in ids]
+    assert rank_keys([]).shape == (0,)
+    owners = np.bincount((rank_keys(ids[4:]) % np.uint64(4)).astype(np.int64))
+    assert owners.min() > 400  # about 500 each
 
 
 def test_unknown_sizes_go_to_the_square_bucket() -> None:

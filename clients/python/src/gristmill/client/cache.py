@@ -12,6 +12,7 @@ trusted to keep the Hub inside its cache or download folder.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -79,8 +80,13 @@ def _valid_path(path: str) -> str:
     return validate_path(path, strict=False)
 
 
-def _join(base: Path, root: Path, parts: list[str], real: set[str] | None = None) -> Path:
-    """``root`` joined with valid path segments, refusing links (``base`` is root resolved)."""
+def _join(base: Path, root: Path, parts: list[str], real: set[str] | None = None, *,
+          last: bool = True) -> Path:
+    """``root`` joined with valid path segments, refusing links (``base`` is root resolved).
+
+    ``last=False`` leaves the target itself unchecked: for a caller that
+    ``lstat``s it anyway and treats a link as absent.
+    """
     target = os.fspath(base)
     for part in parts[:-1]:
         target = os.path.join(target, part)
@@ -91,7 +97,8 @@ def _join(base: Path, root: Path, parts: list[str], real: set[str] | None = None
         if real is not None and os.path.isdir(target):
             real.add(target)
     target = os.path.join(target, parts[-1])
-    if os.path.islink(target) and not Path(os.path.realpath(target)).is_relative_to(base):
+    if last and os.path.islink(target) and \
+            not Path(os.path.realpath(target)).is_relative_to(base):
         raise _link_refused(Path(target), root)
     return root.joinpath(*parts)
 
@@ -116,9 +123,12 @@ class Confined:
             rel = validate_path(relative, field, strict=False)  # raises, naming the field
         return self.join(rel.split("/"))
 
-    def join(self, segments: list[str]) -> Path:
-        """``root`` joined with segments already validated (links out of root refused)."""
-        return _join(self._base, self.root, segments, self._real)
+    def join(self, segments: list[str], *, last: bool = True) -> Path:
+        """``root`` joined with segments already validated (links out of root refused).
+
+        ``last=False``: the target itself is not checked (see :func:`_join`).
+        """
+        return _join(self._base, self.root, segments, self._real, last=last)
 
     def forget(self) -> None:
         """Check every folder again (after deleting some)."""
@@ -168,16 +178,52 @@ _KEPT: Counter[tuple[str, str, str, str]] = Counter()
 _KEPT_LOCK = threading.Lock()
 
 
+#: Paths per statement when many files are marked used at once.
+_TOUCH_CHUNK = 50_000
+
+#: The bytes of all indexed files, kept by triggers in the same transaction as the rows
+#: (an upsert fires the UPDATE trigger; INSERT OR REPLACE would skip the DELETE one).
+_TOTAL_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS cache_total (id INTEGER PRIMARY KEY CHECK (id = 0), "
+    "bytes INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO cache_total VALUES (0, 0)",
+    "CREATE TRIGGER IF NOT EXISTS cache_files_added AFTER INSERT ON cache_files BEGIN "
+    "UPDATE cache_total SET bytes = bytes + NEW.size WHERE id = 0; END",
+    "CREATE TRIGGER IF NOT EXISTS cache_files_removed AFTER DELETE ON cache_files BEGIN "
+    "UPDATE cache_total SET bytes = bytes - OLD.size WHERE id = 0; END",
+    "CREATE TRIGGER IF NOT EXISTS cache_files_resized AFTER UPDATE OF size ON cache_files "
+    "BEGIN UPDATE cache_total SET bytes = bytes - OLD.size + NEW.size WHERE id = 0; END",
+    # once per open: rows written by a client that predates the triggers are counted too
+    "UPDATE cache_total SET bytes = (SELECT COALESCE(SUM(size), 0) FROM cache_files) "
+    "WHERE id = 0",
+)
+
+_UPSERT = ("INSERT INTO cache_files VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (store, dataset, "
+           "path) DO UPDATE SET sha256 = excluded.sha256, size = excluded.size, "
+           "used = excluded.used")
+
+
 def _connect(top: Path) -> sqlite3.Connection:
     db = sqlite3.connect(str(top / INDEX), check_same_thread=False, isolation_level=None,
                          timeout=30)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")  # a cache: a lost row costs a download
-    db.execute("CREATE TABLE IF NOT EXISTS stores (address TEXT PRIMARY KEY, store TEXT, "
-               "seen REAL)")
-    db.execute("CREATE TABLE IF NOT EXISTS cache_files (store TEXT, dataset TEXT, path TEXT, "
-               "sha256 TEXT, size INTEGER, used INTEGER, PRIMARY KEY (store, dataset, path))")
-    db.execute("CREATE INDEX IF NOT EXISTS cache_files_used ON cache_files (used)")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS stores (address TEXT PRIMARY KEY, store TEXT, "
+                   "seen REAL)")
+        db.execute("CREATE TABLE IF NOT EXISTS cache_files (store TEXT, dataset TEXT, "
+                   "path TEXT, sha256 TEXT, size INTEGER, used INTEGER, "
+                   "PRIMARY KEY (store, dataset, path))")
+        db.execute("CREATE INDEX IF NOT EXISTS cache_files_used ON cache_files (used)")
+        for statement in _TOTAL_SCHEMA:
+            db.execute(statement)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        db.close()
+        raise
     return db
 
 
@@ -248,6 +294,34 @@ class FileCache:
         name = validate_dataset_name(dataset, "dataset")
         return self._under("manifests", name, f"{validate_version_name(version)}.pb.z")
 
+    def cached(self, dataset: str) -> dict[str, tuple[str, int]]:
+        """Every indexed file of a dataset: path -> (sha256, size), in one query.
+
+        The index only; whether each file is still on disk is :meth:`on_disk`'s
+        question.
+        """
+        dataset = validate_dataset_name(dataset, "dataset")
+        with self._lock:
+            rows = self._db.execute("SELECT path, sha256, size FROM cache_files WHERE "
+                                    "store = ? AND dataset = ?", [self.store, dataset])
+            return {str(p): (str(h), int(n)) for p, h, n in rows}
+
+    def on_disk(self, dataset: str, path: str, size: int) -> Path | None:
+        """Where a cached file is, if a regular file of ``size`` bytes is there (else None).
+
+        One ``lstat`` (no query): for files the index (:meth:`cached`) says are
+        cached. A link there counts as absent (a download replaces the link,
+        never what it points to); folders on the way are checked as in
+        :func:`inside`.
+        """
+        target = self._folder.join(["datasets", dataset, *_valid_path(path).split("/")],
+                                   last=False)
+        try:
+            st = os.lstat(target)
+        except OSError:
+            return None
+        return target if stat.S_ISREG(st.st_mode) and st.st_size == size else None
+
     def lookup(self, dataset: str, path: str) -> tuple[str, int] | None:
         """(sha256, size) of a cached file still present on disk."""
         dataset, path = validate_dataset_name(dataset, "dataset"), _valid_path(path)
@@ -265,21 +339,55 @@ class FileCache:
             return None
         return str(row[0]), int(row[1])
 
-    def touch(self, dataset: str, paths: list[str]) -> None:
-        """Mark cached files as just used (the last to be evicted)."""
+    def touch(self, dataset: str, paths: list[str], *, every: bool = False) -> None:
+        """Mark cached files as just used (the last to be evicted).
+
+        One statement per 50,000 paths; ``every=True`` marks all of the
+        dataset's files in one (``paths`` is then ignored).
+        """
         now = time.time_ns()
         with self._lock:
-            self._db.executemany("UPDATE cache_files SET used = ? WHERE store = ? AND "
-                                 "dataset = ? AND path = ?",
-                                 [(now, self.store, dataset, p) for p in paths])
+            if every:
+                self._db.execute("UPDATE cache_files SET used = ? WHERE store = ? AND "
+                                 "dataset = ?", [now, self.store, dataset])
+                return
+            for i in range(0, len(paths), _TOUCH_CHUNK):
+                self._db.execute("UPDATE cache_files SET used = ? WHERE store = ? AND "
+                                 "dataset = ? AND path IN (SELECT value FROM json_each(?))",
+                                 [now, self.store, dataset,
+                                  json.dumps(paths[i:i + _TOUCH_CHUNK])])
 
     def record(self, dataset: str, path: str, sha256: str, size: int) -> None:
         """Note a verified file, then evict others if the cache is over its limit."""
-        dataset, path = validate_dataset_name(dataset), _valid_path(path)
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO cache_files VALUES (?, ?, ?, ?, ?, ?)",
-                             [self.store, dataset, path, sha256, size, time.time_ns()])
+        self.record_many(dataset, [(path, sha256, size)])
+
+    def record_many(self, dataset: str, files: list[tuple[str, str, int]]) -> None:
+        """Note verified files (path, sha256, size) in one transaction, evicting as needed."""
+        dataset = validate_dataset_name(dataset)
+        now = time.time_ns()
+        rows = [(self.store, dataset, _valid_path(p), h, n, now) for p, h, n in files]
+        with self._lock, self._transaction():
+            self._db.executemany(_UPSERT, rows)
             self._evict()
+
+    def reserve(self, incoming: int) -> None:
+        """Evict until ``incoming`` more bytes fit under the limit (files kept stay)."""
+        if self.limit is None:
+            return
+        with self._lock, self._transaction():
+            self._evict(incoming)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction on the index (lock held by the caller)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def fits(self, sizes: list[int], what: str) -> None:
         """InvalidArgument if files of these sizes, kept together, exceed the limit."""
@@ -305,20 +413,23 @@ class FileCache:
                     if _KEPT[k] <= 0:
                         del _KEPT[k]
 
-    def _evict(self) -> None:
-        """Delete least recently used files until the total fits the limit (lock held)."""
+    def _evict(self, incoming: int = 0) -> None:
+        """Delete least recently used files until the total fits the limit (lock held).
+
+        The total is one row kept by triggers, so a cache under its limit
+        costs one query; candidates are read oldest first, a page at a time.
+        """
         if self.limit is None:
             return
-        total = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM cache_files")
+        limit = self.limit - incoming
+        total = int(self._db.execute("SELECT bytes FROM cache_total WHERE id = 0")
                     .fetchone()[0])
-        if total <= self.limit:
+        if total <= limit:
             return
-        rows = self._db.execute("SELECT store, dataset, path, size FROM cache_files "
-                                "ORDER BY used, rowid").fetchall()
         with _KEPT_LOCK:
             kept = set(_KEPT)
-        for store, dataset, path, size in rows:
-            if total <= self.limit:
+        for store, dataset, path, size in self._oldest():
+            if total <= limit:
                 break
             if (self._key, store, dataset, path) in kept:
                 continue
@@ -334,6 +445,19 @@ class FileCache:
             self._db.execute("DELETE FROM cache_files WHERE store = ? AND dataset = ? AND "
                              "path = ?", [store, dataset, path])
             total -= int(size)
+
+    def _oldest(self, page: int = 256) -> Iterator[tuple[str, str, str, int]]:
+        """Indexed files, least recently used first, read a page at a time."""
+        after: tuple[int, int] = (-(1 << 63), -1)
+        while True:
+            rows = self._db.execute("SELECT used, rowid, store, dataset, path, size FROM "
+                                    "cache_files WHERE (used, rowid) > (?, ?) "
+                                    "ORDER BY used, rowid LIMIT ?", [*after, page]).fetchall()
+            for _used, _rowid, store, dataset, path, size in rows:
+                yield str(store), str(dataset), str(path), int(size)
+            if len(rows) < page:
+                return
+            after = (int(rows[-1][0]), int(rows[-1][1]))
 
     def _scope(self, dataset: str | None) -> tuple[str | None, list[Path]]:
         if dataset is None:

@@ -7,12 +7,14 @@ import os
 import threading
 import uuid
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 
+from gristmill.client import hashcache
 from gristmill.client.cache import (
     Confined,
     FileCache,
@@ -34,7 +36,8 @@ from gristmill.client.errors import (
     from_item_error,
     stream_rpc,
 )
-from gristmill.client.folder import open_regular, scan_folder
+from gristmill.client.folder import FolderScan, LocalSource, open_regular, walk_folder
+from gristmill.client.hashcache import FileStamp, HashCache, stamp
 from gristmill.client.manifest import Manifest
 from gristmill.client.names import validate_dataset_name, validate_path, validate_sha256
 from gristmill.client.progress import Progress, progress
@@ -48,9 +51,17 @@ CHUNK = 1024 * 1024
 #: one PutFiles call carries at most this much (an interruption loses at most one call)
 UPLOAD_CALL_BYTES = 256 * 1024 * 1024
 UPLOAD_CALL_FILES = 2000
+#: an import hashes and checks (one FindFiles call) this many files at a time
+IMPORT_BATCH_FILES = 2000
+#: most batches of an import in flight at once (PutFiles calls side by side)
+IMPORT_STREAMS = 4
+#: remembered hashes of local files, in the cache directory
+IMPORT_HASHES = "import-hashes.sqlite"
 #: one ReadFiles call during downloads asks for at most this much
 DOWNLOAD_CALL_BYTES = 32 * 1024 * 1024
 DOWNLOAD_CALL_FILES = 1000
+#: pinned manifests a Hub keeps parsed in memory (each with its index by path)
+PINNED_MANIFESTS = 4
 
 _DEFAULT = object()
 
@@ -133,7 +144,8 @@ class Hub:
             Files are kept under the store id the server reports
             (:meth:`store_id`), so every address of one server shares them.
         ca_file: PEM root certificate; enables TLS.
-        workers: parallel ReadFiles calls in :meth:`download_dataset`.
+        workers: parallel ReadFiles calls in :meth:`download_dataset`; batches in
+            flight (at most 4) in :meth:`import_folder`.
         show_progress: draw progress bars (when stderr is a terminal).
         cache_limit: most bytes of cached files in ``cache_dir`` (all stores);
             the least recently used files are deleted whole to stay under it,
@@ -161,6 +173,8 @@ class Hub:
         self._cache: FileCache | None = None
         self._store_id = ""
         self._latest: dict[str, Manifest] = {}
+        #: pinned manifests by (dataset, version as asked and as resolved), newest last
+        self._pinned: OrderedDict[tuple[str, str], Manifest] = OrderedDict()
         self._lock = threading.Lock()
 
     def store_id(self) -> str:
@@ -248,6 +262,7 @@ class Hub:
         req = store_pb2.DeleteDatasetRequest(name=name)
         resp = call_rpc(self._stub.DeleteDataset, req)
         self._latest.pop(name, None)
+        self._forget_pinned(name)
         if (cache := self._known_cache()) is not None:
             cache.clear(name)
         return resp
@@ -275,12 +290,16 @@ class Hub:
         version = version or LATEST
         if version == LATEST and not refresh and dataset in self._latest:
             return self._latest[dataset]
+        if version != LATEST and (kept := self._pinned_manifest(dataset, version)) is not None:
+            return kept
         cache = self._known_cache() if version != LATEST else None
         if cache is not None:
             cached = cache.manifest_path(dataset, version)
             if cached.is_file():
-                return Manifest(store_pb2.Manifest.FromString(
+                found = Manifest(store_pb2.Manifest.FromString(
                     zlib.decompress(cached.read_bytes())))
+                self._keep_pinned(dataset, {version}, found)
+                return found
         req = store_pb2.GetManifestRequest(dataset=dataset, version=version)
         blob = bytearray()
         resolved = version
@@ -304,7 +323,30 @@ class Hub:
                 tmp = target.with_name(f".gm-{uuid.uuid4().hex[:16]}.tmp")
                 tmp.write_bytes(bytes(blob))
                 os.replace(tmp, target)
+            self._keep_pinned(dataset, {version, resolved}, manifest)
         return manifest
+
+    def _pinned_manifest(self, dataset: str, version: str) -> Manifest | None:
+        """A pinned manifest this Hub already parsed (versions never change)."""
+        with self._lock:
+            found = self._pinned.get((dataset, version))
+            if found is not None:
+                self._pinned.move_to_end((dataset, version))
+            return found
+
+    def _keep_pinned(self, dataset: str, names: set[str], manifest: Manifest) -> None:
+        """Remember a parsed pinned manifest, so that lookups by path reuse its index."""
+        with self._lock:
+            for name in names:
+                self._pinned[(dataset, name)] = manifest
+                self._pinned.move_to_end((dataset, name))
+            while len({id(m) for m in self._pinned.values()}) > PINNED_MANIFESTS:
+                self._pinned.popitem(last=False)
+
+    def _forget_pinned(self, dataset: str | None) -> None:
+        with self._lock:
+            for key in [k for k in self._pinned if dataset is None or k[0] == dataset]:
+                del self._pinned[key]
 
     def list_manifest(self, dataset: str, version: str = LATEST, prefix: str = ""
                       ) -> Iterator[store_pb2.FileEntry]:
@@ -324,10 +366,10 @@ class Hub:
         yield from stream_rpc(self._stub.ReadFiles(req))
 
     def _entry(self, dataset: str, path: str, version: str) -> store_pb2.FileEntry:
-        entry: store_pb2.FileEntry
-        for entry in self.get_manifest(dataset, version):
-            if entry.path == path:
-                return entry
+        """A pinned version's entry of ``path``: its manifest's index, kept per Hub."""
+        entry = self.get_manifest(dataset, version).find(path)
+        if entry is not None:
+            return entry
         raise NotFound(f"file {path!r} is not in dataset {dataset!r} ({version})",
                        reason="FILE_NOT_FOUND")
 
@@ -385,7 +427,7 @@ class Hub:
             return cache.file_path(dataset, path)
         cache.fits([entry.size], f"file {path!r}")
         with cache.keeping(dataset, [path]):
-            self._fetch(dataset, version, [path], entries=entries)
+            self._fetch(dataset, version, [path], entries=entries, incoming=entry.size)
         return cache.file_path(dataset, path)
 
     def _head_entry(self, dataset: str, path: str) -> store_pb2.FileEntry:
@@ -417,7 +459,10 @@ class Hub:
         asked = None if file_list is None else [validate_path(p, "file_list", strict=False)
                                                 for p in file_list]
         manifest = self.get_manifest(dataset, version, refresh=True)
-        entries = {e.path: e for e in manifest.files}
+        if asked is None:
+            entries = {e.path: e for e in manifest.files}
+        else:  # only what was asked for: looked up in the manifest's index
+            entries = {p: e for p in dict.fromkeys(asked) if (e := manifest.find(p)) is not None}
         wanted = list(entries) if asked is None else asked
         missing = [p for p in wanted if p not in entries]
         if missing:
@@ -438,11 +483,23 @@ class Hub:
     def _download(self, cache: FileCache, dataset: str, version: str, wanted: list[str],
                   entries: dict[str, store_pb2.FileEntry], folder: Confined | None
                   ) -> list[Path]:
-        """The rest of :meth:`download_dataset`, with the wanted files kept from eviction."""
-        todo = [entries[p] for p in wanted
-                if (hit := cache.lookup(dataset, p)) is None or hit[0] != entries[p].sha256]
-        fetched = {e.path for e in todo}
-        cache.touch(dataset, [p for p in wanted if p not in fetched])
+        """The rest of :meth:`download_dataset`, with the wanted files kept from eviction.
+
+        What is cached is read with one query for the dataset, then each
+        wanted file costs one ``lstat`` (no query) to see that it is still there.
+        """
+        known = cache.cached(dataset)
+        where: dict[str, Path] = {}
+        todo: list[store_pb2.FileEntry] = []
+        for p in dict.fromkeys(wanted):
+            e = entries[p]
+            if known.get(p) == (e.sha256, e.size) and \
+                    (there := cache.on_disk(dataset, p, e.size)) is not None:
+                where[p] = there
+            else:
+                todo.append(e)
+        if where:
+            cache.touch(dataset, list(where), every=len(where) == len(known))
         batches: list[list[str]] = []
         cur: list[str] = []
         cur_bytes = 0
@@ -464,7 +521,7 @@ class Hub:
                     fut.result()
         finally:
             bar.close()
-        paths = [cache.file_path(dataset, p) for p in wanted]
+        paths = [where[p] if p in where else cache.file_path(dataset, p) for p in wanted]
         if folder is None:
             return paths
         out = []
@@ -494,14 +551,23 @@ class Hub:
 
     def _fetch(self, dataset: str, version: str, paths: list[str],
                bar: Progress | None = None,
-               entries: dict[str, store_pb2.FileEntry] | None = None) -> None:
+               entries: dict[str, store_pb2.FileEntry] | None = None,
+               incoming: int | None = None) -> None:
         """Stream files into the cache: temp file, verify sha256, rename, index.
 
         Each piece must name a requested file not yet received, carry a valid
         sha256 (the manifest's, when ``entries`` is given) and stay within the
         file's declared size; every requested file must arrive whole.
+
+        Room for the ``incoming`` bytes (default: the entries' sizes) is made
+        under the cache limit before the call; the files that arrived are
+        indexed in one transaction at its end (also when it fails part way).
         """
         cache = self._need_cache("download")
+        if incoming is None and entries is not None:
+            incoming = sum(entries[p].size for p in paths if p in entries)
+        cache.reserve(incoming or 0)
+        arrived: list[tuple[str, str, int]] = []
         req = store_pb2.ReadFilesRequest(dataset=dataset, version=version, paths=paths)
         wanted = set(paths)
         done: set[str] = set()
@@ -546,7 +612,7 @@ class Hub:
                                            f"{sha} and size {size}; retry the download",
                                            reason="CHECKSUM_MISMATCH")
                         os.replace(tmp, cache.file_path(dataset, current))
-                        cache.record(dataset, current, sha, size)
+                        arrived.append((current, sha, size))
                         done.add(current)
                         tmp = None
             if open_file is not None:
@@ -559,6 +625,8 @@ class Hub:
                 open_file.close()
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
+            if arrived:
+                cache.record_many(dataset, arrived)
 
     def get_cache_size(self, dataset: str | None = None) -> int:
         """Bytes of files and manifests cached for this store (all, or one dataset).
@@ -586,12 +654,13 @@ class Hub:
             self._latest.clear()
         else:
             self._latest.pop(dataset, None)
+        self._forget_pinned(dataset)
         cache = self._known_cache()
         return cache.clear(dataset) if cache is not None else 0
 
     def import_folder(self, dataset: str, folder: Path | str, *, create: bool = True,
-                      include: Sequence[str] = (), exclude: Sequence[str] = ()
-                      ) -> ImportReport:
+                      include: Sequence[str] = (), exclude: Sequence[str] = (),
+                      rehash: bool = False) -> ImportReport:
         """Upload a folder recursively; files already stored are skipped.
 
         What is taken follows :mod:`gristmill.client.folder`: symbolic links
@@ -602,6 +671,16 @@ class Hub:
         ``include``/``exclude`` patterns (``fnmatch``; a pattern without ``/``
         matches the file name at any depth, one with ``/`` the relative path).
 
+        The folder is walked as a stream, in batches of
+        :data:`IMPORT_BATCH_FILES` files: each batch is hashed, checked with
+        one ``FindFiles`` call (paths stored with the same content are
+        skipped, blobs the server has are linked) and the rest uploaded, with
+        up to ``workers`` batches in flight (PutFiles calls side by side).
+        Memory does not grow with the number of files. With a ``cache_dir``,
+        the sha256 of files read before is remembered (see
+        :mod:`gristmill.client.hashcache`): an unchanged file costs a stat.
+        ``rehash=True`` reads every file again.
+
         A file that cannot be imported (unreadable, a name the store refuses,
         or changed, replaced or deleted between hashing and upload) is listed
         in ``failed`` with the reason; every other file is still uploaded.
@@ -609,51 +688,100 @@ class Hub:
         root = Path(folder)
         if not root.is_dir():
             raise InvalidArgument("folder", f"{root} is not a directory")
-        scan = scan_folder(root, include, exclude)
+        scan = FolderScan()
+        files = walk_folder(root, include, exclude, scan)
         if create:
             try:
                 self.get_dataset(dataset)
             except NotFound:
                 self.create_dataset(dataset)
-        report = ImportReport(failed=list(scan.failed), links_skipped=list(scan.links),
-                              ignored=list(scan.ignored))
-        local: list[_LocalFile] = []
-        bar = progress(len(scan.files), f"hash {root.name}", "file", self.show_progress)
-        for src in scan.files:
-            try:
-                sha, size = _sha256_file(src.source)
-                local.append(_LocalFile(src.path, src.source, size, sha))
-            except OSError as e:
-                report.failed.append((src.path, f"unreadable: {e.strerror or e}"))
-            bar.update()
-        bar.close()
-        present = {e.path: e.sha256 for e in self.get_manifest(dataset, refresh=True).files}
-        pending = [f for f in local if present.get(f.path) != f.sha256]
-        report.skipped = len(local) - len(pending)
-        stored: set[str] = set()
-        shas = sorted({f.sha256 for f in pending})
-        for i in range(0, len(shas), 10_000):
-            req = store_pb2.FindBlobsRequest(sha256=shas[i:i + 10_000])
-            stored.update(call_rpc(self._stub.FindBlobs, req).present)
-        bar = progress(sum(f.size for f in pending if f.sha256 not in stored),
-                       f"upload {dataset}", "B", self.show_progress)
+        report = ImportReport()
+        hashes = (HashCache(self.cache_dir / IMPORT_HASHES)
+                  if self.cache_dir is not None else None)
+        streams = max(1, min(self.workers, IMPORT_STREAMS))
+        bar = _Shared(progress(None, f"import {root.name}", "file", self.show_progress))
+        sent = _Shared(progress(None, f"upload {dataset}", "B", self.show_progress))
         try:
-            batch: list[_LocalFile] = []
-            batch_bytes = 0
-            for f in pending:
-                cost = 0 if f.sha256 in stored else f.size
-                if batch and (batch_bytes + cost > UPLOAD_CALL_BYTES
-                              or len(batch) >= UPLOAD_CALL_FILES):
-                    self._put_batch(dataset, batch, stored, report, bar)
-                    batch, batch_bytes = [], 0
-                batch.append(f)
-                batch_bytes += cost
-            if batch:
-                self._put_batch(dataset, batch, stored, report, bar)
+            with ThreadPoolExecutor(streams, thread_name_prefix="gristmill-import") as pool:
+                running: list[Future[ImportReport]] = []
+                try:
+                    for batch in _batches(files, IMPORT_BATCH_FILES):
+                        running.append(pool.submit(self._import_batch, dataset, batch, hashes,
+                                                   rehash, bar, sent))
+                        while len(running) >= streams:  # bounded: a few batches in memory
+                            wait(running, return_when=FIRST_COMPLETED)
+                            _merge_done(report, running)
+                    wait(running)
+                    _merge_done(report, running)
+                except BaseException:
+                    for future in running:
+                        future.cancel()
+                    raise
         finally:
             bar.close()
+            sent.close()
+            if hashes is not None:
+                hashes.close()
+        report.failed[:0] = scan.failed
+        report.links_skipped = list(scan.links)
+        report.ignored = list(scan.ignored)
         self._latest.pop(dataset, None)
         return report
+
+    def _import_batch(self, dataset: str, batch: list[LocalSource], hashes: HashCache | None,
+                      rehash: bool, bar: Progress, sent: Progress) -> ImportReport:
+        """Hash (or recall), check with one FindFiles call, and upload one batch of files."""
+        part = ImportReport()
+        started = hashcache.now()
+        stamped: list[tuple[LocalSource, FileStamp]] = []
+        for src in batch:
+            try:
+                st = os.stat(src.source)
+            except OSError as e:
+                part.failed.append((src.path, f"unreadable: {e.strerror or e}"))
+                continue
+            stamped.append((src, stamp(st)))
+        known = (hashes.lookup([(str(src.source), s) for src, s in stamped])
+                 if hashes is not None and not rehash else {})
+        local: list[_LocalFile] = []
+        fresh: list[tuple[str, FileStamp, str]] = []
+        for src, s in stamped:
+            sha = known.get(str(src.source))
+            size = s.size
+            if sha is None:
+                try:
+                    sha, size = _sha256_file(src.source)
+                except OSError as e:
+                    part.failed.append((src.path, f"unreadable: {e.strerror or e}"))
+                    continue
+                if size == s.size:
+                    fresh.append((str(src.source), s, sha))
+            local.append(_LocalFile(src.path, src.source, size, sha))
+        if hashes is not None:
+            hashes.remember(fresh, started)
+        found = call_rpc(self._stub.FindFiles, store_pb2.FindFilesRequest(
+            dataset=dataset, files=[store_pb2.FileRef(path=f.path, size=f.size, sha256=f.sha256)
+                                    for f in local]))
+        present = set(found.present)
+        stored = set(found.stored)
+        pending = [f for f in local if f.path not in present]
+        part.skipped = len(local) - len(pending)
+        call: list[_LocalFile] = []
+        call_bytes = 0
+        for f in pending:
+            cost = 0 if f.sha256 in stored else f.size
+            if call and (call_bytes + cost > UPLOAD_CALL_BYTES or len(call) >= UPLOAD_CALL_FILES):
+                self._put_batch(dataset, call, stored, part, sent)
+                call, call_bytes = [], 0
+            call.append(f)
+            call_bytes += cost
+        if call:
+            self._put_batch(dataset, call, stored, part, sent)
+        if hashes is not None and part.failed:  # a file found changed is read again next time
+            failed = {path for path, _ in part.failed}
+            hashes.forget(str(f.source) for f in local if f.path in failed)
+        bar.update(len(batch))
+        return part
 
     def _put_batch(self, dataset: str, batch: list[_LocalFile], stored: set[str],
                    report: ImportReport, bar: Progress) -> None:
@@ -769,6 +897,48 @@ class Hub:
                         break
         if msg.chunks or msg.dataset:
             yield msg
+
+
+def _batches(files: Iterable[LocalSource], size: int) -> Iterator[list[LocalSource]]:
+    batch: list[LocalSource] = []
+    for f in files:
+        batch.append(f)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _merge_done(report: ImportReport, running: list[Future[ImportReport]]) -> None:
+    """Add the reports of finished batches to ``report`` (and drop them from ``running``).
+
+    A batch that raised (an error no file can get past) raises here.
+    """
+    for future in [f for f in running if f.done()]:
+        running.remove(future)
+        part = future.result()
+        report.uploaded += part.uploaded
+        report.reused += part.reused
+        report.skipped += part.skipped
+        report.bytes_uploaded += part.bytes_uploaded
+        report.failed.extend(part.failed)
+
+
+class _Shared:
+    """A progress bar that threads may advance together."""
+
+    def __init__(self, bar: Progress) -> None:
+        self._bar = bar
+        self._lock = threading.Lock()
+
+    def update(self, n: float = 1) -> bool | None:
+        with self._lock:
+            return self._bar.update(n)
+
+    def close(self) -> None:
+        with self._lock:
+            self._bar.close()
 
 
 #: errors of a PutFiles call that no file of the import can get past

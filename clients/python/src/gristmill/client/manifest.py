@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
+from operator import attrgetter
 from typing import Any, overload
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
@@ -19,13 +21,35 @@ class Manifest:
     and method of the message (``files``, ``dataset``, ``version``,
     ``SerializeToString``, ...) works as on the message itself, which is
     ``m.message`` (pass that where a real protobuf message is required, e.g.
-    to ``CopyFrom``).
+    to ``CopyFrom``). :meth:`find` looks an entry up by path.
     """
 
-    __slots__ = ("message",)
+    __slots__ = ("_by_path", "_sorted", "message")
 
     def __init__(self, message: store_pb2.Manifest) -> None:
         self.message = message
+        self._sorted: bool | None = None  # paths strictly ascending (checked on first find)
+        self._by_path: dict[str, int] | None = None  # index by path, if they are not
+
+    def find(self, path: str) -> store_pb2.FileEntry | None:
+        """The entry of ``path`` (None if there is none), in O(log N).
+
+        The first call checks once that the entries are sorted by path, as
+        the server sends them, and then binary-searches; entries in any other
+        order get a dict from path to entry instead, built once. Do not
+        change ``files`` after the first call.
+        """
+        files = self.message.files
+        if self._sorted is None:
+            paths = [e.path for e in files]
+            self._sorted = all(a < b for a, b in zip(paths, paths[1:], strict=False))
+            if not self._sorted:
+                self._by_path = {p: i for i, p in enumerate(paths)}
+        if self._by_path is not None:
+            i = self._by_path.get(path, -1)
+            return files[i] if i >= 0 else None
+        i = bisect_left(files, path, key=attrgetter("path"))
+        return files[i] if i < len(files) and files[i].path == path else None
 
     @property
     def files(self) -> RepeatedCompositeFieldContainer[store_pb2.FileEntry]:
@@ -43,7 +67,7 @@ class Manifest:
         return self.message.version
 
     def __getattr__(self, name: str) -> Any:
-        if name == "message":  # not set yet (copy, pickle): no recursion
+        if name in self.__slots__:  # not set yet (copy, pickle): no recursion
             raise AttributeError(name)
         return getattr(self.message, name)
 

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from gristmill.client.planner import PlanConfig, PlannedBatch, Policy
+from gristmill.client.planner import PlanConfig, PlannedBatch, Policy, rank_key
 
 __all__ = ["SHUFFLE_WINDOW", "rank_of", "stream_epoch"]
 
@@ -49,8 +49,7 @@ SHUFFLE_WINDOW = 1024
 
 def rank_of(sample_id: str, world_size: int) -> int:
     """The rank of a sample under the hash policy (as ``SampleSet.rank_keys``)."""
-    key = int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=8).digest(), "little")
-    return key % world_size
+    return rank_key(sample_id) % world_size
 
 
 def stream_epoch(samples: Iterable[tuple[str, int]], config: PlanConfig, epoch: int,
