@@ -191,7 +191,9 @@ def _apply_orientation(a: Array, orientation: int) -> Array:
     return a
 
 
-_JPEG_COLORSPACE = {Color.RGB: "RGB", Color.RGBA: "RGBA", Color.GRAY: "GRAY"}
+#: JPEG has no alpha: RGBA is decoded as RGB and gains its opaque alpha after the
+#: resize (:func:`to_color`), so the resize moves 3 channels, not 4.
+_JPEG_COLORSPACE = {Color.RGB: "RGB", Color.RGBA: "RGB", Color.GRAY: "GRAY"}
 
 
 def decode_oriented(data: bytes, info: Probe, scale: float, color: Color,
