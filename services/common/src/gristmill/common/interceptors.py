@@ -141,12 +141,16 @@ class _Wrapping(grpc.ServerInterceptor):
     def wrap(self, behavior: Behavior, handler: Handler, method: str) -> Behavior:
         raise NotImplementedError
 
+    def deserializer(self, handler: Handler) -> Callable[[bytes], Any] | None:
+        """How requests are parsed (None: as the handler parses them)."""
+        return None
+
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
         if handler is None:
             return None
         method = details.method
-        return _rewrap(handler, lambda b, h: self.wrap(b, h, method))
+        return _rewrap(handler, lambda b, h: self.wrap(b, h, method), self.deserializer(handler))
 
 
 class _Malformed:
@@ -225,14 +229,9 @@ class ErrorInterceptor(_Wrapping):
     def __init__(self, malformed_log_seconds: float = 60.0) -> None:
         self._peers = _PeerLog(malformed_log_seconds)
 
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        """Wrap the handler, and parse its requests without raising."""
-        handler = continuation(details)
-        if handler is None:
-            return None
-        method = details.method
-        return _rewrap(handler, lambda b, h: self.wrap(b, h, method),
-                       _tolerant(handler.request_deserializer))
+    def deserializer(self, handler: Handler) -> Callable[[bytes], Any] | None:
+        """Parse requests without raising (gRPC would log a traceback)."""
+        return _tolerant(handler.request_deserializer)
 
     def _malformed(self, request: _Malformed, method: str,
                    context: grpc.ServicerContext) -> InvalidArgument:
@@ -392,13 +391,17 @@ class AuthInterceptor(grpc.ServerInterceptor):
                             e.message)
                 raise
 
-        def requests(it: Iterator[Any]) -> Iterator[Any]:
+        def paced(items: Iterator[Any]) -> Iterator[Any]:
+            """``items``, re-checking the key whenever ``interval`` has passed."""
             due = time.monotonic() + interval
-            for request in it:
+            for item in items:
                 if time.monotonic() >= due:
                     recheck()
                     due = time.monotonic() + interval
-                yield request
+                yield item
+
+        def requests(it: Iterator[Any]) -> Iterator[Any]:
+            yield from paced(it)
             recheck()  # the stream is complete: what it sent may now be committed
 
         def call(request: Any, context: grpc.ServicerContext) -> Any:
@@ -410,13 +413,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
         def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             responses = call(request, context)
-            due = time.monotonic() + interval
             try:
-                for response in responses:
-                    if time.monotonic() >= due:
-                        recheck()
-                        due = time.monotonic() + interval
-                    yield response
+                yield from paced(responses)
             finally:
                 responses.close()
         return stream

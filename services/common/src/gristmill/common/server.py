@@ -136,31 +136,41 @@ def create_server(config: ServerConfig,
         ],
     )
     # bind first: a busy port fails before any service opens its storage
-    address = f"{config.host}:{config.port}"
-    creds = _credentials(config)
+    health_servicer = health.HealthServicer()
+    health_server: tuple[grpc.Server, int] | tuple[None, None] = (None, None)
     try:
-        port = (server.add_secure_port(address, creds) if creds is not None
-                else server.add_insecure_port(address))
-    except RuntimeError:  # grpc: "Failed to bind to address ..."
-        port = 0
-    if port == 0:
+        port = _bind(server, config.host, config.port, _credentials(config), "--port")
+        if config.health_port is not None:
+            health_server = _health_server(config, health_servicer)
+    except OSError:
         if keys is not None:
             keys.close()
-        raise OSError(f"cannot listen on {address}: port {config.port} is in use (or "
-                      f"{config.host} is not an address of this host); stop what uses it "
-                      "or pick another port with --port")
+        raise
     ctx = ServiceContext(config=config)
     for spec in specs:
         spec.build(ctx, server)
-    health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [s.full_name for s in specs] + [health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     built = GristmillServer(server, health_servicer, ctx, specs, keys,
-                            config.shutdown_grace_seconds, limiter)
-    if config.health_port is not None:
-        built.health_server, built.health_port = _health_server(config, health_servicer)
+                            config.shutdown_grace_seconds, limiter, *health_server)
     return built, port
+
+
+def _bind(server: grpc.Server, host: str, port: int,
+          creds: grpc.ServerCredentials | None, option: str) -> int:
+    """Listen on ``host:port``; the bound port, or OSError naming the option to change."""
+    address = f"{host}:{port}"
+    try:
+        bound = (server.add_secure_port(address, creds) if creds is not None
+                 else server.add_insecure_port(address))
+    except RuntimeError:  # grpc: "Failed to bind to address ..."
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}: port {port} is in use (or {host} is "
+                      f"not an address of this host); stop what uses it or pick another "
+                      f"port with {option}")
+    return bound
 
 
 class _CheckOnly(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
@@ -186,14 +196,7 @@ def _health_server(config: ServerConfig, servicer: health.HealthServicer
                                                     thread_name_prefix="gristmill-health"),
                          maximum_concurrent_rpcs=64, options=[("grpc.so_reuseport", 0)])
     health_pb2_grpc.add_HealthServicer_to_server(_CheckOnly(servicer), server)
-    address = f"{config.host}:{config.health_port}"
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:  # grpc: "Failed to bind to address ..."
-        port = 0
-    if port == 0:
-        raise OSError(f"cannot listen on {address} for health checks: is the port in use? "
-                      "Pick another health_port")
+    port = _bind(server, config.host, config.health_port or 0, None, "health_port")
     return server, port
 
 
