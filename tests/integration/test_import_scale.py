@@ -35,8 +35,7 @@ def sha(data: bytes) -> str:
 
 def open_store(root: Path, sync: blobs_module.SyncMethod = "fsync") -> Store:
     return Store(Catalog(root / "catalog.sqlite"), FsBlobStore(root, sync),
-                 read_message_bytes=4 << 20, read_chunk_bytes=1 << 20,
-                 max_message_bytes=64 << 20)
+                 read_message_bytes=4 << 20, read_chunk_bytes=1 << 20)
 
 
 def one_message(dataset: str, files: dict[str, bytes]) -> Iterator[store_pb2.PutFilesRequest]:

@@ -36,8 +36,7 @@ SMALL, LARGE = 100, 2_000
 
 def open_store(root: Path) -> Store:
     return Store(Catalog(root / "catalog.sqlite"), FsBlobStore(root),
-                 read_message_bytes=4 << 20, read_chunk_bytes=1 << 20,
-                 max_message_bytes=64 << 20)
+                 read_message_bytes=4 << 20, read_chunk_bytes=1 << 20)
 
 
 def row(dataset: str, i: int, folder: str = "img") -> tuple[Any, ...]:

@@ -336,7 +336,6 @@ class Loader:
         self.shared_memory = shared_memory
         self._use_ring = shared_memory is not False
         self.retry_timeout = retry_timeout
-        self._connected = False  # a call has reached the server: retry for retry_timeout
         self._transport = transport or _GrpcTransport(ConnectionOptions(
             address, api_key, Path(ca_file) if ca_file else None,
             DEFAULT_MAX_MESSAGE_BYTES).resolved())
@@ -414,7 +413,8 @@ class Loader:
 
     # plans -----------------------------------------------------------------
     def _retry(self) -> _Retry:
-        return _Retry(self.retry_timeout, lambda: self._connected)
+        # a plan came back: the server was reached, so retry for retry_timeout
+        return _Retry(self.retry_timeout, lambda: self._planned is not None)
 
     def _with_retry(self, what: str, fn: Callable[[], Any]) -> Any:
         retry = self._retry()
@@ -432,7 +432,6 @@ class Loader:
         resp: ingest_pb2.PlanEpochResponse = self._with_retry(
             "PlanEpoch", lambda: self._transport.plan(
                 ingest_pb2.PlanEpochRequest(spec=spec, epoch=epoch)))
-        self._connected = True
         self._planned, self._planned_epoch = resp, epoch
         return resp
 
@@ -642,7 +641,7 @@ class _Retry:
     retry policy gave it a few seconds already), so a wrong address fails fast.
     """
 
-    def __init__(self, timeout: float, connected: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, timeout: float, connected: Callable[[], bool]) -> None:
         self.timeout = timeout
         self.connected = connected
         self.progressed()

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from gristmill.client.planner import PlanConfig, PlannedBatch, Policy, rank_key
+from gristmill.client.planner import PlanConfig, PlannedBatch, Policy, _repeat, rank_key
 
 __all__ = ["SHUFFLE_WINDOW", "rank_of", "stream_epoch"]
 
@@ -120,10 +120,8 @@ def _sequential(samples: Iterable[tuple[str, int]], config: PlanConfig, rank: in
             yield batch
         count += 1
     total = math.ceil(count / w) * w
-    for g in range(count, total):
-        if g % w == rank:
-            b = first[(g - count) % count]
-            yield PlannedBatch(b.bucket, b.samples, 0)
+    # the padding batches count..total-1 repeat the first batches; this rank takes its share
+    yield from _repeat(first, total - count)[(rank - count) % w::w]
 
 
 def _rng(config: PlanConfig, epoch: int, rank: int) -> random.Random:
@@ -204,6 +202,4 @@ def _hash(samples: Iterable[tuple[str, int]], config: PlanConfig, epoch: int, ra
     if not mine:  # this rank drew no sample: repeat the first samples of the dataset
         bucket = min(global_heads, key=lambda b: global_heads[b][0])
         mine = [_filled(global_heads[bucket], bucket, [], bs)]
-    for k in range(target - released):
-        b = mine[k % len(mine)]
-        yield PlannedBatch(b.bucket, b.samples, 0)
+    yield from _repeat(mine, target - released)

@@ -346,12 +346,11 @@ class FolderIngest(Ingest):
         self.check_limits(request.spec, info)
         spec = self.planner.resolve(request.spec)
         samples, plan = self.planner.plan(spec, info, request.epoch)
-        if not isinstance(plan, _LivePlan):
-            return super().plan_epoch(request)
-        whole = plan.whole()
-        if not len(samples):
-            raise _no_samples(spec)
-        return self.summary(spec, info, len(samples), whole)
+        if isinstance(plan, _LivePlan):
+            plan = plan.whole()
+            if not len(samples):
+                raise _no_samples(spec)
+        return self.summary(spec, info, len(samples), plan)
 
     def close(self) -> None:
         """Stop listing."""

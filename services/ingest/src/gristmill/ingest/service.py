@@ -145,8 +145,10 @@ class Ingest:
         self.max_pixels = max_pixels
         self.budget = PrefetchBudget(config.server_prefetch_bytes)
 
-    def check_limits(self, spec: ingest_pb2.PlanSpec, info: SpecInfo) -> None:
+    def check_limits(self, spec: ingest_pb2.PlanSpec, info: SpecInfo) -> int:
         """Refuse a spec whose output this server cannot decode or whose batch cannot fit.
+
+        Returns the most bytes one batch of the spec takes.
 
         Raises:
             ResourceExhausted: naming the field, the limit's config key and the fix.
@@ -164,6 +166,7 @@ class Ingest:
                             f"over the {mib(limit)} one stream may hold "
                             "(ingest.stream_prefetch_bytes); lower batch_size or image_size, "
                             "or raise the limit", "BATCH_TOO_LARGE")
+        return batch
 
     def _check_message(self, spec: ingest_pb2.PlanSpec, info: SpecInfo) -> None:
         """Refuse a spec whose single sample (a message's least) cannot fit a message."""
@@ -214,7 +217,7 @@ class Ingest:
         """
         spec = request.spec
         info = check_spec(spec)
-        self.check_limits(spec, info)
+        batch_bytes = self.check_limits(spec, info)
         if spec.version in ("", LATEST):
             raise InvalidArgument("spec.version", "stream with the spec PlanEpoch returned: its "
                                   "version is pinned, so every rank reads the same files")
@@ -237,7 +240,6 @@ class Ingest:
             ring = RingWriter.open(self.config.shm_dir, request.ring.name,
                                    request.ring.capacity)
         try:
-            batch_bytes = spec.batch_size * sample_bytes(info.transform, len(spec.companions))
             if ring is None or not ring.fits(batch_bytes):  # pixels may go inline
                 self._check_message(spec, info)
             feed = BatchFeed(spec=spec, info=info, samples=samples, plan=plan,

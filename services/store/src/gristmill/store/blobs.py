@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, Protocol
+from typing import Literal, Protocol
 
 from gristmill.client.errors import DataLoss, FailedPrecondition, GristmillError, InvalidArgument
 from gristmill.store.disk import (
@@ -50,9 +50,6 @@ class BlobWriter(Protocol):
     def hexdigest(self) -> str:
         """The sha256 of the bytes written so far."""
 
-    def finish(self, expected_sha256: str = "", expected_size: int = -1) -> tuple[str, bool]:
-        """Check and store; returns (sha256, created). Nothing is stored on failure."""
-
     def seal(self, expected_sha256: str = "", expected_size: int = -1) -> str:
         """Check the bytes and close the writer; the blob is stored by a later ``publish``.
 
@@ -61,7 +58,7 @@ class BlobWriter(Protocol):
 
     @property
     def created(self) -> bool:
-        """Whether ``publish`` (or ``finish``) stored this blob first."""
+        """Whether ``publish`` stored this blob first."""
 
     def abort(self) -> None:
         """Discard what was written (safe to call more than once)."""
@@ -95,9 +92,6 @@ class BlobStore(Protocol):
 
     def read(self, sha256: str, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes from ``offset``."""
-
-    def open(self, sha256: str) -> BinaryIO:
-        """A seekable reader (for header sniffing)."""
 
     def delete(self, sha256: str) -> int:
         """Remove the blob; returns the bytes freed (0 if it was absent)."""
@@ -188,11 +182,6 @@ class _FsWriter:
     @property
     def created(self) -> bool:
         return self._created
-
-    def finish(self, expected_sha256: str = "", expected_size: int = -1) -> tuple[str, bool]:
-        digest = self.seal(expected_sha256, expected_size)
-        self._store.publish([self])
-        return digest, self._created
 
     def seal(self, expected_sha256: str = "", expected_size: int = -1) -> str:
         try:
@@ -421,10 +410,6 @@ class FsBlobStore:
             return os.pread(fd, length, offset)
         finally:
             os.close(fd)
-
-    def open(self, sha256: str) -> BinaryIO:
-        """A seekable reader."""
-        return os.fdopen(self._open_fd(sha256), "rb")
 
     def delete(self, sha256: str) -> int:
         """Remove the blob; returns the bytes freed."""

@@ -153,8 +153,7 @@ def open_store(ctx: ServiceContext) -> Store:
     reserve = DiskReserve(root / "reserve", cfg.store.disk_reserve_bytes)
     return Store(Catalog(root / "catalog.sqlite"), FsBlobStore(root, cfg.store.sync_method),
                  read_message_bytes=cfg.store.read_message_bytes,
-                 read_chunk_bytes=cfg.store.read_chunk_bytes,
-                 max_message_bytes=cfg.max_message_bytes, reserve=reserve)
+                 read_chunk_bytes=cfg.store.read_chunk_bytes, reserve=reserve)
 
 
 def start_up(store: Store, gc: bool) -> None:

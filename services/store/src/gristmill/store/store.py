@@ -75,7 +75,7 @@ class Store:
     """Datasets, manifests, versions and blobs."""
 
     def __init__(self, catalog: Catalog, blobs: BlobStore, *, read_message_bytes: int,
-                 read_chunk_bytes: int, max_message_bytes: int,
+                 read_chunk_bytes: int,
                  reserve: DiskReserve | None = None, manifest_dir: Path | None = None) -> None:
         self.catalog = catalog
         #: Manifests of committed versions, built once (default: next to the catalog).
@@ -87,7 +87,6 @@ class Store:
             catalog.on_full = reserve.release
         self.read_message_bytes = read_message_bytes
         self.read_chunk_bytes = read_chunk_bytes
-        self.max_message_bytes = max_message_bytes
         # blobs written by uploads not yet committed: garbage collection skips them
         self._pinned: Counter[str] = Counter()
         self._pin_lock = threading.Lock()
@@ -278,8 +277,7 @@ class Store:
         if len(files) > MAX_PATHS_PER_CALL:
             raise InvalidArgument("files", f"at most {MAX_PATHS_PER_CALL} files per call; "
                                   "split the request")
-        dataset = validate_dataset_name(dataset, "dataset")
-        self.resolve(dataset, LATEST, "dataset")
+        dataset = self.require_dataset(dataset, "dataset")
         sent = [f.path for f in files]
         canonical = [validate_path(p, f"files[{i}].path", strict=False)
                      for i, p in enumerate(sent)]
@@ -323,7 +321,7 @@ class Store:
                         raise InvalidArgument("dataset", "the first PutFiles message must name "
                                               "the dataset")
                     dataset = req.dataset
-                    self.get_dataset(dataset, "dataset")
+                    self.require_dataset(dataset, "dataset")
                 for chunk in req.chunks:
                     try:
                         if upload is None:  # owned here from the first byte: aborted on failure
@@ -467,7 +465,7 @@ class Store:
 
     def delete_files(self, dataset: str, paths: list[str]) -> int:
         """Remove paths from the head; returns how many were present."""
-        self.get_dataset(dataset, "dataset")
+        self.require_dataset(dataset, "dataset")
         canonical = [validate_path(p, f"paths[{i}]", strict=False) for i, p in enumerate(paths)]
         # a path stored before NFC normalisation keeps its spelling: delete that too
         spellings = list(dict.fromkeys(canonical + paths))
