@@ -12,10 +12,11 @@ from pathlib import Path
 from gristmill.client.cache import cache_summary, clear_folder
 from gristmill.client.hub import DEFAULT_CACHE_DIR
 
-__all__ = ["add_cache_commands"]
+__all__ = ["add_cache_commands", "human_size"]
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
+    """Bytes as B, KiB, MiB, GiB or TiB, for people."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024:
@@ -33,13 +34,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"cache {info['path']} is empty")
         return 0
     print(f"cache {info['path']}: {info['files']} files, {info['bytes']} bytes "
-          f"({_size(info['bytes'])})")
+          f"({human_size(info['bytes'])})")
     for store in info["stores"]:
         seen = ", ".join(store["addresses"]) or "address not recorded"
         print(f"  store {store['store_id']} ({seen}): {store['files']} files, "
-              f"{_size(store['bytes'])}")
+              f"{human_size(store['bytes'])}")
         for name, d in store["datasets"].items():
-            print(f"    {name:32} {d['files']:>9} files {_size(d['bytes']):>11}")
+            print(f"    {name:32} {d['files']:>9} files {human_size(d['bytes']):>11}")
     return 0
 
 
@@ -47,7 +48,7 @@ def cmd_clear(args: argparse.Namespace) -> int:
     freed = clear_folder(args.cache_dir, args.dataset)
     what = f"dataset {args.dataset}" if args.dataset else "everything"
     print(f"cleared {what} from {Path(args.cache_dir).expanduser()}: freed {freed} bytes "
-          f"({_size(freed)})")
+          f"({human_size(freed)})")
     return 0
 
 

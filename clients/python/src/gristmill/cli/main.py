@@ -18,7 +18,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from gristmill.cli.cache_cmds import add_cache_commands
+from gristmill.cli.cache_cmds import add_cache_commands, human_size
 from gristmill.cli.decode_cmds import add_decode_commands
 from gristmill.cli.stream_cmds import add_stream_commands
 from gristmill.client.channel import DEFAULT_ADDRESS
@@ -78,15 +78,6 @@ def _json_dict(message: object) -> dict[str, Any]:
                              MessageToDict(msg, preserving_proto_field_name=True))
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
 def cmd_create(args: argparse.Namespace) -> int:
     with _hub(args) as hub:
         ds = hub.create_dataset(args.name, args.description)
@@ -104,7 +95,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("no datasets; create one with `gristmill dataset create NAME`")
     for d in datasets:
         latest = d.latest_version[:12] or "-"
-        print(f"{d.name:32} {d.file_count:>9} files {_size(d.total_bytes):>11}  version {latest}")
+        size = human_size(d.total_bytes)
+        print(f"{d.name:32} {d.file_count:>9} files {size:>11}  version {latest}")
     return 0
 
 
@@ -119,11 +111,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     if ds.description:
         print(f"description  {ds.description}")
     print(f"created      {ds.create_time.ToDatetime().isoformat()}Z")
-    print(f"files        {ds.file_count} ({_size(ds.total_bytes)})")
+    print(f"files        {ds.file_count} ({human_size(ds.total_bytes)})")
     print(f"versions     {len(versions)}")
     for v in versions:
         print(f"  {v.id}  {v.create_time.ToDatetime().isoformat()}Z  {v.file_count} files  "
-              f"{_size(v.total_bytes)}")
+              f"{human_size(v.total_bytes)}")
     return 0
 
 
@@ -134,7 +126,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     with _hub(args) as hub:
         resp = hub.delete_dataset(args.name)
     print(f"deleted dataset {args.name} ({resp.blobs_deleted} blobs, "
-          f"{_size(resp.bytes_freed)} freed)")
+          f"{human_size(resp.bytes_freed)} freed)")
     return 0
 
 

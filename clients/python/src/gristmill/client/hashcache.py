@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gristmill.client.private import private_database
+
 __all__ = ["RACY_SECONDS", "FileStamp", "HashCache", "stamp"]
 
 #: A file modified this recently before it was read is not remembered.
@@ -69,11 +71,7 @@ class HashCache:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # private before SQLite writes (its -wal and -shm files take the same mode)
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-            if path.stat().st_mode & 0o077:
-                path.chmod(0o600)
+            private_database(path)  # before SQLite writes: its -wal and -shm take the mode
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")

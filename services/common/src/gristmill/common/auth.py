@@ -20,7 +20,7 @@ from pathlib import Path
 import sqlite_utils
 
 from gristmill.client.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from gristmill.common.private import private_database
+from gristmill.client.private import private_database
 
 __all__ = ["ApiKey", "KeyStore", "Role"]
 

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gristmill.client.private import private_dir
 from gristmill.client.tuning import SERVER_ARENAS, tune_malloc
 from gristmill.common.auth import KeyStore, Role
 from gristmill.common.config import ServerConfig
@@ -27,7 +28,6 @@ from gristmill.common.interceptors import (
     StreamLimiter,
 )
 from gristmill.common.metrics import start_metrics_server
-from gristmill.common.private import private_dir
 from gristmill.common.service import ServiceContext, ServiceSpec, select_services
 
 __all__ = ["GristmillServer", "create_server", "ensure_admin_key", "serve"]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from gristmill.client.imageinfo import read_header
-from gristmill.common.private import private_database
+from gristmill.client.private import private_database
 
 __all__ = ["IMAGE_SUFFIXES", "FolderFile", "FolderListing", "HeaderIndex", "default_index_dir",
            "walk"]

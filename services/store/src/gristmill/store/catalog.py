@@ -23,7 +23,7 @@ from gristmill.client.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from gristmill.common.private import private_database
+from gristmill.client.private import private_database
 from gristmill.store.disk import DISK_FULL, disk_full
 from gristmill.v1 import store_pb2
 

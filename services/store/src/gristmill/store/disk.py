@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from gristmill.client.errors import GristmillError, Internal, ResourceExhausted
-from gristmill.common.private import DIR_MODE, FILE_MODE, private_dir
+from gristmill.client.private import DIR_MODE, FILE_MODE, private_dir
 
 __all__ = [
     "DIR_MODE",

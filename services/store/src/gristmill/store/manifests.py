@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from gristmill.common.private import private_dir
+from gristmill.client.private import private_dir
 from gristmill.store.catalog import entry_from_row
 from gristmill.store.disk import storage_error
 from gristmill.v1 import store_pb2

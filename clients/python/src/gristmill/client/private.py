@@ -1,8 +1,10 @@
-"""Files and directories only the server's user can read: 0600 and 0700.
+"""Files and directories only their owner can read: 0600 and 0700.
 
 Everything a gristmill server keeps in its data directory (blobs, catalogs,
-API key hashes) is created with these modes whatever the umask, and modes of
-existing paths are tightened when they are opened.
+API key hashes), and what clients keep in their cache directory (indexes,
+import hashes), is created with these modes whatever the umask, and modes of
+existing paths are tightened when they are opened. Standard library only, so
+the client and every service share it.
 """
 
 from __future__ import annotations
