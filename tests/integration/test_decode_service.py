@@ -14,10 +14,11 @@ import pytest
 
 from gristmill.client import DecodeClient, InvalidArgument, to_array
 from gristmill.client.buckets import BucketConfig, bucket_table
+from gristmill.client.errors import ResourceExhausted
 from gristmill.client.hub import Hub
 from gristmill.common.metrics import start_metrics_server
 from gristmill.decode import Transform, decode_sample
-from gristmill.v1 import decode_pb2, decode_pb2_grpc
+from gristmill.v1 import decode_pb2, decode_pb2_grpc, store_pb2
 from tests import images
 from tests.helpers import Running, start_in_process
 
@@ -242,3 +243,33 @@ def test_a_cancelled_stream_frees_its_handler(server: Running) -> None:
         (resp,) = list(c.decode([decode_pb2.DecodeRequest(transform=TRANSFORM,
                                                           samples=[inline(data, "x")])]))
     assert resp.results[0].WhichOneof("result") == "sample"
+
+
+def test_decode_apart_fails_the_call_when_the_store_refuses_it(tmp_path: Path) -> None:
+    """A store at its stream limit for decode's key fails the Decode call (the client retries
+    or reports it); it never turns every sample of the batch into a per-sample error."""
+    store = start_in_process(tmp_path / "store-data", services=("store",),
+                             limits={"max_streams_per_key": 1})
+    files = {"a.png": images.encode(images.gradient(300, 300), "PNG"),
+             "big.bin": bytes(32 << 20)}  # beyond flow-control windows
+    stub = store.store()
+    stub.CreateDataset(store_pb2.CreateDatasetRequest(name="remote"))
+    stub.PutFiles(iter([store_pb2.PutFilesRequest(dataset="remote", chunks=[
+        store_pb2.FileChunk(path=p, size=len(d), data=d, last=True)]) for p, d in files.items()]))
+    reader = store.key("reader")
+    held = store.store(reader).ReadFiles(store_pb2.ReadFilesRequest(
+        dataset="remote", paths=["big.bin"], max_message_bytes=65536))
+    next(held)  # the key's one stream, left open
+    decode_only = start_in_process(tmp_path / "decode-data", services=("decode",),
+                                   decode={"store_address": store.address,
+                                           "store_api_key": reader})
+    try:
+        with DecodeClient(decode_only.address, decode_only.admin_key) as c, \
+                pytest.raises(ResourceExhausted, match="max_streams_per_key"):
+            list(c.decode([decode_pb2.DecodeRequest(
+                transform=TRANSFORM, samples=[ref("remote", "a.png", "x")])]))
+    finally:
+        held.cancel()
+        assert decode_only.server is not None and store.server is not None
+        decode_only.server.stop(0)
+        store.server.stop(0)
