@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from gristmill.cli.main import main
 from gristmill.client.hub import Hub
 from gristmill.common.service import ServiceContext
+from gristmill.store.blobs import blob_key
 from gristmill.store.service import open_store
 from gristmill.store.store import Store
 from gristmill.v1 import store_pb2
@@ -310,7 +311,7 @@ def test_gc_does_not_break_uploads_in_flight(server: Running, tmp_path: Path) ->
     store = local_store(server)
     fresh, stale = b"fresh" * 3000, b"stale" * 3000
     # an unreferenced blob from long ago (a crash), which an upload is about to reuse
-    old = store.blobs.path_for(sha(stale))  # type: ignore[attr-defined]
+    old = store.blobs.backend.path_for(blob_key(sha(stale)))  # type: ignore[attr-defined]
     old.parent.mkdir(parents=True)
     old.write_bytes(stale)
     os.utime(old, (time.time() - 7200, time.time() - 7200))

@@ -14,7 +14,10 @@ from gristmill.client.errors import InvalidArgument, Unavailable
 from gristmill.client.hub import Hub
 from gristmill.common.server import create_server
 from gristmill.v1 import store_pb2
-from tests.helpers import Running, start_in_process
+from tests.helpers import Running, both_backends, start_in_process
+
+# the server-based tests run on both store backends
+storage = both_backends()
 
 
 def files(folder: Path, sizes: dict[str, int]) -> Path:

@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 
 import gristmill.client.hub as hub_module
-import gristmill.store.blobs as blobs_module
+import gristmill.store.fsobjects as blobs_module
 from gristmill.client.folder import FolderScan, scan_folder, walk_folder
 from gristmill.client.hub import Hub
-from gristmill.store.blobs import FsBlobStore
+from gristmill.store.blobs import BlobStore
 from gristmill.store.catalog import Catalog
+from gristmill.store.fsobjects import FsBackend
 from gristmill.store.store import Store
 from gristmill.v1 import store_pb2
 from tests.helpers import Running
@@ -34,7 +35,7 @@ def sha(data: bytes) -> str:
 
 
 def open_store(root: Path, sync: blobs_module.SyncMethod = "fsync") -> Store:
-    return Store(Catalog(root / "catalog.sqlite"), FsBlobStore(root, sync),
+    return Store(Catalog(root / "catalog.sqlite"), BlobStore(FsBackend(root, sync)),
                  read_message_bytes=4 << 20, read_chunk_bytes=1 << 20)
 
 
@@ -82,7 +83,7 @@ def test_put_files_fsyncs_each_file_and_each_directory_once(
     store = open_store(tmp_path / "store")
     store.create_dataset("d")
     files = {f"f{i:02d}.bin": os.urandom(1000 + i) for i in range(40)}
-    blob_dir = store.blobs.path_for("0" * 64).parent.parent.parent  # type: ignore[attr-defined]
+    blob_dir = tmp_path / "store" / "blobs"
     fsyncs: list[int] = []
     real_fsync = os.fsync
 
@@ -95,8 +96,9 @@ def test_put_files_fsyncs_each_file_and_each_directory_once(
     assert result.blobs_created == 40
     leaves = {(s[:2], s[2:4]) for s in map(sha, files.values())}
     firsts = {a for a, _ in leaves}
-    # each file; each leaf directory that gained a blob; each new directory's parent
-    assert len(fsyncs) == 40 + len(leaves) + len(firsts) + 1
+    # each file; each leaf directory that gained a blob; each new directory's
+    # parent (blobs/ for the first level, the store's root for the new blobs/)
+    assert len(fsyncs) == 40 + len(leaves) + len(firsts) + 2
     assert all(not p.name.endswith(".part") for p in blob_dir.rglob("*"))
     assert not any((tmp_path / "store" / "tmp").iterdir())
 

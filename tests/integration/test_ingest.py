@@ -17,7 +17,19 @@ from gristmill.client.loader import Batch, Loader
 from gristmill.decode import Decoder, SampleInput, Transform
 from gristmill.v1 import ingest_pb2, ingest_pb2_grpc
 from scripts.sample_data import make_sample_folder
-from tests.helpers import DATASET, SMALL, Running, epoch, loader, planned, start_in_process
+from tests.helpers import (
+    DATASET,
+    SMALL,
+    Running,
+    both_backends,
+    epoch,
+    loader,
+    planned,
+    start_in_process,
+)
+
+# the server-based tests run on both store backends
+storage = both_backends()
 
 
 def test_two_ranks_get_every_sample_once_in_single_bucket_batches(fed: Running) -> None:

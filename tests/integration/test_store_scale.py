@@ -26,8 +26,9 @@ from gristmill.ingest import samples as samples_module
 from gristmill.ingest.samples import Samples, check_spec
 from gristmill.ingest.service import Planner
 from gristmill.ingest.sources import LocalStore
-from gristmill.store.blobs import FsBlobStore
+from gristmill.store.blobs import BlobStore
 from gristmill.store.catalog import SCHEMA_VERSION, Catalog
+from gristmill.store.fsobjects import FsBackend
 from gristmill.store.store import Store
 from gristmill.v1 import decode_pb2, ingest_pb2, store_pb2
 
@@ -35,7 +36,7 @@ SMALL, LARGE = 100, 2_000
 
 
 def open_store(root: Path) -> Store:
-    return Store(Catalog(root / "catalog.sqlite"), FsBlobStore(root),
+    return Store(Catalog(root / "catalog.sqlite"), BlobStore(FsBackend(root)),
                  read_message_bytes=4 << 20, read_chunk_bytes=1 << 20)
 
 

@@ -43,14 +43,14 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in _FULL_ERRNOS
 
 
-def disk_full(what: str, directory: Path) -> ResourceExhausted:
+def disk_full(what: str, directory: Path | str) -> ResourceExhausted:
     """The error for a write refused because the store's volume is full."""
     return ResourceExhausted(
         f"disk full: {what}; free space on the store's volume ({directory}) or run "
         "`gristmill store gc` to remove unreferenced blobs", reason=DISK_FULL)
 
 
-def storage_error(operation: str, error: OSError, directory: Path) -> GristmillError:
+def storage_error(operation: str, error: OSError, directory: Path | str) -> GristmillError:
     """A domain error for an ``OSError`` raised while the store ``operation`` ran."""
     if is_disk_full(error):
         return disk_full(f"cannot {operation}", directory)

@@ -14,9 +14,10 @@ from gristmill.client.names import validate_dataset_name
 from gristmill.common.auth import Role
 from gristmill.common.paging import decode_page_token, encode_page_token, page_size
 from gristmill.common.service import ServiceContext, ServiceSpec
-from gristmill.store.blobs import FsBlobStore
+from gristmill.store.blobs import BlobStore
 from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
 from gristmill.store.disk import DiskReserve, private_dir
+from gristmill.store.objects import open_backend
 from gristmill.store.store import Store
 from gristmill.v1 import store_pb2, store_pb2_grpc
 
@@ -141,17 +142,22 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         return store_pb2.GetStoreInfoResponse(store_id=self.store.catalog.store_id)
 
 
-def open_store(ctx: ServiceContext) -> Store:
-    """The store for a server config (filesystem backend under data_dir/store).
+SERVICE_NAME = "gristmill.v1.StoreService"
 
-    The data directory and everything the store creates in it are private to
-    the server's user (directories 0700, files 0600).
+
+def open_store(ctx: ServiceContext) -> Store:
+    """The store for a server config: objects on the configured backend, catalog in data_dir.
+
+    The catalog (SQLite) and committed manifests stay in ``data_dir/store``
+    on every backend. The data directory and everything the store creates in
+    it are private to the server's user (directories 0700, files 0600).
     """
     cfg = ctx.config
     private_dir(cfg.data_dir)
     root = private_dir(cfg.data_dir / "store")
     reserve = DiskReserve(root / "reserve", cfg.store.disk_reserve_bytes)
-    return Store(Catalog(root / "catalog.sqlite"), FsBlobStore(root, cfg.store.sync_method),
+    backend = open_backend(cfg.store, root)
+    return Store(Catalog(root / "catalog.sqlite"), BlobStore(backend),
                  read_message_bytes=cfg.store.read_message_bytes,
                  read_chunk_bytes=cfg.store.read_chunk_bytes, reserve=reserve)
 
@@ -179,12 +185,13 @@ def _build(ctx: ServiceContext, server: grpc.Server) -> None:
     start_up(store, ctx.config.store.gc_on_start)
     ctx.local["store"] = store
     ctx.resources.append(store)
+    ctx.health_checks[SERVICE_NAME] = store.blobs.backend.check_health
     store_pb2_grpc.add_StoreServiceServicer_to_server(StoreServicer(store), server)
 
 
 SERVICE = ServiceSpec(
     name="store",
-    full_name="gristmill.v1.StoreService",
+    full_name=SERVICE_NAME,
     build=_build,
     roles={
         "CreateDataset": Role.WRITER,

@@ -20,6 +20,7 @@ from gristmill.client.errors import (
     GristmillError,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from gristmill.client.names import validate_dataset_name, validate_path, validate_sha256
 from gristmill.common import metrics
@@ -265,7 +266,9 @@ class Store:
         for i, sha in enumerate(shas):
             validate_sha256(sha, f"sha256[{i}]")
         known = self.catalog.known_blobs(shas)
-        return [s for s in shas if s in known and self.blobs.exists(s)]
+        candidates = [s for s in shas if s in known]
+        stored = self.blobs.exists_many(candidates)
+        return [s for s, ok in zip(candidates, stored, strict=True) if ok]
 
     def find_files(self, dataset: str, files: list[store_pb2.FileRef]
                    ) -> tuple[list[str], list[str]]:
@@ -508,6 +511,8 @@ class Store:
                 continue
             try:
                 data = self.blobs.read(entry.sha256, 0, entry.size)
+            except Unavailable:
+                raise  # the storage is down, not this file: the whole call fails
             except GristmillError as e:
                 out[path] = e
                 continue
@@ -580,6 +585,8 @@ class Store:
                     metrics.STORE_BYTES_READ.inc(n)
                     if pos >= end:
                         break
+            except Unavailable:
+                raise  # the storage is down, not this file: the whole call fails
             except GristmillError as e:
                 del resp.files[first_piece:]
                 resp.files.add(path=path, sha256=entry.sha256, size=entry.size

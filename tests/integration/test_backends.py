@@ -1,0 +1,312 @@
+"""One conformance suite for every storage backend (zarr's StoreTests pattern).
+
+`BackendTests` holds the contract of `gristmill.store.objects.ObjectBackend` and
+of `BlobStore` above it; each backend runs it through a subclass that says how
+to open one. Backend-specific behaviour (filesystem layout and modes, RADOS
+pieces) is tested in the subclasses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gristmill.client.errors import DataLoss, FailedPrecondition, InvalidArgument
+from gristmill.common.config import CephBackendConfig
+from gristmill.store.blobs import BlobStore, blob_key
+from gristmill.store.ceph import CephBackend
+from gristmill.store.fsobjects import FsBackend
+from gristmill.store.objects import ObjectBackend, ObjectMissing, validate_key
+from tests.ceph import CephCluster
+
+PIECE = 64 * 1024  # small pieces, so that multi-piece values are cheap to test
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class BackendTests:
+    """The contract every backend keeps; subclasses provide `backend`."""
+
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> Iterator[ObjectBackend]:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def blobs(self, backend: ObjectBackend) -> BlobStore:
+        return BlobStore(backend)
+
+    # -- whole values -------------------------------------------------------------
+    def test_put_read_stat_delete(self, backend: ObjectBackend) -> None:
+        assert backend.stat("a/b") is None
+        with pytest.raises(ObjectMissing):
+            backend.read("a/b")
+        first = backend.put("a/b", b"hello world")
+        assert not first.conflict and first.version
+        st = backend.stat("a/b")
+        assert st is not None and st.size == 11 and st.version == first.version
+        assert abs(st.mtime - time.time()) < 120
+        assert backend.read("a/b") == b"hello world"
+        assert backend.read("a/b", 6) == b"world"
+        assert backend.read("a/b", 2, 3) == b"llo"
+        assert backend.read("a/b", 20, 5) == b""
+        result, freed = backend.delete("a/b")
+        assert not result.conflict and freed == 11
+        assert backend.stat("a/b") is None
+        assert backend.delete("a/b") == (result, 0)
+
+    def test_every_write_changes_the_version(self, backend: ObjectBackend) -> None:
+        versions = {backend.put("k", bytes([i]) * 10).version for i in range(5)}
+        assert len(versions) == 5
+
+    def test_conditional_put_and_delete(self, backend: ObjectBackend) -> None:
+        assert not backend.put("c", b"1", if_absent=True).conflict
+        lost = backend.put("c", b"2", if_absent=True)
+        assert lost.conflict and backend.read("c") == b"1"
+        v1 = lost.version
+        v2 = backend.put("c", b"2", expected_version=v1)
+        assert not v2.conflict and backend.read("c") == b"2"
+        stale = backend.put("c", b"3", expected_version=v1)
+        assert stale.conflict and stale.version == v2.version and backend.read("c") == b"2"
+        # "" expects absence
+        assert backend.put("c", b"4", expected_version="").conflict
+        result, freed = backend.delete("c", expected_version=v1)
+        assert result.conflict and freed == 0 and backend.read("c") == b"2"
+        result, freed = backend.delete("c", expected_version=v2.version)
+        assert not result.conflict and freed == 1
+        assert backend.put("c", b"5", expected_version="").conflict is False
+
+    def test_read_versioned_is_consistent(self, backend: ObjectBackend) -> None:
+        put = backend.put("v", b"abcdef")
+        got = backend.read_versioned("v", 1, 3)
+        assert got is not None
+        data, st = got
+        assert data == b"bcd" and st.version == put.version and st.size == 6
+        assert backend.read_versioned("absent") is None
+
+    def test_concurrent_read_modify_write_loses_nothing(self, backend: ObjectBackend) -> None:
+        backend.put("counter", b"0")
+
+        def bump(times: int) -> None:
+            for _ in range(times):
+                while True:
+                    got = backend.read_versioned("counter")
+                    assert got is not None
+                    value, st = got
+                    done = backend.put("counter", str(int(value) + 1).encode(),
+                                       expected_version=st.version)
+                    if not done.conflict:
+                        break
+
+        threads = [threading.Thread(target=bump, args=(15,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert backend.read("counter") == b"60"
+
+    def test_list_is_sorted_by_key_with_prefix_and_start_after(
+            self, backend: ObjectBackend) -> None:
+        keys = ["arr/a/c/0/1", "arr/a/c/0/10", "arr/a/c/0/2", "arr/a.b", "arr/a/zarr.json",
+                "arr/b/zarr.json", "other/x"]
+        for k in keys:
+            backend.put(k, k.encode())
+        listed = [s.key for s in backend.list_objects("arr/")]
+        assert listed == sorted(k for k in keys if k.startswith("arr/"))
+        assert [s.key for s in backend.list_objects("arr/a/")] == sorted(
+            k for k in keys if k.startswith("arr/a/"))
+        after = [s.key for s in backend.list_objects("arr/", start_after="arr/a/c/0/2")]
+        assert after == ["arr/a/zarr.json", "arr/b/zarr.json"]
+        assert [s.size for s in backend.list_objects("other/")] == [7]
+        assert list(backend.list_objects("nothing/")) == []
+
+    def test_batched_exists_and_reads(self, backend: ObjectBackend) -> None:
+        backend.put("m/1", b"one")
+        backend.put("m/2", b"two")
+        assert backend.exists_many(["m/1", "m/x", "m/2"]) == [True, False, True]
+        got = backend.read_many([("m/2", 1, 2), ("m/x", 0, -1), ("m/1", 0, -1)])
+        assert got[0] is not None and got[0][0] == b"wo"
+        assert got[1] is None
+        assert got[2] is not None and got[2][0] == b"one"
+
+    @pytest.mark.parametrize("key", ["", "/a", "a//b", "a/../b", "./a", "a/.", "a b", "a\x00b",
+                                     "ä", "a/" * 600])
+    def test_hostile_keys_are_refused(self, backend: ObjectBackend, key: str) -> None:
+        with pytest.raises(InvalidArgument):
+            validate_key(key)
+        with pytest.raises(InvalidArgument):
+            backend.put(key, b"x")
+        with pytest.raises(InvalidArgument):
+            backend.stat(key)
+
+    # -- staged writes ------------------------------------------------------------
+    def test_staged_values_appear_only_when_committed(self, backend: ObjectBackend) -> None:
+        big = os.urandom(3 * PIECE + 123)
+        s1, s2 = backend.stage(), backend.stage()
+        for i in range(0, len(big), 10_000):
+            s1.write(big[i:i + 10_000])
+        s2.write(b"small")
+        assert backend.stat("s/big") is None
+        assert backend.commit([(s1, "s/big"), (s2, "s/small")]) == [True, True]
+        st = backend.stat("s/big")
+        assert st is not None and st.size == len(big)
+        assert backend.read("s/big") == big
+        assert backend.read("s/big", PIECE - 5, 10) == big[PIECE - 5:PIECE + 5]
+        assert backend.read("s/big", 2 * PIECE, PIECE + 500) == big[2 * PIECE:]
+        # an existing key keeps its value; the new staging is dropped
+        s3 = backend.stage()
+        s3.write(b"other")
+        assert backend.commit([(s3, "s/small")]) == [False]
+        assert backend.read("s/small") == b"small"
+        assert self.staging_left(backend) == 0
+
+    def test_aborted_staging_leaves_nothing(self, backend: ObjectBackend) -> None:
+        s = backend.stage()
+        s.write(os.urandom(2 * PIECE + 1))
+        s.abort()
+        s.abort()
+        assert self.staging_left(backend) == 0
+
+    def staging_left(self, backend: ObjectBackend) -> int:
+        raise NotImplementedError
+
+    # -- blobs over the backend ---------------------------------------------------
+    def test_blob_round_trip_dedup_and_listing(self, blobs: BlobStore) -> None:
+        data = os.urandom(2 * PIECE + 7)
+        w = blobs.writer(sha(data))
+        w.write(data[:1000])
+        w.write(data[1000:])
+        assert w.seal(sha(data), len(data)) == sha(data)
+        blobs.publish([w])
+        assert w.created and blobs.exists(sha(data))
+        assert blobs.read(sha(data), 5, 10) == data[5:15]
+        again = blobs.writer()
+        again.write(data)
+        again.seal()
+        blobs.publish([again])
+        assert not again.created
+        assert [b.sha256 for b in blobs.stored_blobs()] == [sha(data)]
+        assert blobs.exists_many([sha(data), sha(b"no")]) == [True, False]
+        assert blobs.delete(sha(data)) == len(data)
+        assert not blobs.exists(sha(data))
+
+    def test_blob_checks(self, blobs: BlobStore) -> None:
+        w = blobs.writer()
+        w.write(b"abc")
+        with pytest.raises(InvalidArgument, match="declared 4 bytes"):
+            w.seal(expected_size=4)
+        w = blobs.writer()
+        w.write(b"abc")
+        with pytest.raises(DataLoss, match="HASH_MISMATCH|hash to"):
+            w.seal(sha(b"abd"))
+        with pytest.raises(FailedPrecondition, match="missing"):
+            blobs.read(sha(b"absent"), 0, 1)
+        assert self.staging_left(blobs.backend) == 0
+
+    def test_touch_never_creates(self, blobs: BlobStore) -> None:
+        blobs.touch(sha(b"ghost"))
+        assert not blobs.exists(sha(b"ghost"))
+
+    def test_remove_temporaries_keeps_active_stagings(self, backend: ObjectBackend) -> None:
+        s = backend.stage()
+        s.write(os.urandom(PIECE + 1))
+        assert backend.remove_temporaries(time.time() + 60) == (0, 0)
+        s.abort()
+
+
+class TestFsBackend(BackendTests):
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> Iterator[ObjectBackend]:
+        b = FsBackend(tmp_path / "store")
+        yield b
+        b.close()
+
+    def staging_left(self, backend: ObjectBackend) -> int:
+        assert isinstance(backend, FsBackend)
+        return len(list(backend.tmp_dir.iterdir()))
+
+    def test_layout_is_files_under_the_root_and_private(self, backend: ObjectBackend) -> None:
+        assert isinstance(backend, FsBackend)
+        blobs = BlobStore(backend)
+        w = blobs.writer()
+        w.write(b"layout")
+        digest = w.seal()
+        blobs.publish([w])
+        path = backend.root / "blobs" / digest[:2] / digest[2:4] / digest
+        assert path.read_bytes() == b"layout"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        backend.put("arrays/x/zarr.json", b"{}")
+        assert (backend.root / "arrays" / "x" / "zarr.json").read_bytes() == b"{}"
+
+    def test_symlinks_are_not_followed(self, backend: ObjectBackend, tmp_path: Path) -> None:
+        assert isinstance(backend, FsBackend)
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "secret").write_bytes(b"secret")
+        (backend.root / "link").symlink_to(outside)
+        with pytest.raises(FailedPrecondition, match="symlink"):
+            backend.read("link/secret")
+        (backend.root / "file").symlink_to(outside / "secret")
+        with pytest.raises(FailedPrecondition):
+            backend.read("file")
+
+    def test_old_temporaries_are_removed(self, backend: ObjectBackend) -> None:
+        assert isinstance(backend, FsBackend)
+        left = backend.tmp_dir / "crashed.part"
+        left.write_bytes(b"x" * 10)
+        os.utime(left, (time.time() - 3600, time.time() - 3600))
+        assert backend.remove_temporaries(time.time() - 60) == (1, 10)
+        assert not left.exists()
+
+
+class TestCephBackend(BackendTests):
+    @pytest.fixture
+    def backend(self, ceph_cluster: CephCluster) -> Iterator[ObjectBackend]:
+        config = CephBackendConfig(conf=ceph_cluster.conf, pool=ceph_cluster.pool,
+                                   namespace=f"t{os.urandom(8).hex()}", timeout_seconds=5,
+                                   piece_bytes=PIECE)
+        b = CephBackend(config)
+        yield b
+        b.close()
+
+    def staging_left(self, backend: ObjectBackend) -> int:
+        assert isinstance(backend, CephBackend)
+        return len(backend._active) + sum(1 for _ in backend.list_objects("pieces/"))
+
+    def test_large_values_are_pieces_no_object_larger(self, backend: ObjectBackend,
+                                                      ceph_cluster: CephCluster) -> None:
+        assert isinstance(backend, CephBackend)
+        blobs = BlobStore(backend)
+        data = os.urandom(5 * PIECE + 3)
+        w = blobs.writer()
+        w.write(data)
+        digest = w.seal()
+        blobs.publish([w])
+        io: Any = backend._io()
+        sizes = {o.key: io.stat(o.key)[0] for o in io.list_objects()}
+        pieces = [k for k in sizes if k.startswith("pieces/")]
+        assert len(pieces) == 6 and max(sizes.values()) <= PIECE
+        assert sizes[blob_key(digest)] == 0  # the head carries the piece list in xattrs
+        assert blobs.read(digest, 0, len(data)) == data
+        assert blobs.delete(digest) == len(data)
+        assert [o.key for o in io.list_objects()] == []
+
+    def test_crashed_stagings_are_collected(self, backend: ObjectBackend) -> None:
+        assert isinstance(backend, CephBackend)
+        s = backend.stage()
+        s.write(os.urandom(2 * PIECE + 1))
+        backend._active.discard(s.id)  # as if its process had died
+        assert backend.remove_temporaries(time.time() - 3600) == (0, 0)  # too young
+        count, freed = backend.remove_temporaries(time.time() + 60)
+        assert count == 2 and freed == 2 * PIECE
+        assert self.staging_left(backend) == 0
