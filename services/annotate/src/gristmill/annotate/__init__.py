@@ -1,0 +1,1 @@
+"""gristmill annotate service: the annotation log, its schemas, review and releases."""
