@@ -8,17 +8,24 @@ buckets on the server, streams one epoch to two training ranks (two
 processes) with an exactly-once audit and a contact sheet of each rank's
 first batch (in demo-output/), shows a few Prometheus metrics, and stops the
 server with SIGTERM (a clean, graceful exit).
+
+With STORAGE=ceph (``make demo STORAGE=ceph``) the store keeps its objects in a
+throw-away single-node Ceph cluster that the demo brings up with
+deploy/local/ceph-up and stops with deploy/local/ceph-down.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,17 +54,52 @@ def cli(*args: str, env: dict[str, str]) -> str:
     return out.stdout
 
 
+@contextlib.contextmanager
+def storage_flags(storage: str) -> Iterator[list[str]]:
+    """`gristmill serve` flags for the storage; a local Ceph cluster for "ceph"."""
+    if storage == "fs":
+        yield []
+        return
+    if storage != "ceph":
+        raise SystemExit(f"STORAGE must be fs or ceph, not {storage!r}")
+    # the daemons' admin sockets need a short directory
+    cluster = Path(tempfile.mkdtemp(prefix="gmdemo-ceph-", dir="/tmp"))
+    step(f"bringing up a single-node Ceph cluster: deploy/local/ceph-up {cluster}")
+    up = subprocess.run([str(ROOT / "deploy/local/ceph-up"), str(cluster)], text=True,
+                        capture_output=True, check=False, env=dict(os.environ, CEPH_MGR="0"))
+    if up.returncode != 0:
+        sys.stderr.write(up.stderr)
+        shutil.rmtree(cluster, ignore_errors=True)
+        raise SystemExit("demo failed: ceph-up could not start a cluster (see above)")
+    conf = up.stdout.strip().splitlines()[-1]
+    print(f"cluster conf: {conf}")
+    try:
+        yield ["--storage", "ceph", "--ceph-conf", conf, "--ceph-pool", "gristmill"]
+        objects = subprocess.run(["rados", "--conf", conf, "-p", "gristmill", "ls"],
+                                 text=True, capture_output=True, check=False).stdout.split()
+        print(f"the pool holds {len(objects)} RADOS objects "
+              f"({sum(o.startswith('blobs/') for o in objects)} blobs)")
+    finally:
+        step(f"stopping the cluster: deploy/local/ceph-down {cluster}")
+        subprocess.run([str(ROOT / "deploy/local/ceph-down"), str(cluster)], check=False,
+                       capture_output=True)
+        shutil.rmtree(cluster, ignore_errors=True)
+
+
 def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="gristmill-demo-") as tmp:
+    storage = os.environ.get("STORAGE") or "fs"
+    with tempfile.TemporaryDirectory(prefix="gristmill-demo-") as tmp, \
+            storage_flags(storage) as flags:
         work = Path(tmp)
         data, images, ready = work / "data", work / "images", work / "ready.json"
         step(f"preparing 24 photo-like images (JPEG and PNG, mixed sizes) in {images}")
         paths = make_sample_folder(images, count=24)
         print(f"{len(paths)} files, {sum(p.stat().st_size for p in paths) / 1e6:.1f} MB")
 
-        step("starting the all-in-one server: gristmill serve --data ... --port 0")
+        step("starting the all-in-one server: gristmill serve --data ... --port 0 "
+             + " ".join(flags))
         server = start_and_wait([GRISTMILL, "serve", "--data", str(data), "--port", "0",
-                                 "--metrics-port", "0", "--ready-file", str(ready)],
+                                 "--metrics-port", "0", "--ready-file", str(ready), *flags],
                                 ready, log=work / "server.log")
         try:
             info = json.loads(ready.read_text())

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from gristmill.client.hub import Hub
-from tests.helpers import Running, start_in_process
+from tests.helpers import Running, ceph_backend, start_in_process
+
+# ceph_cluster: a local Ceph cluster (deploy/local/ceph-up), started only for tests that ask
+pytest_plugins = ["tests.ceph"]
 
 
 @pytest.fixture(autouse=True)
@@ -41,9 +44,23 @@ def shm_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Running]:
-    """The all-in-one server in this process, on a real socket (port 0)."""
-    running = start_in_process(tmp_path / "data")
+def storage() -> str:
+    """The store backend of the `server` fixture: "fs" here; modules that run on both
+    backends override it with `storage = both_backends()` (tests.helpers)."""
+    return "fs"
+
+
+@pytest.fixture
+def server(tmp_path: Path, storage: str, request: pytest.FixtureRequest) -> Iterator[Running]:
+    """The all-in-one server in this process, on a real socket (port 0).
+
+    On the "ceph" storage it keeps its objects in a RADOS namespace of its own in
+    the session's cluster (`ceph_cluster`); its catalog stays in its data directory.
+    """
+    overrides: dict[str, object] = {}
+    if storage == "ceph":
+        overrides["store"] = {"backend": ceph_backend(request.getfixturevalue("ceph_cluster"))}
+    running = start_in_process(tmp_path / "data", **overrides)
     yield running
     assert running.server is not None
     running.server.stop(0)

@@ -9,11 +9,14 @@ import json
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import pytest
 from PIL import Image
 
 from gristmill.client.channel import ConnectionOptions, open_channel
@@ -53,6 +56,23 @@ class Running:
 
     def store(self, api_key: str | None = "admin") -> store_pb2_grpc.StoreServiceStub:
         return store_pb2_grpc.StoreServiceStub(self.channel(api_key))
+
+
+def both_backends() -> Any:
+    """A `storage` fixture running a module's `server` tests on both store backends."""
+
+    @pytest.fixture(params=["fs", "ceph"], name="storage")
+    def storage(request: pytest.FixtureRequest) -> str:
+        return str(request.param)
+    return storage
+
+
+def ceph_backend(cluster: Any, **overrides: object) -> dict[str, object]:
+    """`store.backend` config for a store of its own (a fresh namespace) in a test cluster."""
+    backend: dict[str, object] = {"kind": "ceph", "conf": str(cluster.conf), "pool": cluster.pool,
+                                  "namespace": f"t{uuid.uuid4().hex[:16]}", "timeout_seconds": 5}
+    backend.update(overrides)
+    return backend
 
 
 def config_for(data_dir: Path, **overrides: object) -> ServerConfig:

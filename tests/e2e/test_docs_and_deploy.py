@@ -43,19 +43,18 @@ def test_operations_yaml_example_is_valid(tmp_path: Path) -> None:
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(block.group(1))
     cfg = load_config(cfg_file, environ={})
-    assert cfg.tls is not None and cfg.store.backend == "fs"
+    assert cfg.tls is not None and cfg.store.backend.kind == "fs"
 
 
-def test_k8s_base_matches_config() -> None:
-    base = ROOT / "deploy" / "k8s" / "base"
-    kust = yaml.safe_load((base / "kustomization.yaml").read_text())
-    docs = [d for r in kust["resources"] for d in yaml.safe_load_all((base / r).read_text())]
-    cfg = load_config(base / "config.yaml", environ={})
-    [deploy] = [d for d in docs if d["kind"] == "Deployment"]
-    pod = deploy["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] > cfg.shutdown_grace_seconds
-    ports = {p["containerPort"] for p in pod["containers"][0]["ports"]}
-    assert ports == {cfg.port, cfg.metrics_port}
-    assert pod["containers"][0]["readinessProbe"]["grpc"]["port"] == cfg.port
-    mount = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-    assert Path(mount["data"]) == cfg.data_dir
+def test_k8s_base_matches_config(tmp_path: Path) -> None:
+    """Each service's config in the base loads; deploy/k8s is checked in depth in test_k8s."""
+    from scripts.k8s_render import render
+
+    docs = render(ROOT / "deploy" / "k8s" / "base")
+    configs = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert len(configs) == 4
+    for cm in configs:
+        path = tmp_path / "config.yaml"
+        path.write_text(cm["data"]["config.yaml"])
+        cfg = load_config(path, environ={})
+        assert yaml.safe_load(cm["data"]["config.yaml"])["services"] == list(cfg.services)

@@ -18,6 +18,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from gristmill.cli.annotate_cmds import add_annotate_commands
+from gristmill.cli.array_cmds import add_array_commands
 from gristmill.cli.cache_cmds import add_cache_commands, human_size
 from gristmill.cli.decode_cmds import add_decode_commands
 from gristmill.cli.stream_cmds import add_stream_commands
@@ -241,9 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("commit", cmd_commit, "freeze the dataset's current files as a version")
     p.add_argument("name")
 
+    add_array_commands(commands, conn)
     add_decode_commands(commands, conn)
     add_stream_commands(commands, conn)
     add_cache_commands(commands)
+    add_annotate_commands(commands, conn)
 
     found = False
     for ep in entry_points(group="gristmill.server"):

@@ -1,5 +1,6 @@
 """The gristmill Python client."""
 
+from gristmill.client.annotations import Annotations
 from gristmill.client.buckets import Bucket, BucketConfig, BucketTable, bucket_table
 from gristmill.client.channel import ConnectionOptions, open_channel
 from gristmill.client.decoding import DecodeClient, to_array
@@ -20,6 +21,7 @@ from gristmill.client.world import World
 
 __all__ = [
     "AlreadyExists",
+    "Annotations",
     "Batch",
     "Bucket",
     "BucketConfig",

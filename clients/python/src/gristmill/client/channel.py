@@ -35,6 +35,7 @@ _IDEMPOTENT = {
     "gristmill.v1.StoreService": ["GetStoreInfo", "GetDataset", "ListDatasets", "FindBlobs",
                                   "FindFiles", "ListManifest", "GetManifest", "ReadFiles",
                                   "ListVersions"],
+    "gristmill.v1.ArrayService": ["GetKeys", "ListKeys", "ListArrays", "GetArray"],
     "gristmill.v1.IngestService": ["PlanEpoch"],
     "gristmill.v1.DecodeService": ["ListBuckets"],
     "grpc.health.v1.Health": ["Check"],

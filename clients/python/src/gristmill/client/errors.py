@@ -18,6 +18,7 @@ from grpc_status import rpc_status
 __all__ = [
     "DOMAIN",
     "NO_SERVER",
+    "Aborted",
     "AlreadyExists",
     "DataLoss",
     "FailedPrecondition",
@@ -100,6 +101,13 @@ class FailedPrecondition(GristmillError):
     default_reason = "FAILED_PRECONDITION"
 
 
+class Aborted(GristmillError):
+    """A conditional write lost a race (the state moved on); re-read and retry."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
 class DataLoss(GristmillError):
     """Bytes did not match their hash or size."""
 
@@ -144,8 +152,8 @@ class Internal(GristmillError):
 
 _BY_CODE: dict[grpc.StatusCode, type[GristmillError]] = {
     cls.code: cls
-    for cls in (NotFound, AlreadyExists, FailedPrecondition, DataLoss, Unauthenticated,
-                PermissionDenied, ResourceExhausted, Unavailable, Internal)
+    for cls in (NotFound, AlreadyExists, Aborted, FailedPrecondition, DataLoss,
+                Unauthenticated, PermissionDenied, ResourceExhausted, Unavailable, Internal)
 }
 
 

@@ -16,13 +16,15 @@ import threading
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import Protocol
 
 import sqlite_utils
 
 from gristmill.client.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from gristmill.client.private import private_database
 
-__all__ = ["ApiKey", "KeyStore", "Role"]
+__all__ = ["ApiKey", "KeyChecker", "KeyStore", "Role", "hash_secret", "secret_matches",
+           "split_key"]
 
 
 class Role(IntEnum):
@@ -53,8 +55,42 @@ class ApiKey:
     revoked: str | None
 
 
-def _hash(secret: str) -> str:
+def hash_secret(secret: str) -> str:
+    """The stored form of a key's secret: its sha256, hex."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``gm_<id>_<secret>`` as (id, secret), or :class:`Unauthenticated`."""
+    parts = key.split("_", 2)
+    if len(parts) != 3 or parts[0] != "gm":
+        raise Unauthenticated("malformed API key; expected 'authorization: Bearer gm_<id>_"
+                              "<secret>' as printed by `gristmill keys create`")
+    return parts[1], parts[2]
+
+
+def secret_matches(stored_sha256: str | None, secret: str) -> bool:
+    """Whether ``secret`` hashes to ``stored_sha256``, in constant time.
+
+    Compares also when nothing is stored (an unknown id), so timing does not
+    tell known ids apart.
+    """
+    stored = stored_sha256 or "0" * 64
+    return hmac.compare_digest(stored.encode(), hash_secret(secret).encode()) and \
+        stored_sha256 is not None
+
+
+class KeyChecker(Protocol):
+    """What servers need from a key store: :class:`KeyStore` or a shared key file."""
+
+    def authenticate(self, key: str) -> ApiKey:
+        """The record of a valid key, or :class:`Unauthenticated`."""
+
+    def require(self, key: ApiKey, needed: Role, method: str) -> None:
+        """Raise :class:`PermissionDenied` unless ``key`` has at least ``needed``."""
+
+    def close(self) -> None:
+        """Release the store."""
 
 
 class KeyStore:
@@ -80,10 +116,21 @@ class KeyStore:
         secret = secrets.token_urlsafe(32)
         created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         with self._lock:
-            self._db.table("keys").insert({"key_id": key_id, "secret_sha256": _hash(secret),
+            self._db.table("keys").insert({"key_id": key_id, "secret_sha256": hash_secret(secret),
                                      "role": role.name.lower(), "name": name, "created": created,
                                      "revoked": None})
         return f"gm_{key_id}_{secret}", ApiKey(key_id, role, name, created, None)
+
+    def export(self) -> list[dict[str, str | None]]:
+        """Every key as stored: id, secret's sha256, role, name, created, revoked.
+
+        Oldest first; the content of a shared key file (:mod:`gristmill.common.keyfile`).
+        """
+        with self._lock:
+            rows = list(self._db.table("keys").rows_where(order_by="created, key_id"))
+        return [{"id": r["key_id"], "sha256": r["secret_sha256"], "role": r["role"],
+                 "name": r["name"] or "", "created": r["created"], "revoked": r["revoked"]}
+                for r in rows]
 
     def list(self) -> list[ApiKey]:
         """Every key, revoked ones included, oldest first."""
@@ -113,18 +160,11 @@ class KeyStore:
         Reads the key file every time (one indexed row; WAL readers never wait
         for writers), so a key revoked by any process is refused at once.
         """
-        parts = key.split("_", 2)
-        if len(parts) != 3 or parts[0] != "gm":
-            raise Unauthenticated("malformed API key; expected 'authorization: Bearer gm_<id>_"
-                                  "<secret>' as printed by `gristmill keys create`")
-        _, key_id, secret = parts
+        key_id, secret = split_key(key)
         with self._lock:
             row = self._db.execute("SELECT secret_sha256, role, name, created, revoked FROM keys "
                                    "WHERE key_id = ?", [key_id]).fetchone()
-        # compare even when the id is unknown, so timing does not tell ids apart
-        stored = row[0] if row else "0" * 64
-        ok = hmac.compare_digest(stored.encode(), _hash(secret).encode())
-        if row is None or not ok:
+        if not secret_matches(row[0] if row else None, secret):
             raise Unauthenticated("invalid API key; create one with `gristmill keys create`")
         if row[4] is not None:
             raise Unauthenticated(f"API key {key_id} was revoked at {row[4]}; ask an admin for "

@@ -40,6 +40,14 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["services"] = [s.strip() for s in args.services.split(",") if s.strip()]
     if args.no_auth:
         overrides["auth"] = {"enabled": False}
+    ceph = {"conf": args.ceph_conf, "pool": args.ceph_pool, "keyring": args.ceph_keyring,
+            "timeout_seconds": args.ceph_timeout}
+    if args.storage == "fs" and any(v is not None for v in ceph.values()):
+        print("error: --ceph-* flags need --storage ceph", file=sys.stderr)
+        return 2
+    if args.storage is not None:
+        overrides["store"] = {"backend": {"kind": args.storage,
+                                          **{k: v for k, v in ceph.items() if v is not None}}}
     try:
         config = load_config(args.config, overrides=overrides)
     except ConfigError as e:
@@ -99,6 +107,37 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_export(args: argparse.Namespace) -> int:
+    import yaml
+
+    from gristmill.common.keyfile import dump_key_file
+
+    keys = _keys_store(args)
+    try:
+        text = dump_key_file(keys)
+    finally:
+        keys.close()
+    if args.secret:
+        secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                  "metadata": {"name": args.secret, "namespace": args.namespace,
+                               "labels": {"app.kubernetes.io/part-of": "gristmill"}},
+                  "stringData": {"keys.json": text}}
+        class Literal(yaml.SafeDumper):
+            """Multi-line strings as YAML block literals (readable in the Secret)."""
+
+        Literal.add_representer(str, lambda d, v: d.represent_scalar(
+            "tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
+        text = yaml.dump(secret, Dumper=Literal, sort_keys=False)
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, args.out)  # servers reading the file never see half of it
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def register(commands: Any) -> None:
     """Add ``serve`` and ``keys`` to the CLI's sub-commands."""
     p = commands.add_parser(
@@ -113,6 +152,14 @@ def register(commands: Any) -> None:
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9450)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     p.add_argument("--services", help="comma-separated subset, e.g. 'store'")
+    p.add_argument("--storage", choices=["fs", "ceph"],
+                   help="where the store keeps objects: fs (files under --data, the default) "
+                        "or ceph (a RADOS pool; the catalog stays under --data)")
+    p.add_argument("--ceph-conf", type=Path, help="the cluster's ceph.conf (with --storage ceph)")
+    p.add_argument("--ceph-pool", help="RADOS pool for gristmill's objects (default gristmill)")
+    p.add_argument("--ceph-keyring", type=Path, help="keyring file (default: as ceph.conf says)")
+    p.add_argument("--ceph-timeout", type=int, metavar="SECONDS",
+                   help="seconds one cluster operation may take (default 5)")
     p.add_argument("--no-auth", action="store_true", help="accept calls without API keys "
                    "(for local experiments only)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -136,6 +183,17 @@ def register(commands: Any) -> None:
     p = kc.add_parser("revoke", parents=[common], help="revoke a key by id")
     p.add_argument("key_id")
     p.set_defaults(handler=_keys_revoke)
+    p = kc.add_parser(
+        "export", parents=[common], help="write the keys' hashes as a shared key file",
+        description="Print every key's id, role and sha256 (never a secret) as the JSON file "
+        "that servers with auth.shared_keys_file read, or as a Kubernetes Secret holding it "
+        "(key keys.json). Servers re-read the file when it changes.")
+    p.add_argument("--out", type=Path, help="write to this file (atomically) instead of stdout")
+    p.add_argument("--secret", metavar="NAME", help="print a Kubernetes Secret of this name "
+                   "holding the file as keys.json (e.g. gristmill-api-keys)")
+    p.add_argument("--namespace", default="gristmill", help="the Secret's namespace "
+                   "(default gristmill)")
+    p.set_defaults(handler=_keys_export)
 
     try:  # the store's maintenance commands, where the store service is installed
         from gristmill.store.admin import register as register_store_commands

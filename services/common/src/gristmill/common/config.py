@@ -11,16 +11,26 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 __all__ = [
     "CLIENT_ENV_VARS",
+    "AnnotateConfig",
     "AuthConfig",
+    "CephBackendConfig",
     "ConfigError",
     "DecodeConfig",
+    "FsBackendConfig",
     "IngestConfig",
     "LimitsConfig",
     "ServerConfig",
@@ -61,6 +71,19 @@ class AuthConfig(_Strict):
     enabled: bool = True
     #: SQLite file with hashed keys; default ``<data_dir>/keys.sqlite``.
     keys_file: Path | None = None
+    #: A read-only JSON file of key hashes shared by every server of a deployment
+    #: (written by ``gristmill keys export``; in Kubernetes a mounted Secret). When
+    #: set, keys come from it instead of ``keys_file``, and it is re-read on change.
+    shared_keys_file: Path | None = None
+    #: Seconds between checks of ``shared_keys_file`` for a change (inode, size, mtime).
+    reload_seconds: float = Field(default=5.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AuthConfig:
+        if self.keys_file is not None and self.shared_keys_file is not None:
+            raise ValueError("auth.keys_file and auth.shared_keys_file are both set: keys come "
+                             "from one of them; remove one")
+        return self
 
 
 class LimitsConfig(_Strict):
@@ -98,10 +121,46 @@ class LimitsConfig(_Strict):
 READ_MESSAGE_DEFAULT = 4 * MiB - 64 * 1024
 
 
+class FsBackendConfig(_Strict):
+    """Objects as files under ``<data_dir>/store`` (the default)."""
+
+    kind: Literal["fs"] = "fs"
+
+
+class CephBackendConfig(_Strict):
+    """Objects in a Ceph pool through librados (see docs/storage.md)."""
+
+    kind: Literal["ceph"] = "ceph"
+    #: The cluster's ceph.conf (monitor addresses, auth).
+    conf: Path
+    #: The pool holding gristmill's objects (created by the operator).
+    pool: str = Field(default="gristmill", min_length=1, max_length=128)
+    #: RADOS namespace inside the pool ("" for the default one): stores with
+    #: different namespaces share a pool without seeing each other's objects.
+    namespace: str = Field(default="", max_length=128)
+    #: Keyring with the client's key; default: the one ceph.conf names.
+    keyring: Path | None = None
+    #: The Ceph client name (``client.<id>``) to authenticate as.
+    client: str = Field(default="client.admin", min_length=1)
+    #: Whole seconds any one cluster operation may take (mount, monitor and
+    #: OSD operations): with the cluster down, calls fail with UNAVAILABLE after it.
+    timeout_seconds: int = Field(default=5, ge=1, le=300)
+    #: Objects a blob is split into above this size (RADOS works best with
+    #: objects of a few MiB).
+    piece_bytes: int = Field(default=4 * MiB, ge=64 * 1024, le=64 * MiB)
+
+
+def _backend_from_name(value: Any) -> Any:
+    """``backend: fs`` (a bare name, as in older configs) means ``{kind: fs}``."""
+    return {"kind": value} if isinstance(value, str) else value
+
+
 class StoreConfig(_Strict):
     """The store service."""
 
-    backend: Literal["fs"] = "fs"
+    #: Where objects live: ``{kind: fs}`` (default) or ``{kind: ceph, conf: ..., pool: ...}``.
+    backend: Annotated[FsBackendConfig | CephBackendConfig, Field(discriminator="kind"),
+                       BeforeValidator(_backend_from_name)] = FsBackendConfig()
     #: Byte budget of one ReadFiles response message, framing included, and
     #: the most a request may ask for (requests may only ask for less). The
     #: default keeps messages under gRPC's default 4 MiB client limit.
@@ -118,6 +177,11 @@ class StoreConfig(_Strict):
     #: once) or "syncfs" (Linux: one syncfs of the volume before the renames
     #: and one after; best on a volume of the store's own).
     sync_method: Literal["fsync", "syncfs"] = "fsync"
+    #: Largest value the array service stores under one key (an encoded Zarr
+    #: chunk); larger ones, and arrays whose chunks could be larger before
+    #: compression, are refused with INVALID_ARGUMENT. A chunk travels in one
+    #: PutKeys message: the limit used is at most ``max_message_bytes`` less 64 KiB.
+    max_array_chunk_bytes: int = Field(default=32 * MiB, ge=64 * 1024, le=48 * MiB)
 
 
 class DecodeConfig(_Strict):
@@ -179,6 +243,19 @@ class IngestConfig(_Strict):
     shm_dir: Path | None = Path("/dev/shm")
 
 
+class AnnotateConfig(_Strict):
+    """The annotate service (see docs/annotate.md)."""
+
+    #: Events one AppendEvents call (or one ImportLog message) may carry.
+    max_batch_events: int = Field(default=10_000, ge=1, le=1_000_000)
+    #: Bytes of one event's payload (canonical JSON).
+    max_payload_bytes: int = Field(default=1 * MiB, ge=1024)
+    #: Samples one GetAnnotations call may ask about.
+    max_query_samples: int = Field(default=10_000, ge=1)
+    #: How far a signed event's own timestamp may be from the server's clock.
+    max_clock_skew_seconds: float = Field(default=600.0, ge=0)
+
+
 class ServerConfig(_Strict):
     """Everything a gristmill server process needs."""
 
@@ -207,6 +284,7 @@ class ServerConfig(_Strict):
     store: StoreConfig = StoreConfig()
     decode: DecodeConfig = DecodeConfig()
     ingest: IngestConfig = IngestConfig()
+    annotate: AnnotateConfig = AnnotateConfig()
 
     @model_validator(mode="after")
     def _limits_fit(self) -> ServerConfig:

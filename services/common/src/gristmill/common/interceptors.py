@@ -42,7 +42,7 @@ from gristmill.client.errors import (
     Unavailable,
 )
 from gristmill.common import metrics
-from gristmill.common.auth import KeyStore, Role
+from gristmill.common.auth import KeyChecker, Role
 
 __all__ = [
     "OPEN_SERVICES",
@@ -334,7 +334,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
     at their end, so a revoked key stops streaming and cannot commit an upload.
     """
 
-    def __init__(self, keys: KeyStore, roles: dict[str, Role], recheck_seconds: float = 5.0
+    def __init__(self, keys: KeyChecker, roles: dict[str, Role], recheck_seconds: float = 5.0
                  ) -> None:
         self._keys = keys
         self._roles = roles

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -19,18 +19,19 @@ from grpc_reflection.v1alpha import reflection
 
 from gristmill.client.private import private_dir
 from gristmill.client.tuning import SERVER_ARENAS, tune_malloc
-from gristmill.common.auth import KeyStore, Role
-from gristmill.common.config import ServerConfig
+from gristmill.common.auth import KeyChecker, KeyStore, Role
+from gristmill.common.config import ConfigError, ServerConfig
 from gristmill.common.interceptors import (
     AuthInterceptor,
     ErrorInterceptor,
     MetricsInterceptor,
     StreamLimiter,
 )
-from gristmill.common.metrics import start_metrics_server
+from gristmill.common.keyfile import KeyFile, KeyFileError
+from gristmill.common.metrics import start_metrics_server, watch_health, watch_volume
 from gristmill.common.service import ServiceContext, ServiceSpec, select_services
 
-__all__ = ["GristmillServer", "create_server", "ensure_admin_key", "serve"]
+__all__ = ["GristmillServer", "create_server", "ensure_admin_key", "open_keys", "serve"]
 
 log = logging.getLogger("gristmill.server")
 
@@ -46,7 +47,7 @@ class GristmillServer:
     health: health.HealthServicer
     context: ServiceContext
     services: list[ServiceSpec]
-    keys: KeyStore | None
+    keys: KeyChecker | None
     grace: float
     limiter: StreamLimiter
     #: The health-only server on ``health_port`` (None: health on the main port only).
@@ -54,6 +55,10 @@ class GristmillServer:
     health_port: int | None = None
     #: gRPC's thread that accepts calls; set by :meth:`start`.
     serving_thread: threading.Thread | None = None
+    #: Seconds between runs of the services' health probes.
+    probe_seconds: float = 2.0
+    _failing: set[str] = field(default_factory=set)
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
         """Start serving and report SERVING on health."""
@@ -68,6 +73,36 @@ class GristmillServer:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for spec in self.services:
             self.health.set(spec.full_name, health_pb2.HealthCheckResponse.SERVING)
+        if self.context.health_checks:
+            threading.Thread(target=self._probe_loop, name="gristmill-health-probe",
+                             daemon=True).start()
+
+    def probe_health(self) -> bool:
+        """Run the services' health probes once and set health; True if all pass."""
+        serving = health_pb2.HealthCheckResponse.SERVING
+        failing = set()
+        for name, check in self.context.health_checks.items():
+            try:
+                check()
+            except Exception as e:  # noqa: BLE001 - any failure means not serving
+                failing.add(name)
+                if name not in self._failing:
+                    log.warning("%s is not serving: %s", name, e)
+            else:
+                if name in self._failing:
+                    log.info("%s is serving again", name)
+        self._failing = failing
+        if self._stopping.is_set():
+            return not failing
+        for name in self.context.health_checks:
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING
+                            if name in failing else serving)
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING if failing else serving)
+        return not failing
+
+    def _probe_loop(self) -> None:
+        while not self._stopping.wait(self.probe_seconds):
+            self.probe_health()
 
     def serving(self) -> bool:
         """Whether gRPC's accepting thread is alive (False: no call will ever be served)."""
@@ -76,6 +111,7 @@ class GristmillServer:
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish, close."""
         grace = self.grace if grace is None else grace
+        self._stopping.set()
         self.health.enter_graceful_shutdown()
         # with a dead serving thread gRPC never reports the end: do not wait forever
         if not self.grpc_server.stop(grace).wait(grace + 5):
@@ -103,6 +139,18 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair])
 
 
+def open_keys(config: ServerConfig) -> KeyChecker | None:
+    """The server's API keys: the shared key file if configured, else its SQLite database."""
+    if not config.auth.enabled:
+        return None
+    if config.auth.shared_keys_file is not None:
+        try:
+            return KeyFile(config.auth.shared_keys_file, config.auth.reload_seconds)
+        except KeyFileError as e:
+            raise ConfigError(f"auth.shared_keys_file: {e}") from None
+    return KeyStore(config.keys_file)
+
+
 def create_server(config: ServerConfig,
                   services: list[ServiceSpec] | None = None) -> tuple[GristmillServer, int]:
     """Build (not start) a server for ``config``; returns it and the bound port.
@@ -112,7 +160,8 @@ def create_server(config: ServerConfig,
     specs = services if services is not None else select_services(config.services)
     private_dir(config.data_dir)
     limits = config.limits
-    keys = KeyStore(config.keys_file) if config.auth.enabled else None
+    keys = open_keys(config)
+    watch_volume("data", config.data_dir)
     roles: dict[str, Role] = {}
     for spec in specs:
         roles.update(spec.method_roles())
@@ -137,6 +186,7 @@ def create_server(config: ServerConfig,
     )
     # bind first: a busy port fails before any service opens its storage
     health_servicer = health.HealthServicer()
+    watch_health(health_servicer)
     health_server: tuple[grpc.Server, int] | tuple[None, None] = (None, None)
     try:
         port = _bind(server, config.host, config.port, _credentials(config), "--port")
@@ -201,8 +251,12 @@ def _health_server(config: ServerConfig, servicer: health.HealthServicer
 
 
 def ensure_admin_key(config: ServerConfig) -> Path | None:
-    """On a data directory without keys, create an admin key; returns its file."""
-    if not config.auth.enabled:
+    """On a data directory without keys, create an admin key; returns its file.
+
+    Servers reading a shared key file create none: keys are made where that
+    file is exported from.
+    """
+    if not config.auth.enabled or config.auth.shared_keys_file is not None:
         return None
     keys = KeyStore(config.keys_file)
     try:

@@ -31,6 +31,10 @@ class ServiceContext:
     #: name, so that e.g. ingest calls store in-process in the all-in-one server.
     local: dict[str, Any] = field(default_factory=dict)
     resources: list[Resource] = field(default_factory=list)
+    #: Probes by proto service name, run every few seconds while serving: one
+    #: that raises turns that service (and the server's overall status) to
+    #: NOT_SERVING on health until it passes again (e.g. the Ceph cluster is down).
+    health_checks: dict[str, Callable[[], None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,6 @@ def select_services(names: tuple[str, ...] | list[str]) -> list[ServiceSpec]:
     if unknown:
         raise ConfigError(f"unknown service(s) {', '.join(unknown)}; installed: "
                           f"{', '.join(sorted(installed))}")
-    order = ["store", "decode", "annotate", "ingest"]
+    order = ["store", "arrays", "decode", "annotate", "ingest"]
     return sorted((installed[n] for n in dict.fromkeys(wanted)),
                   key=lambda s: order.index(s.name) if s.name in order else len(order))

@@ -251,15 +251,18 @@ class Ingest:
                 ring.close()
             raise
         metrics.INGEST_STREAMS.inc()
+        progress = metrics.track_stream(request.rank)
         try:
             for batch in feed:
                 if not is_active():
                     return
                 yield from batch_messages(batch, chunk, ring, is_active)
+                progress.progress()
                 del batch  # its pixels go now, not when the next batch is ready
         except RingClosed:
             return
         finally:
+            progress.close()
             feed.close()
             if ring is not None:
                 ring.close()
@@ -317,6 +320,8 @@ def _build(ctx: ServiceContext, server: grpc.Server) -> None:
                     max_message_bytes=ctx.config.max_message_bytes,
                     max_pixels=local_decoder.max_pixels if local_decoder is not None else None)
     ctx.local["ingest"] = ingest
+    if cfg.shm_dir is not None:
+        metrics.watch_volume("shm", cfg.shm_dir)
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingest), server)
 
 

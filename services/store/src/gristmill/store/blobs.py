@@ -206,6 +206,15 @@ class BlobStore:
         except ObjectMissing:
             raise _missing(sha256) from None
 
+    def read_many(self, blobs: Sequence[tuple[str, int]]) -> list[bytes | None]:
+        """Several whole blobs ``(sha256, size)`` in one batched backend call.
+
+        None for a missing blob; a blob whose stored size differs reads short or long.
+        """
+        got = self.backend.read_many([(blob_key(s), 0, n + 1) for s, n in blobs],
+                                     versions=False)
+        return [None if g is None else g[0] for g in got]
+
     def delete(self, sha256: str) -> int:
         """Remove the blob; returns the bytes freed (0 if it was absent)."""
         return self.backend.delete(blob_key(sha256))[1]

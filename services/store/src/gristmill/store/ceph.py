@@ -58,6 +58,7 @@ _SIZE = "gm.size"
 _UNAVAILABLE_ERRNOS = frozenset({errno.ETIMEDOUT, errno.ESHUTDOWN, errno.ENOTCONN,
                                  errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EAGAIN})
 _RETRY_AFTER_DOWN = 1.0
+_HEAD_CACHE = 4096
 _CONFLICT_ERRNOS = frozenset({errno.EEXIST, errno.ERANGE, errno.EOVERFLOW, errno.ENOENT})
 
 
@@ -142,6 +143,9 @@ class CephBackend(ObjectBackend):
         #: when an operation last timed out (0: not since start)
         self._down_at = 0.0
         self._active: set[str] = set()
+        #: (size, staging id, pieces, piece size) of values in pieces read lately
+        #: (their pieces never change; a value deleted and stored again has new ones)
+        self._heads: dict[str, tuple[int, str, int, int]] = {}
         try:
             self._connect()
         except Unavailable as e:  # serve anyway: calls fail with UNAVAILABLE until it is up
@@ -160,8 +164,9 @@ class CephBackend(ObjectBackend):
             if time.monotonic() < self._next_connect:
                 raise self._unavailable("is not reachable (retrying shortly)")
             t = str(max(1, round(self.timeout)))  # librados takes whole seconds
+            # objecter_timeout: how soon a client notices an OSD that restarted
             conf = {"client_mount_timeout": t, "rados_osd_op_timeout": t,
-                    "rados_mon_op_timeout": t}
+                    "rados_mon_op_timeout": t, "objecter_timeout": t}
             if self.config.keyring is not None:
                 conf["keyring"] = str(self.config.keyring)
             if not Path(self.config.conf).is_file():
@@ -423,6 +428,24 @@ class CephBackend(ObjectBackend):
         return ObjectStat(key, int(size), time.mktime(mtime), str(version)), multi
 
     def read(self, key: str, offset: int = 0, length: int = -1) -> bytes:
+        heads = self._heads.get(key)
+        if heads is not None and length > 0:  # a value in pieces read before: no lookups
+            try:
+                return self._read_pieces(key, heads, offset, min(length, heads[0] - offset))
+            except ObjectMissing:
+                self._heads.pop(key, None)  # deleted and stored again since: look it up
+        if length > 0:  # one round trip when the object holds the bytes itself
+            rados = _rados()
+            validate_key(key)
+            io = self._io()
+            try:
+                data: bytes = io.read(key, length, offset)
+            except rados.ObjectNotFound:
+                raise ObjectMissing(key) from None
+            except rados.Error as e:
+                raise self._map(f"read {key}", e) from None
+            if data:
+                return data
         found = self._stat(key)
         if found is None:
             raise ObjectMissing(key)
@@ -434,9 +457,19 @@ class CephBackend(ObjectBackend):
             return b""
         pieces = self._pieces(key) if multi else None
         if pieces is None:
-            data: bytes = self.call(f"read {key}", lambda io: io.read(key, length, offset))
-            return data
-        sid, _, piece = pieces
+            whole: bytes = self.call(f"read {key}", lambda io: io.read(key, length, offset))
+            return whole
+        head = (st.size, *pieces)
+        if len(self._heads) >= _HEAD_CACHE:
+            self._heads.pop(next(iter(self._heads)))
+        self._heads[key] = head
+        return self._read_pieces(key, head, offset, length)
+
+    def _read_pieces(self, key: str, head: tuple[int, str, int, int], offset: int,
+                     length: int) -> bytes:
+        if length <= 0:
+            return b""
+        _, sid, _, piece = head
         first, last = offset // piece, (offset + length - 1) // piece
         io = self._io()
         got: dict[int, bytes] = {}
@@ -451,6 +484,8 @@ class CephBackend(ObjectBackend):
         for completion in completions:
             completion.wait_for_complete_and_cb()
             code = completion.get_return_value()
+            if code == -errno.ENOENT:
+                raise ObjectMissing(key)
             if code < 0:
                 raise self.error(f"read {key}", OSError(-code, "piece read failed"))
         return b"".join(got[n] for n in range(first, last + 1))
@@ -477,6 +512,95 @@ class CephBackend(ObjectBackend):
             if before == after:
                 return data, ObjectStat(key, int(size), time.mktime(mtime), str(after))
         raise self._unavailable(f"kept changing {key} while it was read")
+
+    def read_many(self, reads: Sequence[tuple[str, int, int]], versions: bool = True
+                  ) -> list[tuple[bytes, ObjectStat] | None]:
+        """Without versions: all reads in flight at once (aio stat, then aio read).
+
+        aio completions carry no object version, so reads that need one go one
+        by one through :meth:`read_versioned`.
+        """
+        if versions:
+            return [self.read_versioned(k, o, n) for k, o, n in reads]
+        if reads and all(n > 0 for _, _, n in reads):
+            return self._read_known(reads)
+        io = self._io()
+        stats: dict[int, tuple[int, Any]] = {}
+        datas: dict[int, bytes] = {}
+        pending = []
+        for i, (key, _offset, _length) in enumerate(reads):
+            validate_key(key)
+
+            def on_stat(_c: Any, size: int | None, mtime: Any, i: int = i) -> None:
+                if size is not None:
+                    stats[i] = (size, mtime)
+            pending.append(io.aio_stat(key, on_stat))
+        for c in pending:
+            c.wait_for_complete_and_cb()
+            code = c.get_return_value()
+            if code < 0 and -code != errno.ENOENT:
+                raise self.error("read objects", OSError(-code, "stat failed"))
+        pending = []
+        for i, (key, offset, length) in enumerate(reads):
+            if i not in stats or stats[i][0] == 0:
+                continue
+            want = length if length >= 0 else max(0, stats[i][0] - offset)
+
+            def on_read(_c: Any, data: bytes, i: int = i) -> None:
+                datas[i] = data
+            pending.append(io.aio_read(key, max(want, 1), offset, on_read))
+        for c in pending:
+            c.wait_for_complete_and_cb()
+            code = c.get_return_value()
+            if code < 0 and -code != errno.ENOENT:
+                raise self.error("read objects", OSError(-code, "read failed"))
+        out: list[tuple[bytes, ObjectStat] | None] = []
+        for i, (key, offset, length) in enumerate(reads):
+            if i not in stats:
+                out.append(None)
+            elif stats[i][0] == 0:  # empty, or a value in pieces
+                out.append(self.read_versioned(key, offset, length))
+            else:
+                size, mtime = stats[i]
+                data = datas.get(i, b"")
+                if length == 0:
+                    data = b""
+                out.append((data, ObjectStat(key, int(size), time.mktime(mtime), "")))
+        return out
+
+    def _read_known(self, reads: Sequence[tuple[str, int, int]]
+                    ) -> list[tuple[bytes, ObjectStat] | None]:
+        """Reads of known lengths: one aio read each, all in flight (no stat round)."""
+        io = self._io()
+        datas: dict[int, bytes] = {}
+        pending = []
+        for i, (key, offset, length) in enumerate(reads):
+            validate_key(key)
+
+            def on_read(_c: Any, data: bytes, i: int = i) -> None:
+                datas[i] = data
+            pending.append((i, io.aio_read(key, length, offset, on_read)))
+        missing: set[int] = set()
+        for i, c in pending:
+            c.wait_for_complete_and_cb()
+            code = c.get_return_value()
+            if code == -errno.ENOENT:
+                missing.add(i)
+            elif code < 0:
+                raise self.error("read objects", OSError(-code, "read failed"))
+        out: list[tuple[bytes, ObjectStat] | None] = []
+        for i, (key, offset, length) in enumerate(reads):
+            data = datas.get(i, b"")
+            if i in missing:
+                out.append(None)
+            elif not data:  # a value in pieces (an empty head)
+                try:
+                    out.append((self.read(key, offset, length), ObjectStat(key, -1, 0.0, "")))
+                except ObjectMissing:
+                    out.append(None)
+            else:
+                out.append((data, ObjectStat(key, -1, 0.0, "")))
+        return out
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
         io = self._io()

@@ -166,9 +166,14 @@ class ObjectBackend(abc.ABC):
         """Whether each key is stored (backends override to batch)."""
         return [self.stat(k) is not None for k in keys]
 
-    def read_many(self, reads: Sequence[tuple[str, int, int]]
+    def read_many(self, reads: Sequence[tuple[str, int, int]], versions: bool = True
                   ) -> list[tuple[bytes, ObjectStat] | None]:
-        """Several ``(key, offset, length)`` reads; None for absent keys (backends fan out)."""
+        """Several ``(key, offset, length)`` reads; None for absent keys (backends fan out).
+
+        With ``versions=False`` a stat may carry version "" and, for reads of
+        known length, size -1 (a backend that cannot batch versioned reads then
+        reads everything at once).
+        """
         return [self.read_versioned(k, o, n) for k, o, n in reads]
 
     # -- upkeep ---------------------------------------------------------------------
