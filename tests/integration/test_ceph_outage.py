@@ -4,6 +4,7 @@ acknowledged lost."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gristmill.v1 import store_pb2
 from tests.ceph import CephCluster
-from tests.helpers import ceph_backend, start_in_process
+from tests.helpers import ceph_backend, spawn_server, start_in_process, stop_process
 
 TIMEOUT = 3
 
@@ -86,3 +87,48 @@ def test_cluster_down_gives_unavailable_then_resumes(tmp_path: Path,
     assert stub.GetDataset(store_pb2.GetDatasetRequest(name="d")).dataset.file_count == 2
     channel.close()
     running.server.stop(0)
+
+
+def test_misconfigured_cluster_is_named_with_the_fix(tmp_path: Path,
+                                                     ceph_cluster: CephCluster) -> None:
+    """A wrong conf path or pool: the server starts, calls say what is wrong and how to fix it."""
+    for backend, expect in (
+            (ceph_backend(ceph_cluster, conf=str(tmp_path / "nope.conf")), "no conf file"),
+            (ceph_backend(ceph_cluster, pool="no-such-pool"), "osd pool create no-such-pool")):
+        running = start_in_process(tmp_path / f"data-{expect[:4]}", store={"backend": backend})
+        assert running.server is not None
+        stub = running.store()
+        stub.CreateDataset(store_pb2.CreateDatasetRequest(name="d"))
+        data = b"x" * 100
+        with pytest.raises(grpc.RpcError) as info:
+            stub.PutFiles(iter([store_pb2.PutFilesRequest(dataset="d", chunks=[
+                store_pb2.FileChunk(path="a.bin", size=len(data), data=data, last=True)])]),
+                timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert expect in (info.value.details() or "")
+        assert not running.server.probe_health()
+        running.server.stop(0)
+
+
+def test_serve_cli_selects_ceph(tmp_path: Path, ceph_cluster: CephCluster) -> None:
+    """`gristmill serve --storage ceph --ceph-conf F --ceph-pool P` keeps objects in the pool."""
+    running = spawn_server(tmp_path / "data", "--storage", "ceph", "--ceph-conf",
+                           str(ceph_cluster.conf), "--ceph-pool", ceph_cluster.pool,
+                           "--ceph-timeout", "5")
+    try:
+        stub = running.store()
+        stub.CreateDataset(store_pb2.CreateDatasetRequest(name="cli"))
+        data = os.urandom(5000)
+        stub.PutFiles(iter([store_pb2.PutFilesRequest(dataset="cli", chunks=[
+            store_pb2.FileChunk(path="a.bin", size=len(data), data=data, last=True)])]))
+        client = ceph_cluster.connect(10)
+        try:
+            io = client.open_ioctx(ceph_cluster.pool)
+            digest = hashlib.sha256(data).hexdigest()
+            assert io.read(f"blobs/{digest[:2]}/{digest[2:4]}/{digest}", 10000) == data
+            io.close()
+        finally:
+            client.shutdown()
+        assert not (tmp_path / "data" / "store" / "blobs").exists()  # nothing on local disk
+    finally:
+        stop_process(running)
