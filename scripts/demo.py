@@ -6,8 +6,10 @@ of photo-like JPEG/PNG images, lists and inspects it, commits a version,
 downloads it back and checks every byte, decodes every image into aspect-ratio
 buckets on the server, streams one epoch to two training ranks (two
 processes) with an exactly-once audit and a contact sheet of each rank's
-first batch (in demo-output/), shows a few Prometheus metrics, and stops the
-server with SIGTERM (a clean, graceful exit).
+first batch (in demo-output/), labels two images through the annotate service
+(a schema, two proposals, one accepted and one rejected, a release) and
+streams with the released labels, shows a few Prometheus metrics, and stops
+the server with SIGTERM (a clean, graceful exit).
 
 With STORAGE=ceph (``make demo STORAGE=ceph``) the store keeps its objects in a
 throw-away single-node Ceph cluster that the demo brings up with
@@ -157,6 +159,34 @@ def main() -> int:
             step("exactly-once audit of both ranks' delivery logs")
             cli("audit", str(log), env=env)
 
+            step("annotate: a schema, two proposals, a review, a release")
+            schema = work / "label.json"
+            schema.write_text('{"type": "object", "properties": {"label": {"type": "string"}}, '
+                              '"required": ["label"]}')
+            cli("annotate", "init", "demo-photos", env=env)
+            cli("annotate", "schema", "add", "demo-photos", "label", str(schema), env=env)
+            good, bad = (p.relative_to(images).as_posix() for p in paths[:2])
+            ids = [cli("annotate", "propose", "demo-photos", "--schema", "label", "--sample",
+                       sample, "--payload", json.dumps({"label": label}),
+                       env=env).splitlines()[-1]
+                   for sample, label in ((good, "golden hour"), (bad, "blurry cat"))]
+            cli("annotate", "review", "demo-photos", ids[0], "--accept", env=env)
+            cli("annotate", "review", "demo-photos", ids[1], "--reject", "--reason",
+                "not a cat", env=env)
+            cli("annotate", "release", "demo-photos", "v1", env=env)
+            cli("annotate", "propose", "demo-photos", "--schema", "label", "--sample", bad,
+                "--payload", '{"label": "after the release"}', env=env)  # not in v1
+
+            step("train with labels: each batch carries its samples' labels at release v1")
+            streamed = cli("stream", "demo-photos", "--annotations", "v1", "--batch-size", "4",
+                           "--image-size", "256", "--show-annotations", "2", "--quiet", env=env)
+            wanted = [f'{good}: label {{"label": "golden hour"}}',
+                      "1 of 24 samples had annotations (1 in all) at release v1"]
+            if not all(w in streamed for w in wanted) or "blurry" in streamed \
+                    or "after the release" in streamed:
+                raise SystemExit("demo failed: the stream did not carry exactly the accepted "
+                                 "label of release v1")
+
             step("Prometheus metrics")
             with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics",
                                         timeout=10) as r:
@@ -165,7 +195,8 @@ def main() -> int:
                 if line.startswith(("gristmill_rpc_requests_total{", "gristmill_store_bytes_",
                                     "gristmill_decode_samples_total",
                                     "gristmill_ingest_samples_total",
-                                    "gristmill_ingest_bytes_out_total")) \
+                                    "gristmill_ingest_bytes_out_total",
+                                    "gristmill_annotate_events_appended_total{")) \
                         and "_created" not in line:
                     print("  " + line)
         finally:

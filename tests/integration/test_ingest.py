@@ -133,10 +133,12 @@ def test_errors_name_the_problem(fed: Running, server: Running, hub: Hub) -> Non
         assert field in (info.value.details() or "")
     bad = ingest_pb2.PlanSpec()
     bad.CopyFrom(spec)
-    bad.release = "r1"
+    bad.release = "r1"  # no annotation log (see test_stream_annotations.py)
     with pytest.raises(grpc.RpcError) as info:
         stub.PlanEpoch(ingest_pb2.PlanEpochRequest(spec=bad))
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "'r1'" in (info.value.details() or "")
+    assert "gristmill annotate init" in (info.value.details() or "")
 
 
 def test_corrupt_images_are_reported_while_the_rest_flow(server: Running, hub: Hub,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import math
 import sys
 import time
@@ -54,7 +55,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, image_size=args.image_size,
         downsampling_ratio=args.downsampling, seed=args.seed, policy=args.policy,
         drop_last=args.drop_last, rank=args.rank, world_size=args.world_size,
-        prefix=args.prefix, companions=args.companion, delivery_log=args.delivery_log)
+        prefix=args.prefix, companions=args.companion, delivery_log=args.delivery_log,
+        annotations=args.annotations)
     if args.folder:
         loader = Loader.from_folder(args.name, show_progress=not args.quiet, **common)
     else:
@@ -66,8 +68,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
         print(f"rank {rank}/{loader.world.world_size}: dataset {args.name} version "
               f"{loader.spec.version[:12]}, {plan.dataset_samples} samples, "
               f"{len(loader)} batches of {args.batch_size} per epoch")
+        if loader.spec.release:
+            print(f"rank {rank}: annotations of release {loader.spec.release} (log position "
+                  f"{loader.spec.release_seq}, {loader.spec.release_head_hash[:12]})")
         sizes: collections.Counter[str] = collections.Counter()
         images = errors = 0
+        fresh = labelled = labels = shown = 0  # samples (not padding), those with labels
         start = time.perf_counter()
         for epoch in range(args.epochs):
             loader.set_epoch(epoch)
@@ -80,6 +86,18 @@ def cmd_stream(args: argparse.Namespace) -> int:
                 sizes[f"{w}x{h}"] += 1
                 images += len(batch)
                 errors += len(batch.errors)
+                for sample_id, found, is_fresh in zip(batch.ids, batch.annotations,
+                                                      batch.fresh, strict=True):
+                    if not is_fresh:
+                        continue
+                    fresh += 1
+                    labelled += bool(found)
+                    labels += len(found)
+                    if found and shown < args.show_annotations and epoch == 0:
+                        shown += 1
+                        print(f"  {sample_id}: " + "; ".join(
+                            f"{a['schema']} {json.dumps(a['data'], ensure_ascii=False)}"
+                            for a in found))
                 for e in batch.errors:
                     print(f"  error {e.id}: {e.reason}: {e.message}")
                 bar.update(1)
@@ -90,6 +108,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
           f"{sum(sizes.values())} batches, {errors} errors; pixels via {path}")
     print(f"rank {rank}: batches per bucket (WxH): "
           + ", ".join(f"{k} {v}" for k, v in sorted(sizes.items())))
+    if loader.spec.release:
+        print(f"rank {rank}: {labelled} of {fresh} samples had annotations ({labels} in all) "
+              f"at release {loader.spec.release}")
     if args.contact_sheet:
         print(f"rank {rank}: first batch written to {args.contact_sheet}")
     return 1 if errors and args.strict else 0
@@ -144,6 +165,13 @@ def add_stream_commands(commands: argparse._SubParsersAction,  # type: ignore[ty
     p.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="pixels through a /dev/shm ring (default: when the server is on "
                    "this host)")
+    p.add_argument("--annotations", metavar="RELEASE", default=None,
+                   help="deliver each sample's accepted annotations at this release of the "
+                   "dataset's annotation log (with --folder: a file written by `gristmill "
+                   "annotate export`)")
+    p.add_argument("--show-annotations", type=int, default=0, metavar="N",
+                   help="print the annotations of the first N samples delivered that have "
+                   "any (with --annotations)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any sample failed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -10,10 +10,15 @@ cursor of the first batch not yet received: no sample is lost or repeated.
 A Loader that never reached its server (a wrong address, no server started)
 fails within seconds instead, with ``no gristmill server at ADDR``.
 ``state_dict()`` / ``load_state_dict()`` resume a training run mid-epoch.
+With ``annotations="RELEASE"`` each batch also carries its samples' accepted
+annotations at that release of the dataset's annotation log
+(``batch.annotations``); the plan pins the release, so every rank and every
+resumed stream gets the same labels.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import random
@@ -62,6 +67,9 @@ _COLOR = {"rgb": decode_pb2.COLOR_MODE_RGB, "rgba": decode_pb2.COLOR_MODE_RGBA,
 #: or it is at its stream limit (other jobs' streams will end). Not the
 #: per-key limit: a job's own ranks hold those slots and would wait forever.
 _RETRY_REASONS = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED", "TOO_MANY_STREAMS"}
+#: The ingest service could not reach its annotate service: like NO_SERVER, not
+#: retried before a first plan came back (a wrong setting fails at once).
+ANNOTATE_UNAVAILABLE = "ANNOTATE_UNAVAILABLE"
 _CHANNELS = {decode_pb2.COLOR_MODE_GRAY: 1, decode_pb2.COLOR_MODE_RGB: 3,
              decode_pb2.COLOR_MODE_RGBA: 4}
 #: Batches of the largest bucket a shared-memory ring holds.
@@ -91,8 +99,10 @@ class Batch:
         fresh: per row, False for padding (a repeat of a sample delivered
             earlier in the epoch, used to keep ranks even).
         companions: per row, its companion images (masks), cut like the image.
-        annotations: per row, the sample's annotations as JSON ("" until the
-            annotate service joins the stream).
+        annotations: per row, the sample's accepted annotations at the
+            Loader's release: a list of dicts ``{"annotation": id, "schema":
+            name, "schema_version": n, "data": {...}}`` ordered by annotation
+            id; empty lists when the Loader names no release.
         errors: samples of this batch that failed (not in ``images``).
         cursor: (epoch, position) of this batch in the rank's plan.
     """
@@ -101,7 +111,7 @@ class Batch:
     ids: list[str]
     fresh: npt.NDArray[np.bool_]
     companions: list[tuple[Images, ...]]
-    annotations: list[str]
+    annotations: list[list[dict[str, Any]]]
     errors: list[SampleFailure]
     cursor: Cursor
     planned_ids: list[str] = field(repr=False, default_factory=list)
@@ -131,7 +141,7 @@ class _Assembler:
         self._ids: list[str] = []
         self._fresh: list[bool] = []
         self._companions: list[tuple[Images, ...]] = []
-        self._annotations: list[str] = []
+        self._annotations: list[list[dict[str, Any]]] = []
         self._errors: list[SampleFailure] = []
         self._planned: list[str] = []
         self._planned_fresh = 0
@@ -199,7 +209,7 @@ class _Assembler:
                 self._companions.append(tuple(planes))
             else:
                 self._companions.append(tuple(to_array(c) for c in s.companions))
-            self._annotations.append(s.annotations)
+            self._annotations.append(json.loads(s.annotations) if s.annotations else [])
         if in_ring:
             assert self._ring is not None
             del data
@@ -306,6 +316,11 @@ class Loader:
             gRPC. True: required (an error otherwise). False: never.
         api_key: default ``GRISTMILL_API_KEY``.
         ca_file: PEM CA certificate for TLS.
+        annotations: an annotation release of the dataset (``gristmill
+            annotate release DATASET NAME``): each batch carries its samples'
+            accepted annotations at that release in ``batch.annotations``.
+            An unknown release fails here with
+            :class:`~gristmill.client.errors.NotFound`.
     """
 
     def __init__(self, address: str | None = None, dataset: str = "", version: str = "latest",
@@ -317,7 +332,7 @@ class Loader:
                  color: str = "rgb", prefetch: int = 4, delivery_log: Path | str | None = None,
                  retry_timeout: float = 300.0, shared_memory: bool | None = None,
                  api_key: str | None = None, ca_file: Path | str | None = None,
-                 transport: Transport | None = None) -> None:
+                 annotations: str | None = None, transport: Transport | None = None) -> None:
         if not dataset:
             raise ValueError("name the dataset to stream: Loader(address, dataset='...')")
         pol = Policy(policy) if isinstance(policy, str) else policy
@@ -342,7 +357,7 @@ class Loader:
         spec = ingest_pb2.PlanSpec(
             dataset=dataset, version=version, prefix=prefix, companions=list(companions),
             seed=seed, world_size=self.world.world_size, batch_size=batch_size,
-            policy=_POLICY[pol], drop_last=drop_last,
+            policy=_POLICY[pol], drop_last=drop_last, release=annotations or "",
             transform=decode_pb2.Transform(
                 buckets=decode_pb2.BucketConfig(image_size=image_size,
                                                 downsampling=downsampling_ratio,
@@ -382,7 +397,8 @@ class Loader:
                     policy: str | Policy = "exact", drop_last: bool = False,
                     rank: int | None = None, world_size: int | None = None, *,
                     workers: int = 0, show_progress: bool = True,
-                    folder_index: bool | None = None, **kwargs: Any) -> Loader:
+                    folder_index: bool | None = None, annotations: Path | str | None = None,
+                    **kwargs: Any) -> Loader:
         """The same pipeline in this process on a local folder of images, no server.
 
         Needs the ingest package (``pip install gristmill-ingest``), which
@@ -391,6 +407,10 @@ class Loader:
         is being listed; the exact policy lists it first. ``folder_index``
         remembers image headers on disk between starts (default on, unless
         ``GRISTMILL_FOLDER_INDEX=0``; see docs/ingest.md).
+        ``annotations`` is a released export file (``gristmill annotate export
+        DATASET --release NAME --out FILE``): batches then carry its labels
+        in ``batch.annotations``, matched to the folder's files by path, as a
+        server would at that release.
         Other keyword arguments are those of :class:`Loader`.
         """
         if kwargs.get("shared_memory"):
@@ -406,10 +426,13 @@ class Loader:
                                         prefetch_batches=kwargs.get("prefetch", 4),
                                         show_progress=show_progress,
                                         live=pol is not Policy.EXACT or not shuffle,
-                                        folder_index=folder_index)
+                                        folder_index=folder_index, annotations=annotations)
+        labels = ingest.planner.labels
+        release = getattr(labels, "release", None) if annotations is not None else None
         return cls(None, "folder", "latest", batch_size, image_size, downsampling_ratio,
                    min_aspect_ratio, max_aspect_ratio, seed, shuffle, policy, drop_last, rank,
-                   world_size, transport=_LocalTransport(ingest, decoder), **kwargs)
+                   world_size, annotations=release.name if release is not None else None,
+                   transport=_LocalTransport(ingest, decoder), **kwargs)
 
     # plans -----------------------------------------------------------------
     def _retry(self) -> _Retry:
@@ -658,7 +681,7 @@ class _Retry:
         """
         if not _retryable(error) or time.monotonic() >= self.deadline:
             return False
-        if error.reason == NO_SERVER and not self.connected():
+        if error.reason in (NO_SERVER, ANNOTATE_UNAVAILABLE) and not self.connected():
             return False
         delay = min(5.0, 0.1 * 2 ** self.attempt) * (0.5 + random.random() / 2)
         log.warning("%s failed (%s); retrying in %.1fs", what, error, delay)

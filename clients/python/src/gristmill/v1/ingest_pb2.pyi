@@ -67,6 +67,8 @@ class PlanSpec(_message.Message):
     DROP_LAST_FIELD_NUMBER: _builtins.int
     TRANSFORM_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
+    RELEASE_SEQ_FIELD_NUMBER: _builtins.int
+    RELEASE_HEAD_HASH_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     """Dataset name."""
     version: _builtins.str
@@ -90,9 +92,18 @@ class PlanSpec(_message.Message):
     ranks uneven) instead of padding them with repeated samples.
     """
     release: _builtins.str
-    """Annotation release to join to the samples (reserved for the annotate
-    service; must be empty for now).
+    """Annotation release to join to the samples: each batch then carries the
+    accepted annotations of its samples at that release (BatchSample
+    annotations). Empty: no annotations.
     """
+    release_seq: _builtins.int
+    """The release's log position, set by PlanEpoch when it resolves `release`
+    (leave both unset in a first PlanEpoch). A spec that carries them is
+    checked against the release, so every rank and every resumed stream
+    reads the same labels.
+    """
+    release_head_hash: _builtins.str
+    """Hash of the log's event at release_seq."""
     @_builtins.property
     def companions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Companion images (masks) of each sample as path templates, e.g.
@@ -123,10 +134,12 @@ class PlanSpec(_message.Message):
         drop_last: _builtins.bool = ...,
         transform: _decode_pb2.Transform | None = ...,
         release: _builtins.str = ...,
+        release_seq: _builtins.int = ...,
+        release_head_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["transform", b"transform"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "companions", b"companions", "dataset", b"dataset", "drop_last", b"drop_last", "policy", b"policy", "prefix", b"prefix", "release", b"release", "seed", b"seed", "transform", b"transform", "version", b"version", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "companions", b"companions", "dataset", b"dataset", "drop_last", b"drop_last", "policy", b"policy", "prefix", b"prefix", "release", b"release", "release_head_hash", b"release_head_hash", "release_seq", b"release_seq", "seed", b"seed", "transform", b"transform", "version", b"version", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -198,6 +211,7 @@ class PlanEpochResponse(_message.Message):
     SAMPLES_PER_EPOCH_FIELD_NUMBER: _builtins.int
     DATASET_SAMPLES_FIELD_NUMBER: _builtins.int
     BUCKETS_FIELD_NUMBER: _builtins.int
+    RELEASE_DATASET_VERSION_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     """A digest of the spec: equal ids mean equal plans for every epoch."""
     batches_per_rank: _builtins.int
@@ -206,6 +220,11 @@ class PlanEpochResponse(_message.Message):
     """Distinct samples delivered in the epoch, over all ranks."""
     dataset_samples: _builtins.int
     """Samples in the dataset version (under the prefix)."""
+    release_dataset_version: _builtins.str
+    """The dataset version the annotation release was made against (as its
+    creator gave it; may be empty or differ from spec.version: labels are
+    joined by path, which does not depend on the version).
+    """
     @_builtins.property
     def spec(self) -> Global___PlanSpec:
         """The spec with the version resolved to an id; send it to StreamBatches."""
@@ -223,10 +242,11 @@ class PlanEpochResponse(_message.Message):
         samples_per_epoch: _builtins.int = ...,
         dataset_samples: _builtins.int = ...,
         buckets: _abc.Iterable[Global___BucketCount] | None = ...,
+        release_dataset_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches_per_rank", b"batches_per_rank", "buckets", b"buckets", "dataset_samples", b"dataset_samples", "plan_id", b"plan_id", "samples_per_epoch", b"samples_per_epoch", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches_per_rank", b"batches_per_rank", "buckets", b"buckets", "dataset_samples", b"dataset_samples", "plan_id", b"plan_id", "release_dataset_version", b"release_dataset_version", "samples_per_epoch", b"samples_per_epoch", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -400,8 +420,10 @@ class BatchSample(_message.Message):
     earlier in the epoch.
     """
     annotations: _builtins.str
-    """Annotations of the sample as JSON (empty until the annotate service
-    joins the stream).
+    """The sample's accepted annotations at the plan's release, as a canonical
+    JSON array of objects {"annotation", "data", "schema", "schema_version"}
+    ordered by annotation id ("[]" when it has none). Empty when the spec
+    names no release.
     """
     @_builtins.property
     def error(self) -> _decode_pb2.SampleError:

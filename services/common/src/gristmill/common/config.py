@@ -236,6 +236,11 @@ class IngestConfig(_Strict):
     decode_address: str | None = None
     decode_api_key: str | None = None
     decode_ca_file: Path | None = None
+    #: The annotate service, for streams that name an annotation release, when
+    #: it is not in this process (a reader key is enough).
+    annotate_address: str | None = None
+    annotate_api_key: str | None = None
+    annotate_ca_file: Path | None = None
     #: Shared-memory directory of this host, where Loaders running beside the
     #: server put the rings that carry pixels without a socket. In Kubernetes
     #: mount the same emptyDir (medium: Memory) at /dev/shm in the training

@@ -1,8 +1,10 @@
 """gristmill ingest: plans epochs and streams ready batches to training ranks.
 
 The service behind :class:`gristmill.client.Loader`. In the all-in-one
-server it calls the store and decode services in-process; deployed alone it
-reaches them over gRPC (``ingest.store_address``, ``ingest.decode_address``).
+server it calls the store, decode and annotate services in-process; deployed
+alone it reaches them over gRPC (``ingest.store_address``,
+``ingest.decode_address``, ``ingest.annotate_address``: annotations of a
+release, for streams that name one; see :mod:`gristmill.ingest.labels`).
 """
 
 from gristmill.ingest.feed import BatchFeed, DecodedBatch, batch_messages

@@ -6,8 +6,10 @@ from the store in one call and queues it on the decoder; at most
 pool stays busy. Memory is bounded in bytes: each batch is charged to the
 stream's :class:`~gristmill.ingest.budget.StreamBudget` (its encoded bytes
 and its largest possible pixels) before it is read, and given back once it
-is sent. The consumer takes batches in order and cuts each into messages of
-about ``chunk_bytes``.
+is sent. When the spec names an annotation release, the producer also looks
+up the annotations of the batch's samples (one call per batch) while the
+decoder works. The consumer takes batches in order and cuts each into
+messages of about ``chunk_bytes``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from gristmill.client.buckets import Bucket
 from gristmill.client.handoff import put_unless_stopped
@@ -42,6 +44,12 @@ class DecodedBatch:
     bucket: Bucket
     ids: list[str]
     results: list[Decoded]
+    #: Each sample's annotations as a JSON array; empty when the spec names no release.
+    annotations: list[str] = field(default_factory=list)
+
+
+#: Sample indices of a batch to their annotations (JSON arrays), in order.
+Labeler = Callable[[Sequence[int]], list[str]]
 
 
 @dataclass
@@ -51,6 +59,8 @@ class _Queued:
     wait: Waiter
     #: Bytes charged to the stream's budget.
     charge: int
+    #: The planned samples' annotations, in batch order (empty without a release).
+    annotations: list[str] = field(default_factory=list)
 
 
 def _expand(wait: Waiter, unique: list[int], planned: PlannedBatch) -> Waiter:
@@ -68,15 +78,17 @@ class BatchFeed:
     """Decoded batches of one rank, from ``start`` to ``stop`` (exclusive), in order.
 
     Iterate it once; :meth:`close` (or leaving the iteration) stops the producer.
+    ``labels`` looks up the annotations of a batch's samples (None: no release).
     """
 
     def __init__(self, *, spec: ingest_pb2.PlanSpec, info: SpecInfo, samples: Samples,
                  plan: EpochPlan, rank: int, start: int, stop: int, decode: DecodeBackend,
-                 prefetch: int, budget: StreamBudget) -> None:
+                 prefetch: int, budget: StreamBudget, labels: Labeler | None = None) -> None:
         self.spec, self.info, self.samples, self.plan = spec, info, samples, plan
         self.rank, self.start, self.stop = rank, start, stop
         self.decode = decode
         self.budget = budget
+        self.labels = labels
         self._queue: queue.Queue[_Queued | BaseException | None] = queue.Queue(prefetch)
         self._stopped = threading.Event()
         self._transforms: dict[int, decode_pb2.Transform] = {}
@@ -115,6 +127,13 @@ class BatchFeed:
         sizes = self.samples.sizes
         return len(unique) * pixels + (sum(sizes[i] for i in unique) if sizes else 0)
 
+    def _annotations(self, unique: list[int], planned: PlannedBatch) -> list[str]:
+        """The planned samples' annotations in batch order (each distinct sample asked once)."""
+        if self.labels is None:
+            return []
+        found = dict(zip(unique, self.labels(unique), strict=True))
+        return [found[i] for i in planned.samples]
+
     def _produce(self) -> None:
         end: BaseException | None = None
         try:
@@ -132,11 +151,13 @@ class BatchFeed:
                 try:
                     wait = self.decode.submit(self._samples(unique),
                                               self._transform(planned.bucket))
+                    # while the pool decodes: one lookup for the whole batch
+                    annotations = self._annotations(unique, planned)
                 except BaseException:
                     self.budget.release(charge)
                     raise
                 if not self._put(_Queued(position, planned, _expand(wait, unique, planned),
-                                         charge)):
+                                         charge, annotations)):
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             end = e
@@ -157,7 +178,8 @@ class BatchFeed:
                 ids = self.samples.set.ids
                 batch = DecodedBatch(Cursor(self.plan.epoch, item.position), item.planned,
                                      self.info.buckets[item.planned.bucket],
-                                     [ids[i] for i in item.planned.samples], results)
+                                     [ids[i] for i in item.planned.samples], results,
+                                     item.annotations)
                 charge = item.charge
                 del item, results
                 yield batch
@@ -187,6 +209,8 @@ def _add_sample(msg: ingest_pb2.StreamBatchesResponse, batch: DecodedBatch, k: i
     """
     result = batch.results[k]
     sample = msg.samples.add(id=batch.ids[k], fresh=k < batch.planned.fresh)
+    if batch.annotations:
+        sample.annotations = batch.annotations[k]
     if result.error is not None:
         sample.error.CopyFrom(result.error)
         metrics.INGEST_SAMPLES.labels("error").inc()
@@ -238,12 +262,15 @@ def batch_messages(batch: DecodedBatch, chunk_bytes: int, ring: RingWriter | Non
     Companions count towards the size; a sample is never split. The last
     message carries the next batch's cursor.
     With a ``ring`` the batch is one message whose pixels are written to the
-    ring (unless they cannot fit it; then they go inline).
+    ring (unless they cannot fit it, or the batch's annotations alone are
+    over ``chunk_bytes``; then they go inline). Annotations count towards a
+    message's size like pixels.
 
     Raises:
         RingClosed: ``is_active`` turned false while waiting for ring space.
     """
-    if ring is not None:
+    labels = [len(a) for a in batch.annotations] or [0] * len(batch.results)
+    if ring is not None and sum(labels) <= chunk_bytes:
         msg = _ring_message(batch, ring, is_active)
         if msg is not None:
             yield msg
@@ -261,7 +288,7 @@ def batch_messages(batch: DecodedBatch, chunk_bytes: int, ring: RingWriter | Non
         k = offset
         while k < n and (size < chunk_bytes or k == offset):
             pixels.extend(_add_sample(msg, batch, k, inline=True))
-            size += _raw_bytes(batch.results[k])  # companions included
+            size += _raw_bytes(batch.results[k]) + labels[k]  # companions included
             k += 1
         msg.pixels = b"".join([p.data for p in pixels])
         if k >= n:

@@ -33,6 +33,7 @@ from gristmill.common.config import IngestConfig
 from gristmill.decode.pool import Decoder
 from gristmill.decode.service import bucket_message
 from gristmill.ingest.folderindex import IMAGE_SUFFIXES, FolderFile, FolderListing, HeaderIndex
+from gristmill.ingest.labels import ExportLabels
 from gristmill.ingest.samples import Samples, SpecInfo, check_spec, plan_id
 from gristmill.ingest.service import Ingest, Planner
 from gristmill.ingest.sources import LocalDecode
@@ -311,6 +312,15 @@ class _FolderPlanner(Planner):
             return _LivePlan(epoch, config, ranks)
         return samples, self._plans.get((plan_id(spec), epoch), make)
 
+    def hashes(self, spec: ingest_pb2.PlanSpec, info: SpecInfo, samples: Samples
+               ) -> bytes | None:
+        """None: a folder has no manifest of hashes.
+
+        An export's pinned content is checked against the file itself instead
+        (see :class:`~gristmill.ingest.labels.ExportLabels`).
+        """
+        return None
+
 
 class FolderIngest(Ingest):
     """:class:`Ingest` over a :class:`FolderStore`; plans stream when the folder is live."""
@@ -359,19 +369,27 @@ class FolderIngest(Ingest):
 
 def folder_ingest(root: Path | str, *, workers: int = 0, prefetch_batches: int = 4,
                   show_progress: bool = True, live: bool = False,
-                  folder_index: bool | None = None) -> tuple[FolderIngest, Decoder]:
+                  folder_index: bool | None = None, annotations: Path | str | None = None
+                  ) -> tuple[FolderIngest, Decoder]:
     """An in-process ingest over a folder, and its decoder (close both when done).
 
     ``live``: return before the folder is listed (for the hash and
     sequential policies, which stream). ``folder_index``: remember headers
-    on disk (default on unless ``GRISTMILL_FOLDER_INDEX=0``).
+    on disk (default on unless ``GRISTMILL_FOLDER_INDEX=0``). ``annotations``:
+    a release export file (``gristmill annotate export``) whose labels specs
+    naming its release get.
     """
+    labels = None
+    if annotations is not None:
+        labels = ExportLabels(annotations)
     store = FolderStore(root, show_progress, live=live, folder_index=folder_index)
+    if labels is not None:
+        labels.content = lambda path: (store.root / path).read_bytes()
     decoder = Decoder(workers or os.cpu_count() or 1)
     # the caller's own memory, in its own process: bounded by prefetch_batches alone
     unbounded = 1 << 62
     config = IngestConfig(prefetch_batches=prefetch_batches, stream_prefetch_bytes=unbounded,
                           server_prefetch_bytes=unbounded)
     local = LocalDecode(decoder, store)
-    return FolderIngest(_FolderPlanner(store, config), lambda: local, config,
+    return FolderIngest(_FolderPlanner(store, config, labels), lambda: local, config,
                         max_pixels=decoder.max_pixels), decoder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import posixpath
+import re
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ MAX_TEMPLATE_CHARS = 256
 #: Largest batch one rank may ask for.
 MAX_BATCH_SIZE = 4096
 MAX_WORLD_SIZE = 65536
+#: An annotation release's name (as the annotate service allows).
+RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,7 @@ class SpecInfo:
 def check_spec(spec: ingest_pb2.PlanSpec) -> SpecInfo:
     """Validate every field of a spec (InvalidArgument naming the field and the fix)."""
     validate_dataset_name(spec.dataset, "spec.dataset")
-    if spec.release:
-        raise FailedPrecondition("annotation releases cannot be joined to the stream yet (the "
-                                 "annotate service is not part of this release); leave "
-                                 "spec.release empty", reason="RELEASES_UNAVAILABLE")
+    _check_release(spec)
     if not 1 <= spec.batch_size <= MAX_BATCH_SIZE:
         raise InvalidArgument("spec.batch_size", f"must be 1 to {MAX_BATCH_SIZE}, got "
                               f"{spec.batch_size}")
@@ -92,6 +92,22 @@ def check_spec(spec: ingest_pb2.PlanSpec) -> SpecInfo:
     config = PlanConfig(batch_size=spec.batch_size, world_size=spec.world_size, seed=spec.seed,
                         policy=_POLICY[spec.policy], drop_last=spec.drop_last)
     return SpecInfo(config, transform, buckets)
+
+
+def _check_release(spec: ingest_pb2.PlanSpec) -> None:
+    """A release name as the annotate service allows; its position only with a name."""
+    if spec.release and not RELEASE_NAME.fullmatch(spec.release):
+        shown = spec.release if len(spec.release) <= 80 else spec.release[:77] + "..."
+        raise InvalidArgument("spec.release", f"{shown!r} is not a release name (1-128 "
+                              "characters of letters, digits, '.', '_' or '-', starting with a "
+                              "letter or digit); list releases "
+                              "with `gristmill annotate releases DATASET`")
+    if not spec.release and (spec.release_seq or spec.release_head_hash):
+        raise InvalidArgument("spec.release_seq", "a release position without a release "
+                              "name; set spec.release, or leave both unset")
+    if spec.release_seq < 0:
+        raise InvalidArgument("spec.release_seq", "must not be negative; leave it unset in "
+                              "PlanEpoch, which pins it")
 
 
 def _check_template(template: str, field: str) -> None:

@@ -32,6 +32,14 @@ from gristmill.decode.limits import (
 from gristmill.decode.service import bucket_message
 from gristmill.ingest.budget import PrefetchBudget
 from gristmill.ingest.feed import BatchFeed, batch_messages
+from gristmill.ingest.labels import (
+    LabelSource,
+    LocalLabels,
+    ReleasePin,
+    RemoteLabels,
+    StreamLabels,
+    pin_spec,
+)
 from gristmill.ingest.samples import Samples, SpecInfo, check_spec, plan_id
 from gristmill.ingest.sources import (
     DecodeBackend,
@@ -82,19 +90,59 @@ class _Memo(Generic[K, V]):
 
 
 class Planner:
-    """Resolves specs and plans epochs, remembering recent sample sets and plans."""
+    """Resolves specs and plans epochs, remembering recent sample sets and plans.
 
-    def __init__(self, store: StoreAccess, config: IngestConfig) -> None:
+    ``labels`` answers for specs that name an annotation release (None: such
+    specs are refused).
+    """
+
+    def __init__(self, store: StoreAccess, config: IngestConfig,
+                 labels: LabelSource | None = None) -> None:
         self.store = store
+        self.labels = labels
         self._samples: _Memo[tuple[object, ...], Samples] = _Memo(config.cached_sample_sets)
         self._plans: _Memo[tuple[str, int], EpochPlan] = _Memo(config.cached_plans)
+        self._hashes: _Memo[tuple[object, ...], bytes] = _Memo(config.cached_sample_sets)
 
     def resolve(self, spec: ingest_pb2.PlanSpec) -> ingest_pb2.PlanSpec:
-        """The spec with its version pinned to a committed version id."""
+        """The spec with its version pinned to a committed version id (and its release)."""
+        return self.resolve_pinned(spec)[0]
+
+    def resolve_pinned(self, spec: ingest_pb2.PlanSpec
+                       ) -> tuple[ingest_pb2.PlanSpec, ReleasePin | None]:
+        """The spec with its version and its release's log position pinned, and the release.
+
+        Raises:
+            NotFound: no such release; FailedPrecondition: it moved, or no
+            annotate service; Unavailable: the annotate service is down.
+        """
         resolved = ingest_pb2.PlanSpec()
         resolved.CopyFrom(spec)
         resolved.version = self.store.resolve_version(spec.dataset, spec.version or LATEST)
-        return resolved
+        if not spec.release:
+            return resolved, None
+        pin = pin_spec(self.labels, spec)
+        resolved.release_seq, resolved.release_head_hash = pin.seq, pin.head_hash
+        return resolved, pin
+
+    def hashes(self, spec: ingest_pb2.PlanSpec, info: SpecInfo, samples: Samples
+               ) -> bytes | None:
+        """Each sample's content sha256 (32 bytes each, in sample order) from the manifest.
+
+        Annotations pinned to other content are then not delivered. Read
+        once per sample set, only for streams with annotations.
+        """
+        key = (spec.dataset, spec.version, spec.prefix, tuple(spec.companions), info.buckets)
+
+        def read() -> bytes:
+            index = {path: i for i, path in enumerate(samples.set.ids)}
+            out = bytearray(32 * len(index))
+            for e in self.store.manifest(spec.dataset, spec.version):
+                i = index.get(e.path)
+                if i is not None and len(e.sha256) == 64:
+                    out[32 * i:32 * i + 32] = bytes.fromhex(e.sha256)
+            return bytes(out)
+        return self._hashes.get(key, read)
 
     def samples(self, spec: ingest_pb2.PlanSpec, info: SpecInfo) -> Samples:
         """The samples of a resolved spec."""
@@ -188,9 +236,12 @@ class Ingest:
         """See the PlanEpoch RPC."""
         info = check_spec(request.spec)
         self.check_limits(request.spec, info)
-        spec = self.planner.resolve(request.spec)
+        spec, pin = self.planner.resolve_pinned(request.spec)
         samples, plan = self.planner.plan(spec, info, request.epoch)
-        return self.summary(spec, info, len(samples), plan)
+        summary = self.summary(spec, info, len(samples), plan)
+        if pin is not None:
+            summary.release_dataset_version = pin.dataset_version
+        return summary
 
     @staticmethod
     def summary(spec: ingest_pb2.PlanSpec, info: SpecInfo, dataset_samples: int,
@@ -205,6 +256,16 @@ class Ingest:
             samples_per_epoch=plan.fresh_samples, dataset_samples=dataset_samples,
             buckets=[ingest_pb2.BucketCount(bucket=bucket_message(info.buckets[i]), batches=n)
                      for i, n in sorted(per_bucket.items())])
+
+    def _labels(self, spec: ingest_pb2.PlanSpec, info: SpecInfo, samples: Samples
+                ) -> StreamLabels | None:
+        """The annotation lookup of a stream whose spec names a release (checked again)."""
+        if not spec.release:
+            return None
+        pin = pin_spec(self.planner.labels, spec)
+        assert self.planner.labels is not None
+        return StreamLabels(self.planner.labels, spec.dataset, pin, samples.set.ids,
+                            self.planner.hashes(spec, info, samples))
 
     def stream_batches(self, request: ingest_pb2.StreamBatchesRequest,
                        is_active: Callable[[], bool] = lambda: True,
@@ -221,6 +282,10 @@ class Ingest:
         if spec.version in ("", LATEST):
             raise InvalidArgument("spec.version", "stream with the spec PlanEpoch returned: its "
                                   "version is pinned, so every rank reads the same files")
+        if spec.release and not spec.release_head_hash:
+            raise InvalidArgument("spec.release_head_hash", "stream with the spec PlanEpoch "
+                                  "returned: its annotation release is pinned to a log "
+                                  "position, so every rank reads the same labels")
         if not 0 <= request.rank < spec.world_size:
             raise InvalidArgument("rank", f"must be 0 to {spec.world_size - 1} (world_size "
                                   f"{spec.world_size}), got {request.rank}")
@@ -228,6 +293,7 @@ class Ingest:
             raise InvalidArgument("max_batches" if request.max_batches < 0 else "chunk_bytes",
                                   "must not be negative (0 means the default)")
         samples, plan = self.planner.plan(spec, info, request.cursor.epoch)
+        labels = self._labels(spec, info, samples)
         start = request.cursor.position
         if not 0 <= start <= plan.batches_per_rank:
             raise InvalidArgument("cursor.position", f"must be 0 to {plan.batches_per_rank} "
@@ -245,7 +311,8 @@ class Ingest:
             feed = BatchFeed(spec=spec, info=info, samples=samples, plan=plan,
                              rank=request.rank, start=start, stop=stop, decode=self.decode(),
                              prefetch=self.config.prefetch_batches,
-                             budget=self.budget.stream(self.config.stream_prefetch_bytes))
+                             budget=self.budget.stream(self.config.stream_prefetch_bytes),
+                             labels=labels)
         except BaseException:
             if ring is not None:
                 ring.close()
@@ -315,8 +382,18 @@ def _build(ctx: ServiceContext, server: grpc.Server) -> None:
     else:
         raise ConfigError("ingest needs a decoder: run the decode service in the same server "
                           "or set ingest.decode_address")
+    labels: LabelSource | None = None
+    if cfg.annotate_address:
+        remote_labels = RemoteLabels(ConnectionOptions(cfg.annotate_address,
+                                                       cfg.annotate_api_key,
+                                                       cfg.annotate_ca_file))
+        ctx.resources.append(remote_labels)
+        labels = remote_labels
+    elif "annotate" in ctx.local:
+        labels = LocalLabels(ctx.local["annotate"])
+    # else: streams without annotations only (a release is refused, naming the setting)
     local_decoder = ctx.local.get("decode") if not cfg.decode_address else None
-    ingest = Ingest(Planner(store, cfg), decode, cfg,
+    ingest = Ingest(Planner(store, cfg, labels), decode, cfg,
                     max_message_bytes=ctx.config.max_message_bytes,
                     max_pixels=local_decoder.max_pixels if local_decoder is not None else None)
     ctx.local["ingest"] = ingest
