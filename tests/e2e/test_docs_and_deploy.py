@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from gristmill.common.config import load_config
+from gristmill.store.config import StoreConfig
 from scripts.sample_data import make_sample_folder
 from tests.helpers import ROOT, Running
 
@@ -43,7 +44,7 @@ def test_operations_yaml_example_is_valid(tmp_path: Path) -> None:
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(block.group(1))
     cfg = load_config(cfg_file, environ={})
-    assert cfg.tls is not None and cfg.store.backend.kind == "fs"
+    assert cfg.tls is not None and StoreConfig.of(cfg).backend.kind == "fs"
 
 
 def test_k8s_base_matches_config(tmp_path: Path) -> None:

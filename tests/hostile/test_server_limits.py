@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gristmill.common.auth import KeyStore
+from gristmill.store.config import StoreConfig
 from gristmill.v1 import store_pb2, store_pb2_grpc
 from tests.helpers import (
     Running,
@@ -214,7 +215,7 @@ def test_unread_large_file_streams_use_bounded_memory(tmp_path: Path) -> None:
         sizes = [next(s).ByteSize() for s in streams]
         time.sleep(1.0)
         grown = proc.memory_info().rss - before
-        assert max(sizes) <= running.config.store.read_message_bytes
+        assert max(sizes) <= StoreConfig.of(running.config).read_message_bytes
         # 40 x (one 4 MiB message + gRPC's buffers); before the fix: 40 x 64 MiB
         assert grown < 600 * MiB, f"server grew by {grown / MiB:.0f} MiB"
         _health(running.address)

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from gristmill.client.errors import DataLoss, FailedPrecondition, InvalidArgument
-from gristmill.common.config import CephBackendConfig
 from gristmill.store.blobs import BlobStore, blob_key
 from gristmill.store.ceph import CephBackend
+from gristmill.store.config import CephBackendConfig
 from gristmill.store.fsobjects import FsBackend
 from gristmill.store.objects import ObjectBackend, ObjectMissing, validate_key
 from tests.ceph import CephCluster

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from gristmill.common.config import IngestConfig
 from gristmill.ingest import samples as samples_module
+from gristmill.ingest.config import IngestConfig
 from gristmill.ingest.samples import Samples, check_spec
 from gristmill.ingest.service import Planner
 from gristmill.ingest.sources import LocalStore

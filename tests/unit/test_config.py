@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from gristmill.common.config import ConfigError, load_config
+from gristmill.store.config import StoreConfig
 
 
 def test_yaml_env_and_flags_precedence(tmp_path: Path) -> None:
@@ -15,8 +16,8 @@ def test_yaml_env_and_flags_precedence(tmp_path: Path) -> None:
     cfg = load_config(cfg_file, environ=env, overrides={"port": 3000})
     assert cfg.data_dir == Path("/srv/a")
     assert cfg.port == 3000
-    assert cfg.store.read_message_bytes == 1048576
-    assert cfg.store.read_chunk_bytes == 131072
+    assert StoreConfig.of(cfg).read_message_bytes == 1048576
+    assert StoreConfig.of(cfg).read_chunk_bytes == 131072
     assert cfg.services == ("store", "decode")
     assert cfg.keys_file == Path("/srv/a/keys.sqlite")
 
@@ -52,3 +53,50 @@ def test_bad_values_and_files(tmp_path: Path) -> None:
 def test_metrics_can_be_disabled() -> None:
     cfg = load_config(environ={"GRISTMILL_DATA_DIR": "/x", "GRISTMILL_METRICS_PORT": "none"})
     assert cfg.metrics_port is None
+
+
+def test_service_sections_come_from_installed_packages() -> None:
+    from gristmill.annotate.config import AnnotateConfig
+    from gristmill.common.config import ServerConfig, server_config_model
+    from gristmill.decode.config import DecodeConfig
+    from gristmill.ingest.config import IngestConfig
+
+    model = server_config_model()
+    # the kit declares none of them; each package adds its own
+    assert not {"store", "decode", "ingest", "annotate"} & set(ServerConfig.model_fields)
+    assert {"store", "decode", "ingest", "annotate"} <= set(model.model_fields)
+    cfg = load_config(environ={"GRISTMILL_DATA_DIR": "/tmp/x", "GRISTMILL_DECODE__WORKERS": "3"})
+    assert DecodeConfig.of(cfg).workers == 3
+    assert isinstance(IngestConfig.of(cfg), IngestConfig)
+    assert isinstance(AnnotateConfig.of(cfg), AnnotateConfig)
+    with pytest.raises(ConfigError, match="unknown config key 'decode.wrokers'"):
+        load_config(environ={"GRISTMILL_DATA_DIR": "/tmp/x", "GRISTMILL_DECODE__WROKERS": "3"})
+    # a section's own rule against the kit's keys
+    with pytest.raises(ConfigError, match="read_message_bytes"):
+        load_config(environ={"GRISTMILL_DATA_DIR": "/tmp/x",
+                             "GRISTMILL_MAX_MESSAGE_BYTES": str(1 << 20),
+                             "GRISTMILL_STORE__READ_MESSAGE_BYTES": str(1 << 20)})
+    bare = ServerConfig(data_dir=Path("/tmp/x"))  # a kit config without service sections
+    with pytest.raises(ConfigError, match="no 'store' section"):
+        StoreConfig.of(bare)
+
+
+def test_start_order_follows_after() -> None:
+    import grpc
+
+    from gristmill.common.service import ServiceContext, ServiceSpec, _start_order
+
+    def build(ctx: ServiceContext, server: grpc.Server) -> None:
+        return None
+
+    def spec(name: str, *after: str) -> ServiceSpec:
+        return ServiceSpec(name, f"x.{name}", build, {}, after=after)
+
+    order = _start_order({s.name: s for s in (spec("ingest", "store", "decode"),
+                                              spec("decode", "store"), spec("store"),
+                                              spec("zeta"))})
+    assert [s.name for s in order] == ["store", "zeta", "decode", "ingest"]
+    # a dependency that is not selected is simply not waited for
+    assert [s.name for s in _start_order({"ingest": spec("ingest", "store")})] == ["ingest"]
+    with pytest.raises(ConfigError, match="cycle"):
+        _start_order({"a": spec("a", "b"), "b": spec("b", "a")})

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 import grpc
 
 from gristmill.annotate import metrics, views
+from gristmill.annotate.config import AnnotateConfig
 from gristmill.annotate.log import AnnotationLog, Head, NewEvent
 from gristmill.annotate.rules import valid_name, valid_uuid
 from gristmill.client.annolog import ChainEvent, canonical_json
@@ -315,6 +316,9 @@ class AnnotateServicer(annotate_pb2_grpc.AnnotateServiceServicer):
     def RebuildState(self, request: annotate_pb2.RebuildStateRequest,
                      context: grpc.ServicerContext) -> annotate_pb2.RebuildStateResponse:
         result = self.log.rebuild(_dataset(request.dataset))
+        if not result.equal:
+            log.error("annotation log %s: the live state differs from the replayed log: %s",
+                      request.dataset, "; ".join(result.differences[:3]))
         return annotate_pb2.RebuildStateResponse(
             equal=result.equal, events_replayed=result.events, differences=result.differences,
             seconds=result.seconds)
@@ -392,9 +396,9 @@ def open_log(ctx: ServiceContext) -> AnnotationLog:
     """The annotation logs of a server config: ``<data_dir>/annotate/annotate.sqlite``."""
     cfg = ctx.config
     return AnnotationLog(cfg.data_dir / "annotate",
-                         max_batch_events=cfg.annotate.max_batch_events,
-                         max_payload_bytes=cfg.annotate.max_payload_bytes,
-                         max_clock_skew_seconds=cfg.annotate.max_clock_skew_seconds)
+                         max_batch_events=AnnotateConfig.of(cfg).max_batch_events,
+                         max_payload_bytes=AnnotateConfig.of(cfg).max_payload_bytes,
+                         max_clock_skew_seconds=AnnotateConfig.of(cfg).max_clock_skew_seconds)
 
 
 def _build(ctx: ServiceContext, server: grpc.Server) -> None:
@@ -402,7 +406,8 @@ def _build(ctx: ServiceContext, server: grpc.Server) -> None:
     ctx.local["annotate"] = alog
     ctx.resources.append(alog)
     annotate_pb2_grpc.add_AnnotateServiceServicer_to_server(
-        AnnotateServicer(alog, ctx.config.auth.enabled, ctx.config.annotate.max_query_samples),
+        AnnotateServicer(alog, ctx.config.auth.enabled,
+                         AnnotateConfig.of(ctx.config).max_query_samples),
         server)
 
 

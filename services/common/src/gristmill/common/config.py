@@ -8,35 +8,27 @@ missing required one, stops start-up with a :class:`ConfigError` naming it.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 __all__ = [
     "CLIENT_ENV_VARS",
-    "AnnotateConfig",
     "AuthConfig",
-    "CephBackendConfig",
     "ConfigError",
-    "DecodeConfig",
-    "FsBackendConfig",
-    "IngestConfig",
     "LimitsConfig",
     "ServerConfig",
-    "StoreConfig",
+    "ServiceConfig",
+    "StrictConfig",
     "TLSConfig",
     "load_config",
+    "server_config_model",
 ]
 
 ENV_PREFIX = "GRISTMILL_"
@@ -54,6 +46,11 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+#: The base of config models nested in a service's section: unknown keys are
+#: errors and values cannot change once loaded.
+StrictConfig = _Strict
 
 
 class TLSConfig(_Strict):
@@ -116,153 +113,37 @@ class LimitsConfig(_Strict):
     malformed_log_seconds: float = Field(default=60.0, ge=0)
 
 
-#: Room left in each ReadFiles message for field framing, so that a message
-#: stays under gRPC's default 4 MiB receive limit in every client.
-READ_MESSAGE_DEFAULT = 4 * MiB - 64 * 1024
+class ServiceConfig(_Strict):
+    """A service's own section of the server config (``store:``, ``decode:``, ...).
 
+    A service package registers its subclass under the ``gristmill.config``
+    entry point group with the section's name; :func:`load_config` adds a
+    section for every installed one, so the kit knows no service. Services
+    read theirs with ``StoreConfig.of(config)``.
+    """
 
-class FsBackendConfig(_Strict):
-    """Objects as files under ``<data_dir>/store`` (the default)."""
+    #: The section's key in the config (and in ``GRISTMILL_<SECTION>__...``).
+    section: ClassVar[str]
 
-    kind: Literal["fs"] = "fs"
+    @classmethod
+    def of(cls, config: ServerConfig) -> Self:
+        """This service's section of a server config."""
+        value = getattr(config, cls.section, None)
+        if not isinstance(value, cls):
+            raise ConfigError(f"the config has no {cls.section!r} section: is the package that "
+                              f"provides it ({cls.__module__.rsplit('.', 1)[0]}) installed?")
+        return value
 
-
-class CephBackendConfig(_Strict):
-    """Objects in a Ceph pool through librados (see docs/storage.md)."""
-
-    kind: Literal["ceph"] = "ceph"
-    #: The cluster's ceph.conf (monitor addresses, auth).
-    conf: Path
-    #: The pool holding gristmill's objects (created by the operator).
-    pool: str = Field(default="gristmill", min_length=1, max_length=128)
-    #: RADOS namespace inside the pool ("" for the default one): stores with
-    #: different namespaces share a pool without seeing each other's objects.
-    namespace: str = Field(default="", max_length=128)
-    #: Keyring with the client's key; default: the one ceph.conf names.
-    keyring: Path | None = None
-    #: The Ceph client name (``client.<id>``) to authenticate as.
-    client: str = Field(default="client.admin", min_length=1)
-    #: Whole seconds any one cluster operation may take (mount, monitor and
-    #: OSD operations): with the cluster down, calls fail with UNAVAILABLE after it.
-    timeout_seconds: int = Field(default=5, ge=1, le=300)
-    #: Objects a blob is split into above this size (RADOS works best with
-    #: objects of a few MiB).
-    piece_bytes: int = Field(default=4 * MiB, ge=64 * 1024, le=64 * MiB)
-
-
-def _backend_from_name(value: Any) -> Any:
-    """``backend: fs`` (a bare name, as in older configs) means ``{kind: fs}``."""
-    return {"kind": value} if isinstance(value, str) else value
-
-
-class StoreConfig(_Strict):
-    """The store service."""
-
-    #: Where objects live: ``{kind: fs}`` (default) or ``{kind: ceph, conf: ..., pool: ...}``.
-    backend: Annotated[FsBackendConfig | CephBackendConfig, Field(discriminator="kind"),
-                       BeforeValidator(_backend_from_name)] = FsBackendConfig()
-    #: Byte budget of one ReadFiles response message, framing included, and
-    #: the most a request may ask for (requests may only ask for less). The
-    #: default keeps messages under gRPC's default 4 MiB client limit.
-    read_message_bytes: int = Field(default=READ_MESSAGE_DEFAULT, ge=64 * 1024)
-    #: Chunk size used when streaming large files.
-    read_chunk_bytes: int = Field(default=1 * MiB, ge=64 * 1024)
-    #: Run garbage collection (unreferenced blobs, staging files) at start-up.
-    gc_on_start: bool = True
-    #: Bytes held back in DATA_DIR/store/reserve so that metadata writes
-    #: (deduplicated uploads, deletes) work on a full disk; 0 disables it.
-    disk_reserve_bytes: int = Field(default=16 * MiB, ge=0)
-    #: How a PutFiles message's new blobs are made durable before they are
-    #: recorded: "fsync" (each file, then each directory that gained a blob,
-    #: once) or "syncfs" (Linux: one syncfs of the volume before the renames
-    #: and one after; best on a volume of the store's own).
-    sync_method: Literal["fsync", "syncfs"] = "fsync"
-    #: Largest value the array service stores under one key (an encoded Zarr
-    #: chunk); larger ones, and arrays whose chunks could be larger before
-    #: compression, are refused with INVALID_ARGUMENT. A chunk travels in one
-    #: PutKeys message: the limit used is at most ``max_message_bytes`` less 64 KiB.
-    max_array_chunk_bytes: int = Field(default=32 * MiB, ge=64 * 1024, le=48 * MiB)
-
-
-class DecodeConfig(_Strict):
-    """The decode service."""
-
-    #: Decoding threads (native code, outside the GIL); 0 means one per core.
-    workers: int = Field(default=0, ge=0, le=256)
-    #: Samples one Decode stream may have in flight (read but not yet sent).
-    #: The stream stops reading requests at this bound: backpressure.
-    max_inflight_samples: int = Field(default=64, ge=1, le=65536)
-    #: Images with more pixels than this are refused before decoding; so are
-    #: requests for a larger output (a fixed size or a bucket).
-    max_pixels: int = Field(default=100_000_000, ge=1)
-    #: Output bytes one Decode stream may have in flight (decoded, not yet
-    #: sent), estimated from the output size; a request alone is always
-    #: admitted. With ``max_inflight_samples``, the stream's backpressure.
-    max_inflight_bytes: int = Field(default=256 * MiB, ge=MiB)
-    #: Store for ``ref`` sources when the store service is not in this process:
-    #: its address (host:port), the API key to read with (a reader key), and
-    #: the CA certificate when the store serves TLS.
-    store_address: str | None = None
-    store_api_key: str | None = None
-    store_ca_file: Path | None = None
-
-
-class IngestConfig(_Strict):
-    """The training feed (see docs/ingest.md)."""
-
-    #: Batches one stream decodes ahead of what it has sent: keeps the decode
-    #: pool busy. Memory is bounded by the two byte budgets below.
-    prefetch_batches: int = Field(default=4, ge=1, le=256)
-    #: Bytes one stream may hold ahead of its consumer: decoded pixels (and
-    #: companions) of the batches it decoded or is decoding and not yet sent,
-    #: plus their encoded bytes until decoded. A request whose single batch
-    #: (batch_size x largest bucket x channels, companions included) is larger
-    #: is refused with RESOURCE_EXHAUSTED.
-    stream_prefetch_bytes: int = Field(default=256 * MiB, ge=MiB)
-    #: Bytes all streams of this server may hold ahead of their consumers
-    #: together. A stream that holds nothing may always take its next batch, so
-    #: the most held is this plus one batch per open stream.
-    server_prefetch_bytes: int = Field(default=1024 * MiB, ge=MiB)
-    #: Default payload bytes per StreamBatches message (a sample is never split).
-    chunk_bytes: int = Field(default=1 * MiB, ge=64 * 1024, le=32 * MiB)
-    #: Sample lists (from manifests) and epoch plans kept in memory.
-    cached_sample_sets: int = Field(default=8, ge=1)
-    cached_plans: int = Field(default=32, ge=1)
-    #: Store and decode services when they are not in this process: address
-    #: (host:port), API key (a reader key) and CA certificate for TLS.
-    store_address: str | None = None
-    store_api_key: str | None = None
-    store_ca_file: Path | None = None
-    decode_address: str | None = None
-    decode_api_key: str | None = None
-    decode_ca_file: Path | None = None
-    #: The annotate service, for streams that name an annotation release, when
-    #: it is not in this process (a reader key is enough).
-    annotate_address: str | None = None
-    annotate_api_key: str | None = None
-    annotate_ca_file: Path | None = None
-    #: Shared-memory directory of this host, where Loaders running beside the
-    #: server put the rings that carry pixels without a socket. In Kubernetes
-    #: mount the same emptyDir (medium: Memory) at /dev/shm in the training
-    #: container and this one. None turns shared memory off: pixels go over gRPC.
-    shm_dir: Path | None = Path("/dev/shm")
-
-
-class AnnotateConfig(_Strict):
-    """The annotate service (see docs/annotate.md)."""
-
-    #: Events one AppendEvents call (or one ImportLog message) may carry.
-    max_batch_events: int = Field(default=10_000, ge=1, le=1_000_000)
-    #: Bytes of one event's payload (canonical JSON).
-    max_payload_bytes: int = Field(default=1 * MiB, ge=1024)
-    #: Samples one GetAnnotations call may ask about.
-    max_query_samples: int = Field(default=10_000, ge=1)
-    #: How far a signed event's own timestamp may be from the server's clock.
-    max_clock_skew_seconds: float = Field(default=600.0, ge=0)
+    def check(self, server: ServerConfig) -> None:
+        """Rules between this section and the server's keys; raise ValueError to refuse."""
 
 
 class ServerConfig(_Strict):
-    """Everything a gristmill server process needs."""
+    """Everything a gristmill server process needs.
+
+    The kit's keys, plus one section per installed service (added by
+    :func:`load_config` through :func:`server_config_model`).
+    """
 
     data_dir: Path
     host: str = "127.0.0.1"
@@ -286,10 +167,6 @@ class ServerConfig(_Strict):
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     tls: TLSConfig | None = None
-    store: StoreConfig = StoreConfig()
-    decode: DecodeConfig = DecodeConfig()
-    ingest: IngestConfig = IngestConfig()
-    annotate: AnnotateConfig = AnnotateConfig()
 
     @model_validator(mode="after")
     def _limits_fit(self) -> ServerConfig:
@@ -298,13 +175,10 @@ class ServerConfig(_Strict):
             raise ValueError(f"limits.max_streams ({self.limits.max_streams}) must leave at least "
                              f"4 of max_workers ({self.max_workers}) for unary calls and health "
                              "checks: lower it or raise max_workers")
-        if self.ingest.stream_prefetch_bytes > self.ingest.server_prefetch_bytes:
-            raise ValueError(f"ingest.stream_prefetch_bytes ({self.ingest.stream_prefetch_bytes}) "
-                             "must not exceed ingest.server_prefetch_bytes "
-                             f"({self.ingest.server_prefetch_bytes})")
-        if self.store.read_message_bytes > self.max_message_bytes - 64 * 1024:
-            raise ValueError(f"store.read_message_bytes ({self.store.read_message_bytes}) must be "
-                             f"at least 64 KiB below max_message_bytes ({self.max_message_bytes})")
+        for name in type(self).model_fields:
+            section = getattr(self, name)
+            if isinstance(section, ServiceConfig):
+                section.check(self)
         return self
 
     @property
@@ -405,6 +279,20 @@ def load_config(
         data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
         sources.append("flags")
     try:
-        return ServerConfig.model_validate(data)
+        return server_config_model().model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e, ", ".join(sources))) from None
+
+
+@functools.cache
+def server_config_model() -> type[ServerConfig]:
+    """ServerConfig with a section per installed service (entry points ``gristmill.config``)."""
+    sections: dict[str, Any] = {}
+    for ep in sorted(entry_points(group="gristmill.config"), key=lambda e: e.name):
+        model = ep.load()
+        if not (isinstance(model, type) and issubclass(model, ServiceConfig)):
+            raise TypeError(f"entry point {ep.value} is not a ServiceConfig")
+        if ep.name != model.section:
+            raise TypeError(f"entry point {ep.name} names section {model.section!r}")
+        sections[model.section] = (model, model())
+    return create_model("ServerConfig", __base__=ServerConfig, **sections)

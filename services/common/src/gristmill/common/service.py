@@ -49,6 +49,9 @@ class ServiceSpec:
     build: Callable[[ServiceContext, grpc.Server], None]
     #: Minimum role per method name (e.g. {"ListDatasets": Role.READER}).
     roles: dict[str, Role]
+    #: Services that, when they run in the same process, are built first
+    #: (this one uses their domain objects from ``ServiceContext.local``).
+    after: tuple[str, ...] = ()
 
     def method_roles(self) -> dict[str, Role]:
         """Roles keyed by full method path, as interceptors see it."""
@@ -77,6 +80,22 @@ def select_services(names: tuple[str, ...] | list[str]) -> list[ServiceSpec]:
     if unknown:
         raise ConfigError(f"unknown service(s) {', '.join(unknown)}; installed: "
                           f"{', '.join(sorted(installed))}")
-    order = ["store", "arrays", "decode", "annotate", "ingest"]
-    return sorted((installed[n] for n in dict.fromkeys(wanted)),
-                  key=lambda s: order.index(s.name) if s.name in order else len(order))
+    chosen = {n: installed[n] for n in dict.fromkeys(wanted)}
+    return _start_order(chosen)
+
+
+def _start_order(chosen: dict[str, ServiceSpec]) -> list[ServiceSpec]:
+    """Services ordered so each comes after those it names in ``after`` (else by name)."""
+    done: list[ServiceSpec] = []
+    placed: set[str] = set()
+    pending = dict(sorted(chosen.items()))
+    while pending:
+        ready = [n for n, spec in pending.items()
+                 if all(d in placed or d not in chosen for d in spec.after)]
+        if not ready:
+            raise ConfigError("services name each other in 'after' in a cycle: "
+                              + ", ".join(sorted(pending)))
+        for name in ready:
+            done.append(pending.pop(name))
+            placed.add(name)
+    return done

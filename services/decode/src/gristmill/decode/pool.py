@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from gristmill.common import metrics
+from gristmill.decode import metrics as decode_metrics
 from gristmill.decode.errors import DecodeError, Reason
 from gristmill.decode.pipeline import DEFAULT_MAX_PIXELS, DecodedSample, decode_sample
 from gristmill.decode.transform import Transform
@@ -66,23 +66,23 @@ class Decoder:
             result = decode_sample(sample.image, transform, companions=sample.companions,
                                    seed=sample.seed, max_pixels=self.max_pixels)
         except DecodeError as e:
-            metrics.DECODE_ERRORS.labels(e.reason.value).inc()
+            decode_metrics.DECODE_ERRORS.labels(e.reason.value).inc()
             return e
         except Exception as e:  # a bug or a library failure: one sample, not the stream
             log.exception("unexpected failure decoding sample %r", sample.id)
-            metrics.DECODE_ERRORS.labels(Reason.CORRUPT.value).inc()
+            decode_metrics.DECODE_ERRORS.labels(Reason.CORRUPT.value).inc()
             return DecodeError(Reason.CORRUPT, f"the decoder failed on this file ({e!r}); "
                                f"it is logged on the server; re-encode or drop the file")
-        metrics.DECODE_LATENCY.observe(time.perf_counter() - start)
-        metrics.DECODE_SAMPLES.labels(result.format).inc()
-        metrics.DECODE_BYTES_IN.inc(len(sample.image))
+        decode_metrics.DECODE_LATENCY.observe(time.perf_counter() - start)
+        decode_metrics.DECODE_SAMPLES.labels(result.format).inc()
+        decode_metrics.DECODE_BYTES_IN.inc(len(sample.image))
         return result
 
     def submit(self, sample: SampleInput, transform: Transform) -> Future[SampleResult]:
         """Queue one sample; the future never raises for a bad image."""
-        metrics.DECODE_QUEUE_DEPTH.inc()
+        decode_metrics.DECODE_QUEUE_DEPTH.inc()
         future = self._pool.submit(self.decode, sample, transform)
-        future.add_done_callback(lambda _: metrics.DECODE_QUEUE_DEPTH.dec())
+        future.add_done_callback(lambda _: decode_metrics.DECODE_QUEUE_DEPTH.dec())
         return future
 
     def decode_batch(self, samples: Sequence[SampleInput], transform: Transform

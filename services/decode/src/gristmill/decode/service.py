@@ -15,9 +15,10 @@ from gristmill.client.buckets import Bucket, bucket_table
 from gristmill.client.errors import GristmillError, InvalidArgument
 from gristmill.client.names import validate_dataset_name, validate_path
 from gristmill.client.tuning import trim_memory_soon
-from gristmill.common import metrics
 from gristmill.common.auth import Role
 from gristmill.common.service import ServiceContext, ServiceSpec
+from gristmill.decode import metrics as decode_metrics
+from gristmill.decode.config import DecodeConfig
 from gristmill.decode.errors import DecodeError, Reason
 from gristmill.decode.limits import (
     MESSAGE_FRAMING,
@@ -145,7 +146,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 results = [result_message(i, f.result()) for i, f in zip(item.ids, item.futures,
                                                                           strict=True)]
                 response = decode_pb2.DecodeResponse(results=results, batch_index=item.index)
-                metrics.DECODE_BYTES_OUT.inc(response.ByteSize())
+                decode_metrics.DECODE_BYTES_OUT.inc(response.ByteSize())
                 limit.release(len(item.futures), item.nbytes)
                 del results, item
                 yield response
@@ -245,7 +246,7 @@ def _cancel_pending(batches: queue.Queue[_Batch | BaseException | None]) -> None
 
 
 def _build(ctx: ServiceContext, server: grpc.Server) -> None:
-    cfg = ctx.config.decode
+    cfg = DecodeConfig.of(ctx.config)
     decoder = Decoder(cfg.workers, cfg.max_pixels)
     ctx.local["decode"] = decoder
     ctx.resources.append(decoder)
@@ -262,6 +263,8 @@ def _build(ctx: ServiceContext, server: grpc.Server) -> None:
 
 SERVICE = ServiceSpec(
     name="decode",
+    # built after these when they run in this process: it uses them in-process
+    after=("store",),
     full_name="gristmill.v1.DecodeService",
     build=_build,
     roles={"Decode": Role.READER, "ListBuckets": Role.READER},

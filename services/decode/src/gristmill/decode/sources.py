@@ -16,7 +16,7 @@ from gristmill.client.errors import (
     from_item_error,
 )
 from gristmill.client.hub import Hub
-from gristmill.common import metrics
+from gristmill.decode import metrics as decode_metrics
 from gristmill.decode.errors import DecodeError, Reason
 from gristmill.decode.pool import SampleInput
 from gristmill.v1 import decode_pb2, store_pb2
@@ -127,7 +127,7 @@ def resolve_samples(source: FileSource | None, samples: Sequence[decode_pb2.Deco
                                      f"{src.ref.dataset}:{src.ref.path}: {got.message}", j - 1)
             datas.append(got if isinstance(got, bytes) else b"")
         if failed is not None:
-            metrics.DECODE_ERRORS.labels(failed.reason.value).inc()
+            decode_metrics.DECODE_ERRORS.labels(failed.reason.value).inc()
             out.append(failed)
         else:
             out.append(SampleInput(datas[0], tuple(datas[1:]), s.seed, s.id))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 
-from gristmill.common import metrics
+from gristmill.ingest import metrics as ingest_metrics
 
 __all__ = ["PrefetchBudget", "StreamBudget"]
 
@@ -54,7 +54,7 @@ class StreamBudget:
                 return False
             self.held += n
             s.held += n
-        metrics.INGEST_PREFETCH_BYTES.inc(n)
+        ingest_metrics.INGEST_PREFETCH_BYTES.inc(n)
         return True
 
     def release(self, n: int) -> None:
@@ -65,7 +65,7 @@ class StreamBudget:
             self.held -= n
             s.held -= n
             s._cond.notify_all()
-        metrics.INGEST_PREFETCH_BYTES.dec(n)
+        ingest_metrics.INGEST_PREFETCH_BYTES.dec(n)
 
     def close(self) -> None:
         """Give back everything and wake a waiting acquire (it returns False)."""
@@ -75,4 +75,4 @@ class StreamBudget:
             n, self.held = self.held, 0
             s.held -= n
             s._cond.notify_all()
-        metrics.INGEST_PREFETCH_BYTES.dec(n)
+        ingest_metrics.INGEST_PREFETCH_BYTES.dec(n)

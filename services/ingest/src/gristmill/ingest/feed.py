@@ -24,9 +24,9 @@ from gristmill.client.buckets import Bucket
 from gristmill.client.handoff import put_unless_stopped
 from gristmill.client.planner import Cursor, EpochPlan, PlannedBatch
 from gristmill.client.shm import RingWriter
-from gristmill.common import metrics
 from gristmill.decode.limits import sample_bytes
 from gristmill.decode.service import bucket_message
+from gristmill.ingest import metrics as ingest_metrics
 from gristmill.ingest.budget import StreamBudget
 from gristmill.ingest.samples import Samples, SpecInfo, sample_seed
 from gristmill.ingest.sources import DecodeBackend, Decoded, Plane, Waiter
@@ -174,7 +174,7 @@ class BatchFeed:
                 if isinstance(item, BaseException):
                     raise item
                 results = item.wait()
-                metrics.INGEST_WAIT.observe(time.perf_counter() - start)
+                ingest_metrics.INGEST_WAIT.observe(time.perf_counter() - start)
                 ids = self.samples.set.ids
                 batch = DecodedBatch(Cursor(self.plan.epoch, item.position), item.planned,
                                      self.info.buckets[item.planned.bucket],
@@ -213,11 +213,11 @@ def _add_sample(msg: ingest_pb2.StreamBatchesResponse, batch: DecodedBatch, k: i
         sample.annotations = batch.annotations[k]
     if result.error is not None:
         sample.error.CopyFrom(result.error)
-        metrics.INGEST_SAMPLES.labels("error").inc()
+        ingest_metrics.INGEST_SAMPLES.labels("error").inc()
         return []
     assert result.image is not None
     msg.channels = result.image.shape[2]
-    metrics.INGEST_SAMPLES.labels("ok" if sample.fresh else "repeat").inc()
+    ingest_metrics.INGEST_SAMPLES.labels("ok" if sample.fresh else "repeat").inc()
     for c in result.companions:
         h, w, ch = c.shape
         sample.companions.add(width=w, height=h, channels=ch, encoding=decode_pb2.ENCODING_RAW,
@@ -250,7 +250,7 @@ def _ring_message(batch: DecodedBatch, ring: RingWriter, is_active: Callable[[],
     offset, length, release = ring.write(images + companions, is_active)
     msg.ring_slice.offset, msg.ring_slice.length, msg.ring_slice.release = (
         offset, length, release)
-    metrics.INGEST_BYTES_OUT.labels("shm").inc(length)
+    ingest_metrics.INGEST_BYTES_OUT.labels("shm").inc(length)
     return msg
 
 
@@ -274,7 +274,7 @@ def batch_messages(batch: DecodedBatch, chunk_bytes: int, ring: RingWriter | Non
         msg = _ring_message(batch, ring, is_active)
         if msg is not None:
             yield msg
-            metrics.INGEST_BATCHES.inc()
+            ingest_metrics.INGEST_BATCHES.inc()
             return
     cursor = ingest_pb2.Cursor(epoch=batch.cursor.epoch, position=batch.cursor.position)
     bucket = bucket_message(batch.bucket)
@@ -293,9 +293,9 @@ def batch_messages(batch: DecodedBatch, chunk_bytes: int, ring: RingWriter | Non
         msg.pixels = b"".join([p.data for p in pixels])
         if k >= n:
             msg.next.CopyFrom(ingest_pb2.Cursor(epoch=cursor.epoch, position=cursor.position + 1))
-        metrics.INGEST_BYTES_OUT.labels("grpc").inc(size)
+        ingest_metrics.INGEST_BYTES_OUT.labels("grpc").inc(size)
         yield msg
         offset = k
         if offset >= n:
             break
-    metrics.INGEST_BATCHES.inc()
+    ingest_metrics.INGEST_BATCHES.inc()

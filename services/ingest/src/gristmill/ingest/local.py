@@ -29,9 +29,9 @@ from gristmill.client.errors import FailedPrecondition, GristmillError, InvalidA
 from gristmill.client.planner import EpochPlan, PlanConfig, PlannedBatch, Policy, SampleSet
 from gristmill.client.progress import progress
 from gristmill.client.streamplan import stream_epoch
-from gristmill.common.config import IngestConfig
 from gristmill.decode.pool import Decoder
 from gristmill.decode.service import bucket_message
+from gristmill.ingest.config import IngestConfig
 from gristmill.ingest.folderindex import IMAGE_SUFFIXES, FolderFile, FolderListing, HeaderIndex
 from gristmill.ingest.labels import ExportLabels
 from gristmill.ingest.samples import Samples, SpecInfo, check_spec, plan_id

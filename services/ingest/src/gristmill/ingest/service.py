@@ -18,7 +18,7 @@ from gristmill.client.shm import RingClosed, RingWriter
 from gristmill.client.tuning import trim_memory_soon
 from gristmill.common import metrics
 from gristmill.common.auth import Role
-from gristmill.common.config import ConfigError, IngestConfig
+from gristmill.common.config import ConfigError
 from gristmill.common.service import ServiceContext, ServiceSpec
 from gristmill.decode.limits import (
     MESSAGE_FRAMING,
@@ -30,7 +30,9 @@ from gristmill.decode.limits import (
     too_large,
 )
 from gristmill.decode.service import bucket_message
+from gristmill.ingest import metrics as ingest_metrics
 from gristmill.ingest.budget import PrefetchBudget
+from gristmill.ingest.config import IngestConfig
 from gristmill.ingest.feed import BatchFeed, batch_messages
 from gristmill.ingest.labels import (
     LabelSource,
@@ -317,8 +319,8 @@ class Ingest:
             if ring is not None:
                 ring.close()
             raise
-        metrics.INGEST_STREAMS.inc()
-        progress = metrics.track_stream(request.rank)
+        ingest_metrics.INGEST_STREAMS.inc()
+        progress = ingest_metrics.track_stream(request.rank)
         try:
             for batch in feed:
                 if not is_active():
@@ -333,7 +335,7 @@ class Ingest:
             feed.close()
             if ring is not None:
                 ring.close()
-            metrics.INGEST_STREAMS.dec()
+            ingest_metrics.INGEST_STREAMS.dec()
             trim_memory_soon()  # give back what the stream's batches used
 
 
@@ -354,7 +356,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
 
 def _build(ctx: ServiceContext, server: grpc.Server) -> None:
-    cfg = ctx.config.ingest
+    cfg = IngestConfig.of(ctx.config)
     store: StoreAccess
     if cfg.store_address:
         remote = RemoteStoreAccess(ConnectionOptions(cfg.store_address, cfg.store_api_key,
@@ -404,6 +406,8 @@ def _build(ctx: ServiceContext, server: grpc.Server) -> None:
 
 SERVICE = ServiceSpec(
     name="ingest",
+    # built after these when they run in this process: it uses them in-process
+    after=("store", "decode", "annotate"),
     full_name="gristmill.v1.IngestService",
     build=_build,
     roles={"PlanEpoch": Role.READER, "StreamBatches": Role.READER},

@@ -47,7 +47,7 @@ from gristmill.store.objects import (
 )
 
 if TYPE_CHECKING:
-    from gristmill.common.config import CephBackendConfig, StoreConfig
+    from gristmill.store.config import CephBackendConfig, StoreConfig
 
 __all__ = ["CephBackend"]
 
@@ -685,7 +685,7 @@ class _suppress:
 
 
 def _open(config: StoreConfig, root: Path) -> CephBackend:
-    from gristmill.common.config import CephBackendConfig
+    from gristmill.store.config import CephBackendConfig
 
     assert isinstance(config.backend, CephBackendConfig)
     return CephBackend(config.backend)

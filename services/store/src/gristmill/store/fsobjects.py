@@ -40,7 +40,7 @@ from gristmill.store.objects import (
 )
 
 if TYPE_CHECKING:
-    from gristmill.common.config import StoreConfig
+    from gristmill.store.config import StoreConfig
 
 __all__ = ["SYNC_METHODS", "FsBackend", "SyncMethod"]
 

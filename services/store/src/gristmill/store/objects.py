@@ -31,7 +31,7 @@ from gristmill.client.errors import FailedPrecondition, GristmillError, InvalidA
 from gristmill.store.disk import storage_error
 
 if TYPE_CHECKING:
-    from gristmill.common.config import StoreConfig
+    from gristmill.store.config import StoreConfig
 
 __all__ = ["BACKENDS", "ObjectBackend", "ObjectMissing", "ObjectStat", "PutResult", "Staging",
            "open_backend", "register_backend", "validate_key"]

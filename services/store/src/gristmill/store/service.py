@@ -16,6 +16,7 @@ from gristmill.common.paging import decode_page_token, encode_page_token, page_s
 from gristmill.common.service import ServiceContext, ServiceSpec
 from gristmill.store.blobs import BlobStore
 from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
+from gristmill.store.config import StoreConfig
 from gristmill.store.disk import DiskReserve, private_dir
 from gristmill.store.objects import open_backend
 from gristmill.store.store import Store
@@ -155,11 +156,11 @@ def open_store(ctx: ServiceContext) -> Store:
     cfg = ctx.config
     private_dir(cfg.data_dir)
     root = private_dir(cfg.data_dir / "store")
-    reserve = DiskReserve(root / "reserve", cfg.store.disk_reserve_bytes)
-    backend = open_backend(cfg.store, root)
+    reserve = DiskReserve(root / "reserve", StoreConfig.of(cfg).disk_reserve_bytes)
+    backend = open_backend(StoreConfig.of(cfg), root)
     return Store(Catalog(root / "catalog.sqlite"), BlobStore(backend),
-                 read_message_bytes=cfg.store.read_message_bytes,
-                 read_chunk_bytes=cfg.store.read_chunk_bytes, reserve=reserve)
+                 read_message_bytes=StoreConfig.of(cfg).read_message_bytes,
+                 read_chunk_bytes=StoreConfig.of(cfg).read_chunk_bytes, reserve=reserve)
 
 
 def start_up(store: Store, gc: bool) -> None:
@@ -182,7 +183,7 @@ def start_up(store: Store, gc: bool) -> None:
 
 def _build(ctx: ServiceContext, server: grpc.Server) -> None:
     store = open_store(ctx)
-    start_up(store, ctx.config.store.gc_on_start)
+    start_up(store, StoreConfig.of(ctx.config).gc_on_start)
     ctx.local["store"] = store
     ctx.resources.append(store)
     ctx.health_checks[SERVICE_NAME] = store.blobs.backend.check_health

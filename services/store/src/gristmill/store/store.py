@@ -23,7 +23,7 @@ from gristmill.client.errors import (
     Unavailable,
 )
 from gristmill.client.names import validate_dataset_name, validate_path, validate_sha256
-from gristmill.common import metrics
+from gristmill.store import metrics as store_metrics
 from gristmill.store.blobs import BlobStore, BlobWriter
 from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
 from gristmill.store.disk import DiskReserve, storage_error
@@ -67,7 +67,7 @@ class _Upload:
 
 def item_error(error: GristmillError) -> common_pb2.ItemError:
     """A per-item error record from a domain error."""
-    metrics.STORE_ITEM_ERRORS.labels(error.reason).inc()
+    store_metrics.STORE_ITEM_ERRORS.labels(error.reason).inc()
     return common_pb2.ItemError(code=error.code.value[0], reason=error.reason,
                                 message=error.message)
 
@@ -386,7 +386,7 @@ class Store:
                                       f"declared size {upload.size}", reason="SIZE_MISMATCH")
             upload.writer.write(chunk.data)
             result.bytes_received += len(chunk.data)
-            metrics.STORE_BYTES_WRITTEN.inc(len(chunk.data))
+            store_metrics.STORE_BYTES_WRITTEN.inc(len(chunk.data))
         if chunk.last:
             self._finish(upload, result, pinned)
             return True
@@ -450,7 +450,7 @@ class Store:
                 if w is not None and w.created:
                     result.blobs_created += 1
                     result.created.append(sha)
-                    metrics.STORE_BLOBS_CREATED.inc()
+                    store_metrics.STORE_BLOBS_CREATED.inc()
         for _, sha, _, w in waiting:
             if w is not None and not w.created:
                 self.blobs.touch(sha)  # in use again: a collector's grace period starts over
@@ -519,7 +519,7 @@ class Store:
             if len(data) != entry.size:
                 out[path] = _short_blob(path, entry.size)
                 continue
-            metrics.STORE_BYTES_READ.inc(len(data))
+            store_metrics.STORE_BYTES_READ.inc(len(data))
             out[path] = data
         return out
 
@@ -588,7 +588,7 @@ class Store:
                                    data=data, eof=pos + n >= end)
                     used += n + _piece_overhead(path)
                     pos += n
-                    metrics.STORE_BYTES_READ.inc(n)
+                    store_metrics.STORE_BYTES_READ.inc(n)
                     if pos >= end:
                         break
             except Unavailable:

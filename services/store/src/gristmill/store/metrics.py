@@ -1,0 +1,12 @@
+"""The store's metrics (in the default registry, served by the kit's /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+STORE_BYTES_WRITTEN = Counter("gristmill_store_bytes_written", "File bytes received by PutFiles")
+STORE_BYTES_READ = Counter("gristmill_store_bytes_read", "File bytes sent by ReadFiles")
+STORE_BLOBS_CREATED = Counter("gristmill_store_blobs_created", "New content-addressed blobs")
+STORE_ITEM_ERRORS = Counter(
+    "gristmill_store_item_errors", "Per-file errors in batch calls", ["reason"],
+)
