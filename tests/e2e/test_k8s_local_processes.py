@@ -4,7 +4,8 @@ Each process gets the config its ConfigMap holds, with only what a pod has and
 this machine has not changed: addresses and ports (port 0 on 127.0.0.1), the
 data directory, and the key file's path (a Secret mount in the cluster). The
 service keys come from environment variables, as the Secret gristmill-service-keys
-provides them.
+provides them to each Deployment. The two-rank stream carries the labels of an
+annotation release, which ingest fetches from the annotate process.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import grpc
 import pytest
 import yaml
 
-from gristmill.client import Hub, Loader
+from gristmill.client import Annotations, Hub, Loader
 from gristmill.common.auth import KeyStore, Role
 from gristmill.common.keyfile import dump_key_file
 from gristmill.common.service import available_services
@@ -31,6 +32,7 @@ from scripts.sample_data import make_sample_folder
 from tests.helpers import ROOT
 
 RELOAD = 0.5
+LABEL = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
 ORDER = ("store", "annotate", "decode", "ingest")  # callees before callers
 
 
@@ -43,6 +45,22 @@ def local_configs() -> dict[str, dict[str, Any]]:
             [service] = cfg["services"]
             configs[service] = cfg
     return configs
+
+
+def local_service_keys() -> dict[str, dict[str, str]]:
+    """Per service, the environment variables its pod takes from gristmill-service-keys:
+    variable -> the Secret's key."""
+    docs = render(ROOT / "deploy" / "k8s" / "overlays" / "local")
+    found: dict[str, dict[str, str]] = {}
+    for d in docs:
+        if d["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        [container] = d["spec"]["template"]["spec"]["containers"]
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})}
+        assert all(r["name"] == "gristmill-service-keys" for r in refs.values())
+        found[container["name"]] = {var: r["key"] for var, r in refs.items()}
+    return found
 
 
 def export(keys: KeyStore, target: Path) -> None:
@@ -68,11 +86,19 @@ def status_of(address: str, method: str, key: str) -> grpc.StatusCode:
 def deployment(tmp_path: Path) -> Iterator[dict[str, Any]]:
     configs = local_configs()
     assert set(configs) == set(ORDER)
+    env_keys = local_service_keys()
+    # each call between services, with its own key (deploy/k8s/secrets/service-keys)
+    assert env_keys == {
+        "store": {}, "annotate": {},
+        "decode": {"GRISTMILL_DECODE__STORE_API_KEY": "decode-store-key"},
+        "ingest": {"GRISTMILL_INGEST__STORE_API_KEY": "ingest-store-key",
+                   "GRISTMILL_INGEST__DECODE_API_KEY": "ingest-decode-key",
+                   "GRISTMILL_INGEST__ANNOTATE_API_KEY": "ingest-annotate-key"}}
     operator = KeyStore(tmp_path / "operator" / "keys.sqlite")
     admin, _ = operator.create(Role.ADMIN, "operator")
     training, training_record = operator.create(Role.READER, "training")
     service_keys = {name: operator.create(Role.READER, name)[0]
-                    for name in ("decode-store-key", "ingest-store-key", "ingest-decode-key")}
+                    for keys in env_keys.values() for name in keys.values()}
     key_file = tmp_path / "keys.json"
     export(operator, key_file)
     procs: dict[str, Any] = {}
@@ -84,14 +110,14 @@ def deployment(tmp_path: Path) -> Iterator[dict[str, Any]]:
                        metrics_host="127.0.0.1", data_dir=str(tmp_path / service))
             cfg["auth"].update(shared_keys_file=str(key_file), reload_seconds=RELOAD)
             env = dict(os.environ)
-            if service == "decode":
-                cfg["decode"]["store_address"] = addresses["store"]
-                env["GRISTMILL_DECODE__STORE_API_KEY"] = service_keys["decode-store-key"]
-            if service == "ingest":
-                cfg["ingest"].update(store_address=addresses["store"],
-                                     decode_address=addresses["decode"])
-                env["GRISTMILL_INGEST__STORE_API_KEY"] = service_keys["ingest-store-key"]
-                env["GRISTMILL_INGEST__DECODE_API_KEY"] = service_keys["ingest-decode-key"]
+            # the Services' names (gristmill-store:7450, ...) become the processes' addresses
+            section = cfg.get(service) or {}
+            for key, address in section.items():
+                if key.endswith("_address"):
+                    callee = key.removesuffix("_address")
+                    assert address == f"gristmill-{callee}:7450", (service, key)
+                    section[key] = addresses[callee]
+            env.update({var: service_keys[name] for var, name in env_keys[service].items()})
             config_file = tmp_path / f"{service}.yaml"
             config_file.write_text(yaml.safe_dump(cfg))
             ready = tmp_path / f"{service}.ready"
@@ -126,19 +152,34 @@ def test_local_overlay_as_four_processes_streams_two_ranks_and_revokes_everywher
         deployment: dict[str, Any]) -> None:
     addresses, tmp = deployment["addresses"], deployment["tmp"]
     photos = make_sample_folder(tmp / "photos", count=10, max_side=300)
+    paths = sorted(str(p.relative_to(tmp / "photos")) for p in photos)
     with Hub(addresses["store"], deployment["admin"]) as hub:
         hub.import_folder("photos", tmp / "photos")
         hub.commit_version("photos")
+    with Annotations(addresses["annotate"], deployment["admin"]) as ann:
+        ann.init("photos")
+        ann.add_schema("photos", "label", LABEL)
+        accepted = ann.propose("photos", "label", [paths[0], paths[1]], {"label": "cat"})
+        ann.review("photos", accepted.id, accept=True)
+        rejected = ann.propose("photos", "label", [paths[2]], {"label": "dog"})
+        ann.review("photos", rejected.id, accept=False)
+        ann.create_release("photos", "v1")
+    cat = [{"annotation": accepted.id, "data": {"label": "cat"}, "schema": "label",
+            "schema_version": 1}]
 
     seen: list[str] = []
-    for rank in (0, 1):  # a two-rank job: the training key, through ingest -> store, decode
+    for rank in (0, 1):  # a two-rank job: the training key, through ingest -> store, decode,
+        # and the labels of release v1 through ingest -> annotate
         with Loader(addresses["ingest"], "photos", batch_size=2, image_size=128,
-                    api_key=deployment["training"], rank=rank, world_size=2) as loader:
+                    api_key=deployment["training"], rank=rank, world_size=2,
+                    annotations="v1") as loader:
             for batch in loader:
                 assert batch.images is not None and not batch.errors
+                for sample, labels in zip(batch.ids, batch.annotations, strict=True):
+                    assert labels == (cat if sample in paths[:2] else []), sample
                 seen += batch.ids
     # every sample, and equal batches per rank: 10 samples pad to 3 batches of 2 per rank
-    assert set(seen) == {str(p.relative_to(tmp / "photos")) for p in photos}
+    assert set(seen) == set(paths)
     assert len(seen) == 12
 
     services = available_services()

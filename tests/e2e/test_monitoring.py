@@ -34,7 +34,7 @@ PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 #: Metrics that alerts or panels use before a service exports them: name -> who adds it.
 #: docs/monitoring.md lists the same.
-AWAITED = {"gristmill_annotate_verify_failures_total": "the annotate service (issue 15)"}
+AWAITED: dict[str, str] = {}
 TRANSFORM = decode_pb2.Transform(buckets=decode_pb2.BucketConfig(image_size=256, downsampling=16))
 
 

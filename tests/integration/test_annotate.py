@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from gristmill.client.annotations import Annotations
 from gristmill.client.errors import (
@@ -283,6 +284,35 @@ def test_removed_last_event_and_state_edits_are_found(ann_server: Running,
     report = ann.verify(DS)
     assert not report.ok and report.first_bad.seq == head and "missing" in \
         report.first_bad.problem
+
+
+def _failures(check: str) -> float:
+    value = REGISTRY.get_sample_value("gristmill_annotate_verify_failures_total",
+                                      {"check": check})
+    assert value is not None, "the series exists from the start, at 0"
+    return value
+
+
+def test_failed_checks_count_for_the_alert(ann_server: Running, ann: Annotations) -> None:
+    """gristmill_annotate_verify_failures_total: the GristmillAnnotateChainVerificationFailed
+    alert (deploy/monitoring/rules.yaml) fires on its increase."""
+    p = ann.propose(DS, "label", ["f.jpg"], {"label": "cat"})
+    ann.review(DS, p.id, accept=True)
+    chain, state = _failures("chain"), _failures("state")
+    assert ann.verify(DS).ok and ann.rebuild(DS).equal
+    assert (_failures("chain"), _failures("state")) == (chain, state)  # intact: no count
+    _tamper(db_file(ann_server), "UPDATE annotations SET data=? WHERE dataset=?",
+            ('{"label":"dog"}', DS))
+    assert not ann.rebuild(DS).equal
+    assert (_failures("chain"), _failures("state")) == (chain, state + 1)
+    assert ann.verify(DS).ok  # the log itself is intact
+    _tamper(db_file(ann_server), "UPDATE events SET payload=? WHERE dataset=? AND seq=?",
+            ('{"principal":"key:mallory"}', DS, 1))
+    report = ann.verify(DS)
+    assert not report.ok and report.first_bad.seq == 1
+    assert _failures("chain") == chain + 1
+    assert not ann.verify(DS).ok  # every check that finds it counts
+    assert (_failures("chain"), _failures("state")) == (chain + 2, state + 1)
 
 
 def test_export_then_import_on_a_second_server(ann: Annotations, tmp_path: Path) -> None:

@@ -473,6 +473,8 @@ class AnnotationLog:
                 report.first_bad = BadEvent(head.seq, "", "the stored head hash differs "
                                             "from the last event's hash")
         report.head_seq, report.head_hash = head.seq, head.hash
+        if report.first_bad is not None:
+            metrics.VERIFY_FAILURES.labels("chain").inc()
         return report
 
     def rebuild(self, dataset: str) -> Rebuilt:
@@ -502,6 +504,8 @@ class AnnotationLog:
                         differences += _compare(table, key, dataset, db, fresh)
         finally:
             fresh.close()
+        if differences:
+            metrics.VERIFY_FAILURES.labels("state").inc()
         return Rebuilt(not differences, count, differences[:20], time.perf_counter() - start)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["APPEND_SECONDS", "CONFLICTS", "EVENTS_APPENDED", "REPLAYS", "WATCH_STREAMS"]
+__all__ = ["APPEND_SECONDS", "CONFLICTS", "EVENTS_APPENDED", "REPLAYS", "VERIFY_FAILURES",
+           "WATCH_STREAMS"]
 
 EVENTS_APPENDED = Counter("gristmill_annotate_events_appended",
                           "Events appended to annotation logs, by type", ["type"])
@@ -17,3 +18,14 @@ CONFLICTS = Counter("gristmill_annotate_conflicts",
 REPLAYS = Counter("gristmill_annotate_replays",
                   "Appends whose events were all in the log already (idempotent retries)")
 WATCH_STREAMS = Gauge("gristmill_annotate_watch_streams", "Open WatchEvents streams")
+#: Integrity checks that found a log at fault, by check: ``chain`` (Verify found an
+#: event whose hash, link, signature or position does not check out) or ``state``
+#: (RebuildState found the live state differs from what the log replays to). Both
+#: series exist from the start at 0, so the first failure is an increase the
+#: GristmillAnnotateChainVerificationFailed alert sees. No dataset label: the log
+#: names the dataset, and the number of datasets is not bounded.
+VERIFY_FAILURES = Counter("gristmill_annotate_verify_failures",
+                          "Integrity checks of an annotation log that found it at fault, by check",
+                          ["check"])
+for _check in ("chain", "state"):
+    VERIFY_FAILURES.labels(_check)
