@@ -68,6 +68,15 @@ class BackendTests:
         versions = {backend.put("k", bytes([i]) * 10).version for i in range(5)}
         assert len(versions) == 5
 
+    def test_foreign_version_tokens_are_conflicts(self, backend: ObjectBackend) -> None:
+        """A client's expected version is opaque and untrusted: a malformed one never matches."""
+        current = backend.put("t", b"1").version
+        for token in ("stale", "-1", "1.5", "ffff" * 40, "\x00"):
+            result = backend.put("t", b"2", expected_version=token)
+            assert result.conflict and result.version == current
+            assert backend.delete("t", expected_version=token)[0].conflict
+        assert backend.read("t") == b"1"
+
     def test_conditional_put_and_delete(self, backend: ObjectBackend) -> None:
         assert not backend.put("c", b"1", if_absent=True).conflict
         lost = backend.put("c", b"2", if_absent=True)
@@ -259,6 +268,19 @@ class TestFsBackend(BackendTests):
         (backend.root / "file").symlink_to(outside / "secret")
         with pytest.raises(FailedPrecondition):
             backend.read("file")
+
+    def test_deletes_prune_empty_directories_and_writes_recreate_them(
+            self, backend: ObjectBackend) -> None:
+        assert isinstance(backend, FsBackend)
+        backend.put("arrays/a/c/0/0", b"1")
+        backend.put("arrays/a/zarr.json", b"{}")
+        backend.delete("arrays/a/c/0/0")
+        assert not (backend.root / "arrays" / "a" / "c").exists()  # plain zarr sees no chunk dir
+        assert (backend.root / "arrays" / "a" / "zarr.json").exists()
+        backend.delete("arrays/a/zarr.json")
+        assert not (backend.root / "arrays").exists()
+        assert not backend.put("arrays/a/c/1/1", b"2").conflict
+        assert backend.read("arrays/a/c/1/1") == b"2"
 
     def test_old_temporaries_are_removed(self, backend: ObjectBackend) -> None:
         assert isinstance(backend, FsBackend)

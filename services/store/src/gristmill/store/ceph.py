@@ -309,6 +309,9 @@ class CephBackend(ObjectBackend):
         if len(data) > self.piece_bytes * 16:
             raise Internal(f"{key}: {len(data)} bytes is too large for one object",
                            reason="STORAGE_ERROR")
+        if expected_version not in (None, "") and not expected_version.isdigit():
+            now = self.stat(key)  # not a version this backend made: it cannot match
+            return PutResult(True, now.version if now else "")
         io = self._io()
         op = io.create_write_op()
         try:
@@ -335,6 +338,8 @@ class CephBackend(ObjectBackend):
         current = self.stat(key)
         if current is None:
             return PutResult(expected_version not in (None, ""), ""), 0
+        if expected_version is not None and not expected_version.isdigit():
+            return PutResult(True, current.version), 0  # not a version this backend made
         pieces = self._pieces(key) if current.size else None
         io = self._io()
         op = io.create_write_op()

@@ -154,6 +154,21 @@ class FsBackend(ObjectBackend):
     def stage(self) -> _FsStaging:
         return _FsStaging(self)
 
+    def _place(self, staged: Path, key: str, final: str, existing: int, made: set[Path]
+               ) -> None:
+        """Rename a staged file into place, making its parents.
+
+        Again if a delete of the directory's last other object pruned them meanwhile.
+        """
+        self._make_parents(key, existing, made)
+        try:
+            os.replace(staged, final)
+        except FileNotFoundError:
+            if not staged.exists():
+                raise
+            self._make_parents(key, 0, made)
+            os.replace(staged, final)
+
     def _make_parents(self, key: str, existing: int, made: set[Path]) -> None:
         """Create the parent directories of ``key`` below the first ``existing`` ones."""
         parts = key.split("/")[:-1]
@@ -192,8 +207,7 @@ class FsBackend(ObjectBackend):
                     s.abort()
                     continue
                 try:
-                    self._make_parents(key, existing, made)
-                    os.replace(s.path, final)
+                    self._place(s.path, key, final, existing, made)
                 except OSError as e:
                     if os.path.lexists(final):
                         s.abort()  # stored meanwhile by another upload
@@ -247,8 +261,7 @@ class FsBackend(ObjectBackend):
                 if self.sync == "syncfs":
                     self._syncfs()
                 made: set[Path] = set()
-                self._make_parents(key, existing, made)
-                os.replace(staging.path, path)
+                self._place(staging.path, key, final, existing, made)
                 self.active_temporaries.discard(staging.path.name)
                 self._sync_dirs({path.parent} | {d.parent for d in made})
             except OSError as e:
@@ -272,7 +285,23 @@ class FsBackend(ObjectBackend):
                 return PutResult(False, ""), 0
             except OSError as e:
                 raise self.error(f"delete {key}", e) from None
+            self._prune(key)
             return PutResult(False, ""), current.size
+
+    def _prune(self, key: str) -> None:
+        """Remove the parents a delete left empty (an array's ``c/0/...``), up to the root.
+
+        The blob fan-out directories (``blobs/ab/cd``) stay: they fill up again.
+        """
+        parts = key.split("/")[:-1]
+        if parts[:1] == ["blobs"]:
+            return
+        while parts:
+            try:
+                os.rmdir("/".join([self._root, *parts]))
+            except OSError:  # not empty (or gone): nothing above is empty either
+                return
+            parts.pop()
 
     def touch(self, key: str) -> None:
         with contextlib.suppress(OSError, FailedPrecondition):
