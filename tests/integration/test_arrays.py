@@ -999,3 +999,39 @@ def test_docs_examples_run(array_server: Running, tmp_path: Path) -> None:
         out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=120, check=False)
         assert out.returncode == 0, f"example failed:\n{code}\n{out.stderr}"
+
+
+def test_reads_without_versions_return_the_same_bytes(array_server: Running) -> None:
+    """skip_versions (plain reads) gives the same values, versions "", large ones whole."""
+    s = stub(array_server)
+    s.PutKeys(iter([pb.PutKeysRequest(writes=[
+        pb.KeyWrite(key="zarr.json", data=b'{"zarr_format": 3, "node_type": "group"}'),
+        pb.KeyWrite(key="v/zarr.json", data=array_meta([4096, 4096], [2048, 2048]))])]))
+    big = os.urandom(5 * 1024 * 1024)  # more than one first read step (4 MiB)
+    small = os.urandom(1000)
+    s.PutKeys(iter([pb.PutKeysRequest(writes=[
+        pb.KeyWrite(key="v/c/0/0", data=big), pb.KeyWrite(key="v/c/0/1",
+                                                                         data=small)])]))
+    reads = [("v/c/0/0", 0, 0), ("v/c/9/9", 0, 0), ("v/c/0/1", 0, 0), ("v/c/0/0", 100, 50)]
+    with GrpcZarrStore(array_server.address, api_key=array_server.admin_key) as store:
+        got: dict[int, tuple[bytes | None, str]] = {}
+
+        def keep(i: int, data: Any, version: str) -> None:
+            got[i] = (None if data is None else bytes(data), version)
+        for versions in (True, False):
+            got.clear()
+            store.read_values(reads, keep, versions=versions)
+            assert [got[i][0] for i in range(4)] == [big, None, small, big[100:150]]
+            assert all(bool(got[i][1]) == versions for i in (0, 2))
+
+
+def test_h5py_imports_after_the_decoder(tmp_path: Path) -> None:
+    """libvips links Debian's HDF5; gristmill.decode loads h5py first so both work together."""
+    script = ("import gristmill.decode, h5py, sys\n"
+              "with h5py.File(sys.argv[1], 'w') as f:\n"
+              "    f.create_dataset('x', data=[1, 2, 3])\n"
+              "print(h5py.File(sys.argv[1])['x'][:].sum())\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "a.h5")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "6"

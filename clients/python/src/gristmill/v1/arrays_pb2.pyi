@@ -56,9 +56,15 @@ class GetKeysRequest(_message.Message):
 
     READS_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    SKIP_VERSIONS_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """Byte budget of one response message (0: the server's default; larger
     values are capped to it).
+    """
+    skip_versions: _builtins.bool
+    """Leave the values' versions out (they come back ""): for reads that no
+    conditional write follows. Faster on backends that cannot batch
+    versioned reads (Ceph: all reads of a call in flight at once).
     """
     @_builtins.property
     def reads(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyRead]:
@@ -69,10 +75,11 @@ class GetKeysRequest(_message.Message):
         *,
         reads: _abc.Iterable[Global___KeyRead] | None = ...,
         max_message_bytes: _builtins.int = ...,
+        skip_versions: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_message_bytes", b"max_message_bytes", "reads", b"reads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_message_bytes", b"max_message_bytes", "reads", b"reads", "skip_versions", b"skip_versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

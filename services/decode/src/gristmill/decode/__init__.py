@@ -10,7 +10,17 @@ The pipeline used by the decode service, as a plain Python API::
         result = decoder.decode(SampleInput(open("cat.jpg", "rb").read()), transform)
 """
 
-from gristmill.client.buckets import Bucket, BucketConfig, BucketTable, bucket_table
+import importlib.util
+
+# libvips (pyvips) links Debian's libhdf5 through libmatio. Loaded first, that
+# HDF5 takes the symbols the HDF5 bundled with h5py needs, and a later
+# `import h5py` fails ("Not a datatype"). Where h5py is installed, it is loaded
+# first so that both work in one process (a training script with arrays and
+# Loader.from_folder, say).
+if importlib.util.find_spec("h5py") is not None:
+    import h5py  # noqa: F401
+
+from gristmill.client.buckets import Bucket, BucketConfig, BucketTable, bucket_table  # noqa: E402
 from gristmill.decode.errors import DecodeError, Reason
 from gristmill.decode.pipeline import (
     DEFAULT_MAX_PIXELS,

@@ -241,6 +241,7 @@ class ArrayStore:
                      self.read_message_bytes)
         budget = max(budget, 4096)
         packer = _Packer(budget)
+        versions = not request.skip_versions
         starts = range(0, len(reads), _READ_GROUP)
         # the next group is read (on the shared read threads) while this one is sent
         ahead: Future[_Group] | None = None
@@ -249,22 +250,24 @@ class ArrayStore:
                 if not is_active():
                     return
                 current = ahead.result() if ahead is not None else self._read_group(
-                    reads[start:start + _READ_GROUP])
+                    reads[start:start + _READ_GROUP], versions)
                 ahead = None
                 if start + _READ_GROUP < len(reads):
                     ahead = self._io_pool.submit(
-                        self._read_group, reads[start + _READ_GROUP:start + 2 * _READ_GROUP])
+                        self._read_group, reads[start + _READ_GROUP:start + 2 * _READ_GROUP],
+                        versions)
                 for i, (r, (off, n), got) in enumerate(current):
-                    yield from self._emit(packer, start + i, r.key, off, n, got)
+                    yield from self._emit(packer, start + i, r.key, off, n, got, versions)
             yield from packer.flush()
         finally:
             if ahead is not None:
                 ahead.cancel()
 
-    def _read_group(self, group: Sequence[arrays_pb2.KeyRead]) -> _Group:
+    def _read_group(self, group: Sequence[arrays_pb2.KeyRead], versions: bool = True) -> _Group:
         plans = [self._plan(r) for r in group]
         firsts = self.backend.read_many([(PREFIX + r.key, off, _first_step(n))
-                                         for r, (off, n) in zip(group, plans, strict=True)])
+                                         for r, (off, n) in zip(group, plans, strict=True)],
+                                        versions=versions)
         return list(zip(group, plans, firsts, strict=True))
 
     def _plan(self, read: arrays_pb2.KeyRead) -> tuple[int, int]:
@@ -277,13 +280,19 @@ class ArrayStore:
         return max(0, size + offset), length
 
     def _emit(self, packer: _Packer, index: int, key: str, offset: int, length: int,
-              got: tuple[bytes, ObjectStat] | None) -> Iterator[bytes]:
+              got: tuple[bytes, ObjectStat] | None, versions: bool = True) -> Iterator[bytes]:
         """Pack one read; a value larger than its first step is read whole before any is sent.
 
         The rest is read at the version of the first step; if the value
         changed in between, it is read again in one read (one version), so a
         client never gets pieces of two writes and nothing sent is taken back.
         """
+        if got is not None and got[1].size < 0:  # read without a stat (skip_versions)
+            data, st = got
+            if len(data) < _first_step(length):  # the value ended within the first step
+                got = data, ObjectStat(st.key, offset + len(data), st.mtime, st.version)
+            else:  # maybe more: all of it, at one version
+                got = self.backend.read_versioned(PREFIX + key, offset, length)
         if got is not None:
             data, st = got
             total = _span(st.size, offset, length)
@@ -305,7 +314,8 @@ class ArrayStore:
         for n, part in enumerate(parts):
             part = part[:max(0, total - done)]
             last = n == len(parts) - 1 or done + len(part) >= total
-            head = (_Head(index, found=True, last=last, version=st.version, size=st.size)
+            head = (_Head(index, found=True, last=last, version=st.version if versions else "",
+                          size=st.size)
                     if n == 0 else _Head(index, found=True, last=last))
             yield from packer.add(head, part, base=done)
             done += len(part)

@@ -111,7 +111,9 @@ class GristmillCodecPipeline(BatchedCodecPipeline):
 
         def fetch() -> None:
             try:
-                store.read_values([(_key(item), 0, 0) for item in items], deliver)
+                # a plain read: no version needed (no conditional write follows)
+                store.read_values([(_key(item), 0, 0) for item in items], deliver,
+                                  versions=False)
             finally:
                 loop.call_soon_threadsafe(arrived.put_nowait, None)
 
