@@ -6,6 +6,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+# h5py before anything loads libvips (tests/images.py imports pyvips directly):
+# libvips links Debian's HDF5, which would shadow h5py's own (see gristmill.decode)
+import h5py  # noqa: F401
 import pytest
 
 from gristmill.client.hub import Hub
