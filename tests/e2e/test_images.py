@@ -127,7 +127,7 @@ def test_store_image_venv_links_librados_and_serves(tmp_path: Path) -> None:
         info = json.loads(ready.read_text())
         assert info["port"] > 0
         log = (tmp_path / "log").read_text()
-        assert "gristmill serving store on" in log  # this image holds the store alone
+        assert "gristmill serving store, arrays on" in log  # this image holds the store alone
     finally:
         proc.terminate()
         assert proc.wait(30) == 0

@@ -136,11 +136,11 @@ def test_configs_are_accepted_by_the_config_loader(name: str, tmp_path: Path) ->
         path.write_text(cm["data"]["config.yaml"])
         cfg = load_config(path, environ={})
         assert cfg.auth.shared_keys_file == Path("/etc/gristmill/keys/keys.json")
-        if name == "production" and cfg.services == ("store",):
+        if name == "production" and cfg.services == ("store", "arrays"):
             backend = StoreConfig.of(cfg).backend
             assert isinstance(backend, CephBackendConfig)
             assert backend.keyring == Path("/etc/ceph/keyring/keyring")
-        elif cfg.services == ("store",):
+        elif cfg.services == ("store", "arrays"):
             assert StoreConfig.of(cfg).backend.kind == "fs"
 
 

@@ -42,7 +42,7 @@ def local_configs() -> dict[str, dict[str, Any]]:
     for d in docs:
         if d["kind"] == "ConfigMap" and "config.yaml" in d["data"]:
             cfg = yaml.safe_load(d["data"]["config.yaml"])
-            [service] = cfg["services"]
+            service = cfg["services"][0]  # the store's pod also serves arrays
             configs[service] = cfg
     return configs
 

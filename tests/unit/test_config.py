@@ -100,3 +100,15 @@ def test_start_order_follows_after() -> None:
     assert [s.name for s in _start_order({"ingest": spec("ingest", "store")})] == ["ingest"]
     with pytest.raises(ConfigError, match="cycle"):
         _start_order({"a": spec("a", "b"), "b": spec("b", "a")})
+
+
+def test_variables_of_services_not_installed_here_are_ignored() -> None:
+    """One environment shared by several images: another service's variables are not errors
+    here, while a misspelt key of an installed section or of the kit still is."""
+    env = {"GRISTMILL_DATA_DIR": "/tmp/x", "GRISTMILL_RENDERER__THREADS": "4"}
+    cfg = load_config(environ=env)
+    assert not hasattr(cfg, "renderer")
+    with pytest.raises(ConfigError, match="unknown config key 'limits.max_strems'"):
+        load_config(environ={**env, "GRISTMILL_LIMITS__MAX_STREMS": "3"})
+    with pytest.raises(ConfigError, match="unknown config key 'renderer'"):
+        load_config(environ={}, overrides={"data_dir": "/tmp/x", "renderer": {"threads": 4}})

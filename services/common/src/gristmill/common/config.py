@@ -3,7 +3,10 @@
 Precedence, lowest first: defaults, the YAML file, environment variables,
 command-line flags. Nested keys use ``__`` in variable names, e.g.
 ``GRISTMILL_TLS__CERT_FILE=/etc/tls/tls.crt``. An unknown key anywhere, or a
-missing required one, stops start-up with a :class:`ConfigError` naming it.
+missing required one, stops start-up with a :class:`ConfigError` naming it;
+only variables of a whole section that no installed service owns
+(``GRISTMILL_INGEST__...`` in an image without ingest) are left to the
+images they are for.
 """
 
 from __future__ import annotations
@@ -271,7 +274,12 @@ def load_config(
                               f"{type(loaded).__name__}")
         data = loaded
         sources.append(str(path))
+    model = server_config_model()
     env = _env_overrides(environ)
+    # variables of a service not installed here belong to another image that
+    # shares the environment (one .env for all services): not an error here
+    env = {k: v for k, v in env.items()
+           if k in model.model_fields or not isinstance(v, dict) or k in _KIT_SECTIONS}
     if env:
         sources.append("environment")
     data = _merge(data, env)
@@ -279,9 +287,13 @@ def load_config(
         data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
         sources.append("flags")
     try:
-        return server_config_model().model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e, ", ".join(sources))) from None
+
+
+#: Nested keys of the kit itself: a variable under them is never another service's.
+_KIT_SECTIONS = frozenset({"auth", "limits", "tls"})
 
 
 @functools.cache
