@@ -87,20 +87,21 @@ def _join(base: Path, root: Path, parts: list[str], real: set[str] | None = None
     ``last=False`` leaves the target itself unchecked: for a caller that
     ``lstat``s it anyway and treats a link as absent.
     """
+    # segments are validated (no separators, no '.' or '..'): plain string joins
     target = os.fspath(base)
     for part in parts[:-1]:
-        target = os.path.join(target, part)
+        target = f"{target}/{part}"
         if real is not None and target in real:
             continue
         if os.path.islink(target):
             raise _link_refused(Path(target), root)
         if real is not None and os.path.isdir(target):
             real.add(target)
-    target = os.path.join(target, parts[-1])
+    target = f"{target}/{parts[-1]}"
     if last and os.path.islink(target) and \
             not Path(os.path.realpath(target)).is_relative_to(base):
         raise _link_refused(Path(target), root)
-    return root.joinpath(*parts)
+    return Path(os.path.join(os.fspath(root), "/".join(parts)))
 
 
 class Confined:

@@ -30,6 +30,7 @@ MAX_SEGMENT_BYTES = 255
 
 _BIDI = frozenset([*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C])
 _ZERO_WIDTH = frozenset([0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF])
+_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def refused_character(text: str) -> str | None:
@@ -37,6 +38,8 @@ def refused_character(text: str) -> str | None:
 
     The reason names the character as ``U+XXXX NAME``.
     """
+    if text.isascii() and _ASCII_CONTROL.search(text) is None:
+        return None  # every refused character but the C0 controls and DEL is non-ASCII
     for i, c in enumerate(text):
         code = ord(c)
         category = unicodedata.category(c)
@@ -120,7 +123,8 @@ def validate_path(path: str, field: str = "path", *, strict: bool = True) -> str
     if refused is not None:
         raise bad(refused, "rename the file without it and use a relative path like "
                   "'train/cats/001.jpg'")
-    path = unicodedata.normalize("NFC", path)
+    if not path.isascii():  # ASCII is NFC already
+        path = unicodedata.normalize("NFC", path)
     if len(path.encode("utf-8")) > MAX_PATH_BYTES:
         raise bad(f"it is longer than {MAX_PATH_BYTES} bytes")
     if "\\" in path:
@@ -130,7 +134,7 @@ def validate_path(path: str, field: str = "path", *, strict: bool = True) -> str
     for segment in path.split("/"):
         if not segment:
             raise bad("it has an empty segment ('//' or a leading or trailing '/')")
-        decoded = unquote(segment)
+        decoded = unquote(segment) if "%" in segment else segment
         if segment in (".", "..") or decoded in (".", "..") or "/" in decoded or "\\" in decoded:
             raise bad("'.' and '..' segments (also percent-encoded) could escape the dataset")
         if len(segment.encode()) > MAX_SEGMENT_BYTES:
