@@ -302,8 +302,10 @@ class TestCephBackend(BackendTests):
         b.close()
 
     def staging_left(self, backend: ObjectBackend) -> int:
+        """Stagings in progress, and pieces that no published head names."""
         assert isinstance(backend, CephBackend)
-        return len(backend._active) + sum(1 for _ in backend.list_objects("pieces/"))
+        return len(backend._active) + backend.remove_temporaries(time.time() + 60,
+                                                                 dry_run=True)[0]
 
     def test_large_values_are_pieces_no_object_larger(self, backend: ObjectBackend,
                                                       ceph_cluster: CephCluster) -> None:
@@ -315,13 +317,40 @@ class TestCephBackend(BackendTests):
         digest = w.seal()
         blobs.publish([w])
         io: Any = backend._io()
-        sizes = {o.key: io.stat(o.key)[0] for o in io.list_objects()}
+        sizes = {o.key: io.stat(o.key)[0] for o in io.list_objects()
+                 if not o.key.startswith("~")}
         pieces = [k for k in sizes if k.startswith("pieces/")]
         assert len(pieces) == 6 and max(sizes.values()) <= PIECE
         assert sizes[blob_key(digest)] == 0  # the head carries the piece list in xattrs
         assert blobs.read(digest, 0, len(data)) == data
         assert blobs.delete(digest) == len(data)
-        assert [o.key for o in io.list_objects()] == []
+        # only the (empty) listing index and piece registry objects are left
+        left = [o.key for o in io.list_objects()]
+        assert all(k.startswith("~") and io.stat(k)[0] == 0 for k in left), left
+        assert list(backend.list_objects("")) == []
+
+    def test_listing_visits_only_the_prefix(self, backend: ObjectBackend,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        """A listing reads the index of the directories under its prefix, not the pool."""
+        assert isinstance(backend, CephBackend)
+        for i in range(30):
+            backend.put(f"noise/d{i}/x", b"n")
+        backend.put("arrays/a/zarr.json", b"{}")
+        backend.put("arrays/a/c/0/0", b"1")
+        backend.put("arrays/b/zarr.json", b"{}")
+        visited: list[str] = []
+        real = backend._index_page
+
+        def page(directory: str, after: str, only: str) -> list[str]:
+            visited.append(directory)
+            return real(directory, after, only)
+        monkeypatch.setattr(backend, "_index_page", page)
+        assert [s.key for s in backend.list_objects("arrays/a/")] == ["arrays/a/c/0/0",
+                                                                      "arrays/a/zarr.json"]
+        assert sorted(visited) == ["arrays/a", "arrays/a/c", "arrays/a/c/0"]
+        visited.clear()
+        assert [s.key for s in backend.list_objects("arrays/")][-1] == "arrays/b/zarr.json"
+        assert not any(d.startswith("noise") for d in visited)
 
     def test_crashed_stagings_are_collected(self, backend: ObjectBackend) -> None:
         assert isinstance(backend, CephBackend)

@@ -58,6 +58,13 @@ _SIZE = "gm.size"
 _UNAVAILABLE_ERRNOS = frozenset({errno.ETIMEDOUT, errno.ESHUTDOWN, errno.ENOTCONN,
                                  errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EAGAIN})
 _RETRY_AFTER_DOWN = 1.0
+#: Listing index objects: ``~idx/<directory>`` ("~" is in no key).
+_INDEX = "~idx/"
+_INDEX_PAGE = 1000
+#: Which head each published set of pieces belongs to (omap: staging id -> key).
+_PIECE_HEADS = "~piece-heads"
+#: Directory entries known to be indexed already, remembered to skip rewriting them.
+_INDEXED_DIRS = 1 << 17
 _HEAD_CACHE = 4096
 _CONFLICT_ERRNOS = frozenset({errno.EEXIST, errno.ERANGE, errno.EOVERFLOW, errno.ENOENT})
 
@@ -93,6 +100,7 @@ class _CephStaging(Staging):
 
     def _send(self, piece: bytes) -> None:
         name = f"pieces/{self.id}/{self.pieces}"
+        self._backend.index_add([name])  # listed (for gc) before it exists
         self.pieces += 1
         self._pending.append(self._backend.call(
             f"write piece {name}", lambda io: io.aio_write_full(name, piece)))
@@ -146,6 +154,8 @@ class CephBackend(ObjectBackend):
         #: (size, staging id, pieces, piece size) of values in pieces read lately
         #: (their pieces never change; a value deleted and stored again has new ones)
         self._heads: dict[str, tuple[int, str, int, int]] = {}
+        #: (index object, directory entry) pairs written already
+        self._indexed: set[tuple[str, str]] = set()
         try:
             self._connect()
         except Unavailable as e:  # serve anyway: calls fail with UNAVAILABLE until it is up
@@ -268,6 +278,11 @@ class CephBackend(ObjectBackend):
         try:
             for _, s, _ in ours:
                 s.finish()
+            self.index_add([key for _, _, key in ours])
+            multi = {s.id: key for _, s, key in ours if s.pieces}
+            if multi:  # which head each set of pieces is for (gc asks)
+                self._omap_batch({_PIECE_HEADS: sorted(multi)}, add=True,
+                                 values={sid: key.encode() for sid, key in multi.items()})
             io = self._io()
             ops = []
             for i, s, key in ours:
@@ -312,6 +327,7 @@ class CephBackend(ObjectBackend):
         if expected_version not in (None, "") and not expected_version.isdigit():
             now = self.stat(key)  # not a version this backend made: it cannot match
             return PutResult(True, now.version if now else "")
+        self.index_add([key])
         io = self._io()
         op = io.create_write_op()
         try:
@@ -358,6 +374,7 @@ class CephBackend(ObjectBackend):
                 raise self._map(f"delete {key}", e) from None
         finally:
             io.release_write_op(op)
+        self.index_remove([key])
         if pieces is not None:
             self.remove_pieces(pieces[0], pieces[1])
         return PutResult(False, ""), current.size
@@ -373,6 +390,84 @@ class CephBackend(ObjectBackend):
                 continue
         for c in completions:
             c.wait_for_complete()
+        self.index_remove([f"pieces/{staging_id}/{n}" for n in range(count)])
+        try:  # the staging's directory entry, and its registration
+            self._indexed.discard((_INDEX + "pieces", f"{staging_id}/"))
+            self._omap_batch({_INDEX + "pieces": [f"{staging_id}/"],
+                              _PIECE_HEADS: [staging_id]}, add=False)
+        except GristmillError:
+            pass  # a stale registration only costs gc one lookup
+
+    # -- the listing index ----------------------------------------------------------
+    def index_add(self, keys: Sequence[str]) -> None:
+        """Name keys in their directories' index objects, before the keys are written.
+
+        A directory's index is the object ``~idx/<directory>`` whose omap keys
+        are its entries (``name`` for an object, ``name/`` for a directory), so
+        a listing walks only what is under its prefix, in key order, instead of
+        the whole pool. An entry whose object is gone (a crash between the two
+        writes) is skipped by the listing.
+        """
+        wanted: dict[str, set[str]] = {}
+        for key in keys:
+            for obj, entry in _index_entries(key):
+                if entry.endswith("/") and (obj, entry) in self._indexed:
+                    continue
+                wanted.setdefault(obj, set()).add(entry)
+        if not wanted:
+            return
+        self._omap_batch({obj: sorted(entries) for obj, entries in wanted.items()}, add=True)
+        if len(self._indexed) > _INDEXED_DIRS:
+            self._indexed.clear()
+        self._indexed.update((obj, e) for obj, entries in wanted.items()
+                             for e in entries if e.endswith("/"))
+
+    def index_remove(self, keys: Sequence[str]) -> None:
+        """Drop objects' entries from their directories' indexes (best effort)."""
+        gone: dict[str, list[str]] = {}
+        for key in keys:
+            obj, entry = _index_entries(key)[-1]
+            gone.setdefault(obj, []).append(entry)
+        try:
+            self._omap_batch(gone, add=False)
+        except GristmillError:
+            log.warning("cannot update the listing index of %s", self.describe(), exc_info=True)
+
+    def _omap_batch(self, entries: dict[str, list[str]], *, add: bool,
+                    values: dict[str, bytes] | None = None) -> None:
+        io = self._io()
+        pending = []
+        try:
+            for obj, names in entries.items():
+                op = io.create_write_op()
+                if add:
+                    io.set_omap(op, names, [(values or {}).get(n, b"") for n in names])
+                else:
+                    io.remove_omap_keys(op, names)
+                pending.append((op, io.operate_aio_write_op(op, obj, mtime=_now())))
+        finally:
+            failure = 0
+            for op, completion in pending:
+                completion.wait_for_complete()
+                code = completion.get_return_value()
+                io.release_write_op(op)
+                if code < 0 and -code != errno.ENOENT:
+                    failure = failure or code
+        if failure:
+            raise self.error("update the listing index", OSError(-failure, "index write failed"))
+
+    def _index_page(self, directory: str, after: str, only: str) -> list[str]:
+        rados = _rados()
+        io = self._io()
+        with rados.ReadOpCtx() as op:
+            it, _ = io.get_omap_vals(op, after, only, _INDEX_PAGE)
+            try:
+                io.operate_read_op(op, _INDEX + directory)
+            except rados.ObjectNotFound:
+                return []
+            except rados.Error as e:
+                raise self._map(f"list {directory or 'the root'}", e) from None
+            return [str(k) for k, _ in it]
 
     def touch(self, key: str) -> None:
         def mark(io: Any) -> None:
@@ -623,42 +718,84 @@ class CephBackend(ObjectBackend):
 
     def list_objects(self, prefix: str, start_after: str = "", fix_modes: bool = False
                      ) -> Iterator[ObjectStat]:
-        """Objects under ``prefix`` in key order (a walk of the pool's object list)."""
-        names = self.call("list objects", lambda io: sorted(
-            o.key for o in io.list_objects()
-            if o.key.startswith(prefix) and o.key > start_after))
-        for name in names:
-            if name.startswith("pieces/"):
-                continue
-            st = self.stat(name)
-            if st is not None:
-                yield st
+        """Objects under ``prefix`` in key order.
+
+        A walk of the listing index (see :meth:`index_add`) that visits only
+        the directories under the prefix, never the whole pool.
+        """
+        base, _, _ = prefix.rpartition("/")
+        yield from self._walk(base, prefix, start_after)
+
+    def _walk(self, directory: str, prefix: str, start_after: str) -> Iterator[ObjectStat]:
+        here = f"{directory}/" if directory else ""
+        only = prefix[len(here):] if prefix.startswith(here) and "/" not in prefix[len(here):] \
+            else ""
+        # entries before start_after's own entry here come before it (that entry's
+        # directory, "name/", sorts after "name" and may hold later keys)
+        after = start_after[len(here):].split("/")[0] if start_after.startswith(here) else ""
+        while True:
+            page = self._index_page(directory, after, only)
+            for entry in page:
+                full = here + entry
+                if entry.endswith("/"):
+                    if not (full.startswith(prefix) or prefix.startswith(full)):
+                        continue
+                    if start_after and full < start_after and not start_after.startswith(full):
+                        continue
+                    yield from self._walk(full[:-1], prefix, start_after)
+                    continue
+                if not full.startswith(prefix) or (start_after and full <= start_after):
+                    continue
+                st = self.stat(full)
+                if st is not None:
+                    yield st
+            if len(page) < _INDEX_PAGE:
+                return
+            after = page[-1]
 
     # -- upkeep ---------------------------------------------------------------------
     def remove_temporaries(self, older_than: float, dry_run: bool = False) -> tuple[int, int]:
-        """Remove pieces of stagings no head names, written before ``older_than``."""
-        referenced: set[str] = set()
-        for st in self.list_objects("blobs/"):
-            p = self._pieces(st.key)
-            if p is not None:
-                referenced.add(p[0])
+        """Remove pieces that no head names, written before ``older_than``.
+
+        Pieces are listed by staging (the index of ``pieces/``); a staging
+        counts as published while the head its registration names
+        (``~piece-heads``) still lists that staging's pieces.
+        """
         count = freed = 0
-        for name in self.call("list objects", lambda io: [
-                o.key for o in io.list_objects() if o.key.startswith("pieces/")]):
-            sid = name.split("/")[1]
-            if sid in referenced or sid in self._active:
+        for sid in self._index_page("pieces", "", ""):
+            sid = sid.rstrip("/")
+            if sid in self._active or self._published(sid):
                 continue
-            try:
-                size, mtime = self.call(f"stat {name}", _stat_of(name))
-            except ObjectMissing:
-                continue
-            if time.mktime(mtime) >= older_than:
-                continue
-            if not dry_run:
-                self.call(f"remove {name}", _remove_of(name))
-            count += 1
-            freed += size
+            for piece in list(self.list_objects(f"pieces/{sid}/")):
+                if piece.mtime >= older_than:
+                    continue
+                if not dry_run:
+                    self.call(f"remove {piece.key}", _remove_of(piece.key))
+                    self.index_remove([piece.key])
+                count += 1
+                freed += piece.size
+            if not dry_run and not any(True for _ in self.list_objects(f"pieces/{sid}/")):
+                self._omap_batch({_PIECE_HEADS: [sid]}, add=False)
         return count, freed
+
+    def _published(self, sid: str) -> bool:
+        rados = _rados()
+        io = self._io()
+        with rados.ReadOpCtx() as op:
+            it, _ = io.get_omap_vals_by_keys(op, (sid,))
+            try:
+                io.operate_read_op(op, _PIECE_HEADS)
+            except rados.ObjectNotFound:
+                return False
+            heads = {str(k): bytes(v).decode() for k, v in it}
+        head = heads.get(sid)
+        if head is None:
+            return False
+        try:
+            pieces = self._pieces(head)
+        except ObjectMissing:
+            return False
+        return pieces is not None and pieces[0] == sid
 
     def close(self) -> None:
         with self._lock:
@@ -666,6 +803,13 @@ class CephBackend(ObjectBackend):
         if cluster is not None:
             with _suppress():
                 cluster.shutdown()
+
+
+def _index_entries(key: str) -> list[tuple[str, str]]:
+    """(index object, entry) for each level of ``key``: its directories, then the object."""
+    parts = key.split("/")
+    return [(_INDEX + "/".join(parts[:i]), part + ("/" if i < len(parts) - 1 else ""))
+            for i, part in enumerate(parts)]
 
 
 def _now() -> int:
