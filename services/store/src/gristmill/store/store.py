@@ -8,6 +8,7 @@ import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -581,7 +582,7 @@ class Store:
                     n = end - pos if end - pos <= room else min(self.read_chunk_bytes, room)
                     data = ahead.take(i) if pos == 0 and n == entry.size else None
                     if data is None:
-                        data = self.blobs.read(entry.sha256, pos, n)
+                        data = ahead.chunk(entry.sha256, pos, n, end)
                     if len(data) != n:
                         raise _short_blob(path, entry.size)
                     resp.files.add(path=path, sha256=entry.sha256, size=entry.size, offset=pos,
@@ -604,7 +605,14 @@ class Store:
 
 
 class _ReadAhead:
-    """Whole small files of a ReadFiles call, fetched in batches of about one message."""
+    """Reads of a ReadFiles call, fetched ahead of the message being sent.
+
+    Whole small files come a message's worth at a time in one batched backend
+    call (aio on Ceph: one round trip per batch, not per file), and the next
+    batch is fetched while the current one is sent; a large file's next chunk
+    is fetched while this one is sent. At most one fetch is ahead, so a call
+    holds about two messages' worth of bytes.
+    """
 
     def __init__(self, blobs: BlobStore, paths: list[str], found: dict[str, store_pb2.FileEntry],
                  budget: int, largest: int, enabled: bool) -> None:
@@ -616,16 +624,40 @@ class _ReadAhead:
         self._enabled = enabled
         self._next = 0  # first path index not yet considered
         self._data: dict[int, bytes] = {}
+        self._window: Future[tuple[dict[int, bytes], int]] | None = None
+        self._chunk: tuple[str, int, int, Future[bytes]] | None = None
 
     def take(self, index: int) -> bytes | None:
         """The bytes of file ``index`` if it is small (fetching a batch if needed)."""
         if not self._enabled:
             return None
         if index not in self._data and index >= self._next:
-            self._fill(index)
+            if self._window is not None:  # the batch fetched ahead covers what follows
+                got, self._next = self._window.result()
+                self._window = None
+                self._data.update(got)
+            if index not in self._data and index >= self._next:
+                got, self._next = self._fill(index)
+                self._data.update(got)
+            if self._next < len(self._paths):  # the next batch while this one is sent
+                self._window = _READ_AHEAD.submit(self._fill, self._next)
         return self._data.pop(index, None)
 
-    def _fill(self, start: int) -> None:
+    def chunk(self, sha256: str, pos: int, n: int, end: int) -> bytes:
+        """``n`` bytes of a blob from ``pos`` (prefetched if asked for), fetching the next."""
+        ahead, self._chunk = self._chunk, None
+        if ahead is not None and ahead[:3] == (sha256, pos, n):
+            data = ahead[3].result()
+        else:
+            data = self._blobs.read(sha256, pos, n)
+        following = min(n, end - pos - n)
+        if following > 0:
+            self._chunk = (sha256, pos + n, following,
+                           _READ_AHEAD.submit(self._blobs.read, sha256, pos + n, following))
+        return data
+
+    def _fill(self, start: int) -> tuple[dict[int, bytes], int]:
+        """The small files of the window from ``start`` and the index after the window."""
         batch: list[tuple[int, str, int]] = []
         total = 0
         i = start
@@ -635,12 +667,17 @@ class _ReadAhead:
                 batch.append((i, entry.sha256, entry.size))
                 total += entry.size
             i += 1
-        self._next = i
+        out: dict[int, bytes] = {}
         if batch:
             got = self._blobs.read_many([(sha, size) for _, sha, size in batch])
             for (j, _, _), data in zip(batch, got, strict=True):
                 if data is not None:
-                    self._data[j] = data
+                    out[j] = data
+        return out, i
+
+
+#: Threads that fetch ReadFiles' next batch or chunk while the current one is sent.
+_READ_AHEAD = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gristmill-read-ahead")
 
 
 #: Bytes an item error record may take besides its path (message, reason, code).
