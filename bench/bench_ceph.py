@@ -14,21 +14,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_store import median_time, read_files  # noqa: E402
 from gristmill.client.channel import ConnectionOptions, open_channel  # noqa: E402
 from gristmill.client.hub import Hub  # noqa: E402
-from gristmill.v1 import store_pb2, store_pb2_grpc  # noqa: E402
+from gristmill.v1 import store_pb2_grpc  # noqa: E402
 from scripts.processes import start_and_wait  # noqa: E402
 
 MiB = 1024 * 1024
@@ -37,23 +35,6 @@ SMALL_SIZE = 100_000
 LARGE_SIZE = int(os.environ.get("BENCH_CEPH_LARGE_MIB", "128")) * MiB
 REPEATS = int(os.environ.get("BENCH_REPEATS", "5"))
 GRISTMILL = str(Path(sys.executable).parent / "gristmill")
-
-
-def median_time(fn: Callable[[], int], expect: int) -> float:
-    times = []
-    fn()
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        got = fn()
-        times.append(time.perf_counter() - start)
-        if got != expect:
-            raise RuntimeError(f"expected {expect} bytes, got {got}")
-    return statistics.median(times)
-
-
-def read_files(stub: store_pb2_grpc.StoreServiceStub, dataset: str, paths: list[str]) -> int:
-    return sum(len(f.data) for r in stub.ReadFiles(
-        store_pb2.ReadFilesRequest(dataset=dataset, paths=paths)) for f in r.files)
 
 
 def rados_objects(io: Any) -> list[tuple[str, int]]:
