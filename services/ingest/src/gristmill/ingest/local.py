@@ -22,8 +22,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
-
 from gristmill.client.buckets import Bucket, bucket_table
 from gristmill.client.errors import FailedPrecondition, GristmillError, InvalidArgument, NotFound
 from gristmill.client.planner import EpochPlan, PlanConfig, PlannedBatch, Policy, SampleSet
@@ -205,17 +203,11 @@ class _LiveSamples:
 def _listed_samples(files: list[FolderFile], spec: ingest_pb2.PlanSpec, info: SpecInfo
                     ) -> Samples:
     """As ``Samples.from_manifest`` on the folder's manifest (no companions), from the listing."""
-    chosen = [f for f in files if f.path.startswith(spec.prefix)]
-    if not chosen:
+    rows = [(f.path, True, f.width, f.height, f.size) for f in files
+            if f.path.startswith(spec.prefix)]
+    if not rows:
         raise _no_samples(spec)
-    ids = [f.path for f in chosen]
-    config = info.transform.buckets
-    if len(info.buckets) == 1 or config is None:
-        sample_set = SampleSet(tuple(ids), np.zeros(len(ids), dtype=np.int64))
-    else:
-        sample_set = SampleSet.from_sizes(ids, [(f.width, f.height) for f in chosen],
-                                          bucket_table(config))
-    return Samples(sample_set, ((),) * len(ids), tuple(f.size for f in chosen))
+    return Samples.from_rows(spec, info, rows, selected=True)
 
 
 class _NoCompanions:

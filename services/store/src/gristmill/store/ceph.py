@@ -25,6 +25,7 @@ Layout (see docs/storage.md for why):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import threading
@@ -193,7 +194,7 @@ class CephBackend(ObjectBackend):
                         reason="STORAGE_UNAVAILABLE")
             except rados.Error as e:
                 self._next_connect = time.monotonic() + min(self.timeout, 2.0)
-                with _suppress():
+                with contextlib.suppress(Exception):
                     cluster.shutdown()
                 raise self._unavailable(f"did not accept a connection ({e})") from None
             self._cluster = cluster
@@ -801,7 +802,7 @@ class CephBackend(ObjectBackend):
         with self._lock:
             cluster, self._cluster = self._cluster, None
         if cluster is not None:
-            with _suppress():
+            with contextlib.suppress(Exception):
                 cluster.shutdown()
 
 
@@ -817,20 +818,8 @@ def _now() -> int:
     return int(time.time())
 
 
-def _stat_of(name: str) -> Callable[[Any], Any]:
-    return lambda io: io.stat(name)
-
-
 def _remove_of(name: str) -> Callable[[Any], Any]:
     return lambda io: io.remove_object(name)
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
 
 
 def _open(config: StoreConfig, root: Path) -> CephBackend:

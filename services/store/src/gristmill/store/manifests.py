@@ -25,6 +25,7 @@ from typing import IO, Any
 from gristmill.client.private import private_dir
 from gristmill.store.catalog import entry_from_row
 from gristmill.store.disk import storage_error
+from gristmill.store.fsobjects import fsync_dir
 from gristmill.v1 import store_pb2
 
 __all__ = ["ManifestFiles", "write_manifest"]
@@ -109,11 +110,7 @@ class ManifestFiles:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, self.path(dataset, version))
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(directory)
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
