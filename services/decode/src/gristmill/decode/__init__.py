@@ -11,13 +11,15 @@ The pipeline used by the decode service, as a plain Python API::
 """
 
 import importlib.util
+import sys
 
 # libvips (pyvips) links Debian's libhdf5 through libmatio. Loaded first, that
 # HDF5 takes the symbols the HDF5 bundled with h5py needs, and a later
 # `import h5py` fails ("Not a datatype"). Where h5py is installed, it is loaded
 # first so that both work in one process (a training script with arrays and
-# Loader.from_folder, say).
-if importlib.util.find_spec("h5py") is not None:
+# Loader.from_folder, say). Where pyvips was imported before this module, it is
+# too late: h5py would fail to load, so it is left alone.
+if "pyvips" not in sys.modules and importlib.util.find_spec("h5py") is not None:
     import h5py  # noqa: F401
 
 from gristmill.client.buckets import Bucket, BucketConfig, BucketTable, bucket_table  # noqa: E402
