@@ -121,6 +121,35 @@ def test_palette_png_with_transparency_and_background() -> None:
     assert rgba.shape == (10, 10, 4) and rgba[5, 1, 3] == 0 and rgba[5, 8, 3] == 255
 
 
+def _gray_png_with_transparency() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(images.gradient(20, 10)[..., 0]).save(buf, "PNG", transparency=7)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("data", "channels"), [
+    (images.encode(images.gradient(30, 20), "JPEG"), 3),
+    (images.encode(images.gradient(30, 20)[..., 0], "JPEG"), 1),
+    (images.cmyk_jpeg((255, 0, 0, 0)), 3),
+    (images.encode(images.gradient(30, 20)[..., 0], "PNG"), 1),
+    (_gray_png_with_transparency(), 2),
+    (images.encode(np.dstack([images.gradient(30, 20)[..., 0]] * 2), "PNG"), 2),
+    (images.encode(images.gradient(30, 20), "PNG"), 3),
+    (images.encode(np.dstack([images.gradient(30, 20), np.full((20, 30), 9, np.uint8)]),
+                   "PNG"), 4),
+    (images.palette_png(transparent_left=False), 3),
+    (images.palette_png(), 4),
+    (images.png16(40000), 3),
+    (images.encode(images.gradient(30, 20), "WEBP"), 3),
+], ids=["jpeg", "gray-jpeg", "cmyk-jpeg", "gray-png", "gray-trns-png", "la-png", "rgb-png",
+        "rgba-png", "palette-png", "palette-trns-png", "16-bit-png", "webp"])
+def test_the_source_channels_and_size_are_reported(data: bytes, channels: int) -> None:
+    out = decode_sample(data, Transform(size=(8, 8)))
+    with Image.open(io.BytesIO(data)) as im:
+        assert out.source_size == im.size
+    assert out.source_channels == channels
+
+
 def test_rgba_png_composited_unless_alpha_kept() -> None:
     a = np.zeros((20, 20, 4), np.uint8)
     a[..., 0] = 255

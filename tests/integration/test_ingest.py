@@ -200,6 +200,8 @@ def test_separate_services_give_the_same_batches(fed: Running, tmp_path: Path) -
         assert planned(apart) == planned(together)
         for a, b in zip(apart, together, strict=True):
             np.testing.assert_array_equal(a.images, b.images)
+            assert a.source_sizes == b.source_sizes
+            assert a.source_channels == b.source_channels
     finally:
         for r in (ingest, decode):
             assert r.server is not None
@@ -215,6 +217,24 @@ def test_from_folder_matches_the_server(fed: Running, photos: Path) -> None:
     assert planned(local) == planned(served)
     for a, b in zip(local, served, strict=True):
         np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_batches_carry_each_sources_size_and_channels(fed: Running, photos: Path) -> None:
+    with loader(fed) as ld:
+        served = epoch(ld)
+    with Loader.from_folder(photos, show_progress=False, **SMALL) as ld:  # type: ignore[arg-type]
+        local = epoch(ld)
+    for batches in (served, local):
+        seen = 0
+        for b in batches:
+            assert len(b.source_sizes) == len(b.source_channels) == len(b.ids)
+            for sid, size, channels in zip(b.ids, b.source_sizes, b.source_channels,
+                                           strict=True):
+                with Image.open(photos / sid) as im:
+                    assert size == im.size
+                    assert channels == {"L": 1, "RGB": 3}[im.mode]
+                seen += 1
+        assert seen >= 22
 
 
 def test_as_torch_needs_torch_or_says_how_to_get_it(fed: Running) -> None:

@@ -72,6 +72,8 @@ _ENCODE_FORMATS = ("png", "jpeg")
 #: datago's JPEG quality when ``jpeg_quality`` is not set (its payload sizes match 92).
 _DEFAULT_JPEG_QUALITY = 92
 _GRAY_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+#: Channels -> PIL mode, as datago hands images out.
+_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 _WHITE = 255.0
 
 Pixels = npt.NDArray[np.uint8]
@@ -105,9 +107,11 @@ class ImagePayloadData:
         original_height: height of the source file (after EXIF orientation).
     """
 
-    def __init__(self, data: bytes, width: int, height: int, channels: int, bit_depth: int,
-                 is_encoded: bool, original_width: int, original_height: int) -> None:
-        self.data = data
+    def __init__(self, data: bytes | Pixels, width: int, height: int, channels: int,
+                 bit_depth: int, is_encoded: bool, original_width: int,
+                 original_height: int) -> None:
+        # raw pixels may come as the array, turned into bytes when first asked for
+        self._data = data
         self.width = width
         self.height = height
         self.channels = channels
@@ -115,6 +119,17 @@ class ImagePayloadData:
         self.is_encoded = is_encoded
         self.original_width = original_width
         self.original_height = original_height
+
+    @property
+    def data(self) -> bytes:
+        """The pixels' or the encoded file's bytes."""
+        if not isinstance(self._data, bytes):
+            self._data = self._data.tobytes()
+        return self._data
+
+    @data.setter
+    def data(self, value: bytes) -> None:
+        self._data = value
 
     def to_pil_image(self) -> Image.Image:
         """A new PIL image of the pixels (decoded first if the payload is encoded)."""
@@ -124,11 +139,15 @@ class ImagePayloadData:
             image = Image.open(io.BytesIO(self.data))
             image.load()
             return image
-        mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[self.channels]
+        mode = _MODES[self.channels]
+        if not isinstance(self._data, bytes):
+            return Image.fromarray(_plane(self._data, mode), mode).copy()
         return Image.frombytes(mode, (self.width, self.height), self.data)
 
     def to_numpy_array(self) -> Pixels:
         """``height x width x channels`` uint8 (3-D even for one channel, as datago)."""
+        if not self.is_encoded and not isinstance(self._data, bytes):
+            return np.array(self._data)
         a: Pixels = np.asarray(self.to_pil_image(), np.uint8)
         return a if a.ndim == 3 else a[..., None]
 
@@ -138,45 +157,81 @@ class ImagePayload:
 
     Every PIL attribute (``size``, ``mode``, ``width``, ``height``, ``info``,
     ``palette``, ``resize``, ``save``, ...) is the image's own; calling the
-    payload returns the PIL image, as datago's does.
+    payload returns the PIL image, as datago's does. The PIL image is made
+    when first used: a loop that reads only ``to_numpy_array()`` never pays
+    for one.
     """
 
-    def __init__(self, image: Image.Image, payload: ImagePayloadData) -> None:
-        self._image = image
+    def __init__(self, payload: ImagePayloadData, pixels: Pixels | None = None) -> None:
         self._payload = payload
+        self._pixels = pixels  # H x W x C uint8 of a raw payload
+        self._image: Image.Image | None = None
+
+    def _pil(self) -> Image.Image:
+        if self._image is None:
+            if self._pixels is None:
+                self._image = self._payload.to_pil_image()
+            else:
+                from PIL import Image
+
+                mode = _MODES[self._pixels.shape[2]]
+                self._image = Image.fromarray(_plane(self._pixels, mode), mode)
+        return self._image
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_image", "_payload"):
+        if name.startswith("__") or name in ("_image", "_payload", "_pixels"):
             raise AttributeError(name)
-        return getattr(self._image, name)
+        return getattr(self._pil(), name)
 
     def __call__(self) -> Image.Image:
         """The PIL image itself."""
-        return self._image
+        return self._pil()
 
     @property
     def __array_interface__(self) -> dict[str, Any]:
         """So that ``np.asarray(sample.image)`` works, as on a PIL image."""
-        interface: dict[str, Any] = self._image.__array_interface__
+        interface: dict[str, Any] = self._pil().__array_interface__
         return interface
+
+    @property
+    def mode(self) -> str:
+        """PIL's mode: L, LA, RGB or RGBA."""
+        return _MODES[self._pixels.shape[2]] if self._pixels is not None else self._pil().mode
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), as PIL's."""
+        return self._payload.width, self._payload.height
+
+    @property
+    def width(self) -> int:
+        """Width in pixels."""
+        return self._payload.width
+
+    @property
+    def height(self) -> int:
+        """Height in pixels."""
+        return self._payload.height
 
     @property
     def info(self) -> dict[str | tuple[int, int], Any]:
         """PIL's ``info`` dict of the image (empty here, as in datago)."""
-        return self._image.info
+        return self._pil().info
 
     @property
     def palette(self) -> Any:
         """PIL's palette (None: images are never handed out as palette images)."""
-        return self._image.palette
+        return self._pil().palette
 
     def to_pil_image(self) -> Image.Image:
         """A new PIL image (a copy: changing it leaves the sample as it is)."""
-        return self._image.copy()
+        return self._pil().copy()
 
     def to_numpy_array(self) -> Pixels:
         """``height x width x channels`` uint8, 3-D even for one channel, as datago."""
-        a: Pixels = np.array(self._image, np.uint8)
+        if self._pixels is not None:
+            return np.array(self._pixels)  # a copy: changing it leaves the sample as it is
+        a: Pixels = np.array(self._pil(), np.uint8)
         return a if a.ndim == 3 else a[..., None]
 
     def get_payload(self) -> ImagePayloadData:
@@ -184,7 +239,12 @@ class ImagePayload:
         return self._payload
 
     def __repr__(self) -> str:
-        return f"<gristmill.client.datago.ImagePayload {self._image!r}>"
+        return f"<gristmill.client.datago.ImagePayload {self._pil()!r}>"
+
+
+def _plane(a: Pixels, mode: str) -> Pixels:
+    """``a`` as PIL's fromarray takes it: 2-D for L."""
+    return a[..., 0] if mode == "L" else a
 
 
 @dataclass
@@ -340,28 +400,26 @@ class DatagoClient:
             yield from self._samples_of(batch)
 
     def _samples_of(self, batch: Batch) -> Generator[Sample, None, None]:
+        sizes, channels = batch.source_sizes, batch.source_channels
         for i, sid in enumerate(batch.ids):
             if not batch.fresh[i]:
                 continue  # padding: datago hands out each sample once per pass
             path = os.path.join(self.root, sid)
+            source = (_MODES[channels[i]], sizes[i]) if i < len(channels) and channels[i] \
+                else _source_mode(path, batch.images[i])  # a server that does not say
             yield Sample(json.dumps(path, ensure_ascii=False),
-                         self._payload(path, batch.images[i]))
+                         self._payload(batch.images[i], *source))
 
-    def _payload(self, path: str, pixels: Pixels) -> ImagePayload:
-        from PIL import Image
-
-        mode, original = _source_mode(path, pixels)
+    def _payload(self, pixels: Pixels, mode: str, original: tuple[int, int]) -> ImagePayload:
         if self._output.to_rgb:
             mode = "RGB"
         a = _to_mode(pixels, mode)
         height, width = a.shape[:2]
-        image = Image.fromarray(a[..., 0] if mode == "L" else a, mode)
         if self._output.encode is None:
-            return ImagePayload(image, ImagePayloadData(
-                a.tobytes(), width, height, a.shape[2], 8, False, *original))
+            return ImagePayload(ImagePayloadData(a, width, height, a.shape[2], 8, False,
+                                                 *original), a)
         data = _encode(a, mode, self._output.encode, self._output.quality)
-        payload = ImagePayloadData(data, width, height, -1, 8, True, *original)
-        return ImagePayload(payload.to_pil_image(), payload)
+        return ImagePayload(ImagePayloadData(data, width, height, -1, 8, True, *original))
 
     def get_sample(self) -> Sample | None:
         """The next sample, or None at the end of the pass (or of ``limit``) or after ``stop()``.

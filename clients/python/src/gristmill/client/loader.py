@@ -105,6 +105,10 @@ class Batch:
             id; empty lists when the Loader names no release.
         errors: samples of this batch that failed (not in ``images``).
         cursor: (epoch, position) of this batch in the rank's plan.
+        source_sizes: per row, the (width, height) of the source image after
+            EXIF orientation (SDXL-style size conditioning, say).
+        source_channels: per row, the source image's channels: 1 gray, 2
+            gray + alpha, 3 colour, 4 colour + alpha.
     """
 
     images: Images
@@ -116,6 +120,8 @@ class Batch:
     cursor: Cursor
     planned_ids: list[str] = field(repr=False, default_factory=list)
     planned_fresh: int = field(repr=False, default=0)
+    source_sizes: list[tuple[int, int]] = field(repr=False, default_factory=list)
+    source_channels: list[int] = field(repr=False, default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -145,6 +151,8 @@ class _Assembler:
         self._errors: list[SampleFailure] = []
         self._planned: list[str] = []
         self._planned_fresh = 0
+        self._source_sizes: list[tuple[int, int]] = []
+        self._source_channels: list[int] = []
 
     def _allocate(self, rows: int, channels: int) -> Images:
         assert self._head is not None
@@ -199,6 +207,8 @@ class _Assembler:
                 continue
             self._ids.append(s.id)
             self._fresh.append(s.fresh)
+            self._source_sizes.append((s.source_width, s.source_height))
+            self._source_channels.append(s.source_channels)
             if in_ring:  # companions follow the images in the record: copy them out
                 planes = []
                 for c in s.companions:
@@ -221,7 +231,7 @@ class _Assembler:
         return Batch(images[:self._rows], self._ids, np.array(self._fresh, bool),
                      self._companions, self._annotations, self._errors,
                      Cursor(msg.cursor.epoch, msg.cursor.position), self._planned,
-                     self._planned_fresh)
+                     self._planned_fresh, self._source_sizes, self._source_channels)
 
 
 class _Call(Protocol):

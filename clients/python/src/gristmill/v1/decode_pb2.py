@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gristmill/v1/decode.proto\x12\x0cgristmill.v1\"`\n\x0c\x42ucketConfig\x12\x12\n\nimage_size\x18\x01 \x01(\x05\x12\x14\n\x0c\x64ownsampling\x18\x02 \x01(\x05\x12\x12\n\nmin_aspect\x18\x03 \x01(\x01\x12\x12\n\nmax_aspect\x18\x04 \x01(\x01\"F\n\x06\x42ucket\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x0e\n\x06\x61spect\x18\x04 \x01(\x01\"*\n\tFixedSize\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\"1\n\x05\x43olor\x12\x0b\n\x03red\x18\x01 \x01(\r\x12\r\n\x05green\x18\x02 \x01(\r\x12\x0c\n\x04\x62lue\x18\x03 \x01(\r\"f\n\x12\x43ompanionTransform\x12(\n\x08resample\x18\x01 \x01(\x0e\x32\x16.gristmill.v1.Resample\x12&\n\x05\x63olor\x18\x02 \x01(\x0e\x32\x17.gristmill.v1.ColorMode\"\xa0\x03\n\tTransform\x12-\n\x07\x62uckets\x18\x01 \x01(\x0b\x32\x1a.gristmill.v1.BucketConfigH\x00\x12(\n\x05\x66ixed\x18\x02 \x01(\x0b\x32\x17.gristmill.v1.FixedSizeH\x00\x12$\n\x04\x63rop\x18\x03 \x01(\x0e\x32\x16.gristmill.v1.CropMode\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12&\n\x05\x63olor\x18\x05 \x01(\x0e\x32\x17.gristmill.v1.ColorMode\x12(\n\x08resample\x18\x06 \x01(\x0e\x32\x16.gristmill.v1.Resample\x12\'\n\nbackground\x18\x07 \x01(\x0b\x32\x13.gristmill.v1.Color\x12(\n\x08\x65ncoding\x18\x08 \x01(\x0e\x32\x16.gristmill.v1.Encoding\x12\x0f\n\x07quality\x18\t \x01(\x05\x12\x12\n\nmax_pixels\x18\n \x01(\x03\x12\x34\n\ncompanions\x18\x0b \x01(\x0b\x32 .gristmill.v1.CompanionTransformB\x06\n\x04size\":\n\x08StoreRef\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\"N\n\x0bImageSource\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12%\n\x03ref\x18\x02 \x01(\x0b\x32\x16.gristmill.v1.StoreRefH\x00\x42\x08\n\x06source\"\x81\x01\n\x0c\x44\x65\x63odeSample\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x05image\x18\x02 \x01(\x0b\x32\x19.gristmill.v1.ImageSource\x12-\n\ncompanions\x18\x03 \x03(\x0b\x32\x19.gristmill.v1.ImageSource\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"h\n\rDecodeRequest\x12*\n\ttransform\x18\x01 \x01(\x0b\x32\x17.gristmill.v1.Transform\x12+\n\x07samples\x18\x02 \x03(\x0b\x32\x1a.gristmill.v1.DecodeSample\"w\n\x0c\x44\x65\x63odedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x04 \x01(\x05\x12(\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x16.gristmill.v1.Encoding\"\xbd\x01\n\rDecodedSample\x12)\n\x05image\x18\x01 \x01(\x0b\x32\x1a.gristmill.v1.DecodedImage\x12.\n\ncompanions\x18\x02 \x03(\x0b\x32\x1a.gristmill.v1.DecodedImage\x12$\n\x06\x62ucket\x18\x03 \x01(\x0b\x32\x14.gristmill.v1.Bucket\x12\x14\n\x0csource_width\x18\x04 \x01(\x05\x12\x15\n\rsource_height\x18\x05 \x01(\x05\"d\n\x0bSampleError\x12/\n\x06reason\x18\x01 \x01(\x0e\x32\x1f.gristmill.v1.DecodeErrorReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bimage_index\x18\x03 \x01(\x05\"\x7f\n\x0c\x44\x65\x63odeResult\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x06sample\x18\x02 \x01(\x0b\x32\x1b.gristmill.v1.DecodedSampleH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.gristmill.v1.SampleErrorH\x00\x42\x08\n\x06result\"R\n\x0e\x44\x65\x63odeResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.gristmill.v1.DecodeResult\x12\x13\n\x0b\x62\x61tch_index\x18\x02 \x01(\x03\"@\n\x12ListBucketsRequest\x12*\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1a.gristmill.v1.BucketConfig\"<\n\x13ListBucketsResponse\x12%\n\x07\x62uckets\x18\x01 \x03(\x0b\x32\x14.gristmill.v1.Bucket*Q\n\x08\x43ropMode\x12\x19\n\x15\x43ROP_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43ROP_MODE_CENTER\x10\x01\x12\x14\n\x10\x43ROP_MODE_RANDOM\x10\x02*e\n\tColorMode\x12\x1a\n\x16\x43OLOR_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43OLOR_MODE_RGB\x10\x01\x12\x13\n\x0f\x43OLOR_MODE_RGBA\x10\x02\x12\x13\n\x0f\x43OLOR_MODE_GRAY\x10\x03*x\n\x08Resample\x12\x18\n\x14RESAMPLE_UNSPECIFIED\x10\x00\x12\x11\n\rRESAMPLE_AREA\x10\x01\x12\x14\n\x10RESAMPLE_LANCZOS\x10\x02\x12\x13\n\x0fRESAMPLE_LINEAR\x10\x03\x12\x14\n\x10RESAMPLE_NEAREST\x10\x04*[\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x11\n\rENCODING_JPEG\x10\x02\x12\x10\n\x0c\x45NCODING_PNG\x10\x03*\xa3\x02\n\x11\x44\x65\x63odeErrorReason\x12#\n\x1f\x44\x45\x43ODE_ERROR_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x44\x45\x43ODE_ERROR_REASON_CORRUPT\x10\x01\x12!\n\x1d\x44\x45\x43ODE_ERROR_REASON_TRUNCATED\x10\x02\x12*\n&DECODE_ERROR_REASON_UNSUPPORTED_FORMAT\x10\x03\x12!\n\x1d\x44\x45\x43ODE_ERROR_REASON_TOO_LARGE\x10\x04\x12*\n&DECODE_ERROR_REASON_COMPANION_MISMATCH\x10\x05\x12*\n&DECODE_ERROR_REASON_SOURCE_UNAVAILABLE\x10\x06\x32\xac\x01\n\rDecodeService\x12G\n\x06\x44\x65\x63ode\x12\x1b.gristmill.v1.DecodeRequest\x1a\x1c.gristmill.v1.DecodeResponse(\x01\x30\x01\x12R\n\x0bListBuckets\x12 .gristmill.v1.ListBucketsRequest\x1a!.gristmill.v1.ListBucketsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gristmill/v1/decode.proto\x12\x0cgristmill.v1\"`\n\x0c\x42ucketConfig\x12\x12\n\nimage_size\x18\x01 \x01(\x05\x12\x14\n\x0c\x64ownsampling\x18\x02 \x01(\x05\x12\x12\n\nmin_aspect\x18\x03 \x01(\x01\x12\x12\n\nmax_aspect\x18\x04 \x01(\x01\"F\n\x06\x42ucket\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x0e\n\x06\x61spect\x18\x04 \x01(\x01\"*\n\tFixedSize\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\"1\n\x05\x43olor\x12\x0b\n\x03red\x18\x01 \x01(\r\x12\r\n\x05green\x18\x02 \x01(\r\x12\x0c\n\x04\x62lue\x18\x03 \x01(\r\"f\n\x12\x43ompanionTransform\x12(\n\x08resample\x18\x01 \x01(\x0e\x32\x16.gristmill.v1.Resample\x12&\n\x05\x63olor\x18\x02 \x01(\x0e\x32\x17.gristmill.v1.ColorMode\"\xa0\x03\n\tTransform\x12-\n\x07\x62uckets\x18\x01 \x01(\x0b\x32\x1a.gristmill.v1.BucketConfigH\x00\x12(\n\x05\x66ixed\x18\x02 \x01(\x0b\x32\x17.gristmill.v1.FixedSizeH\x00\x12$\n\x04\x63rop\x18\x03 \x01(\x0e\x32\x16.gristmill.v1.CropMode\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12&\n\x05\x63olor\x18\x05 \x01(\x0e\x32\x17.gristmill.v1.ColorMode\x12(\n\x08resample\x18\x06 \x01(\x0e\x32\x16.gristmill.v1.Resample\x12\'\n\nbackground\x18\x07 \x01(\x0b\x32\x13.gristmill.v1.Color\x12(\n\x08\x65ncoding\x18\x08 \x01(\x0e\x32\x16.gristmill.v1.Encoding\x12\x0f\n\x07quality\x18\t \x01(\x05\x12\x12\n\nmax_pixels\x18\n \x01(\x03\x12\x34\n\ncompanions\x18\x0b \x01(\x0b\x32 .gristmill.v1.CompanionTransformB\x06\n\x04size\":\n\x08StoreRef\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\"N\n\x0bImageSource\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12%\n\x03ref\x18\x02 \x01(\x0b\x32\x16.gristmill.v1.StoreRefH\x00\x42\x08\n\x06source\"\x81\x01\n\x0c\x44\x65\x63odeSample\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x05image\x18\x02 \x01(\x0b\x32\x19.gristmill.v1.ImageSource\x12-\n\ncompanions\x18\x03 \x03(\x0b\x32\x19.gristmill.v1.ImageSource\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"h\n\rDecodeRequest\x12*\n\ttransform\x18\x01 \x01(\x0b\x32\x17.gristmill.v1.Transform\x12+\n\x07samples\x18\x02 \x03(\x0b\x32\x1a.gristmill.v1.DecodeSample\"w\n\x0c\x44\x65\x63odedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x04 \x01(\x05\x12(\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x16.gristmill.v1.Encoding\"\xd6\x01\n\rDecodedSample\x12)\n\x05image\x18\x01 \x01(\x0b\x32\x1a.gristmill.v1.DecodedImage\x12.\n\ncompanions\x18\x02 \x03(\x0b\x32\x1a.gristmill.v1.DecodedImage\x12$\n\x06\x62ucket\x18\x03 \x01(\x0b\x32\x14.gristmill.v1.Bucket\x12\x14\n\x0csource_width\x18\x04 \x01(\x05\x12\x15\n\rsource_height\x18\x05 \x01(\x05\x12\x17\n\x0fsource_channels\x18\x06 \x01(\x05\"d\n\x0bSampleError\x12/\n\x06reason\x18\x01 \x01(\x0e\x32\x1f.gristmill.v1.DecodeErrorReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bimage_index\x18\x03 \x01(\x05\"\x7f\n\x0c\x44\x65\x63odeResult\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x06sample\x18\x02 \x01(\x0b\x32\x1b.gristmill.v1.DecodedSampleH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.gristmill.v1.SampleErrorH\x00\x42\x08\n\x06result\"R\n\x0e\x44\x65\x63odeResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.gristmill.v1.DecodeResult\x12\x13\n\x0b\x62\x61tch_index\x18\x02 \x01(\x03\"@\n\x12ListBucketsRequest\x12*\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1a.gristmill.v1.BucketConfig\"<\n\x13ListBucketsResponse\x12%\n\x07\x62uckets\x18\x01 \x03(\x0b\x32\x14.gristmill.v1.Bucket*Q\n\x08\x43ropMode\x12\x19\n\x15\x43ROP_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43ROP_MODE_CENTER\x10\x01\x12\x14\n\x10\x43ROP_MODE_RANDOM\x10\x02*e\n\tColorMode\x12\x1a\n\x16\x43OLOR_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43OLOR_MODE_RGB\x10\x01\x12\x13\n\x0f\x43OLOR_MODE_RGBA\x10\x02\x12\x13\n\x0f\x43OLOR_MODE_GRAY\x10\x03*x\n\x08Resample\x12\x18\n\x14RESAMPLE_UNSPECIFIED\x10\x00\x12\x11\n\rRESAMPLE_AREA\x10\x01\x12\x14\n\x10RESAMPLE_LANCZOS\x10\x02\x12\x13\n\x0fRESAMPLE_LINEAR\x10\x03\x12\x14\n\x10RESAMPLE_NEAREST\x10\x04*[\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x11\n\rENCODING_JPEG\x10\x02\x12\x10\n\x0c\x45NCODING_PNG\x10\x03*\xa3\x02\n\x11\x44\x65\x63odeErrorReason\x12#\n\x1f\x44\x45\x43ODE_ERROR_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x44\x45\x43ODE_ERROR_REASON_CORRUPT\x10\x01\x12!\n\x1d\x44\x45\x43ODE_ERROR_REASON_TRUNCATED\x10\x02\x12*\n&DECODE_ERROR_REASON_UNSUPPORTED_FORMAT\x10\x03\x12!\n\x1d\x44\x45\x43ODE_ERROR_REASON_TOO_LARGE\x10\x04\x12*\n&DECODE_ERROR_REASON_COMPANION_MISMATCH\x10\x05\x12*\n&DECODE_ERROR_REASON_SOURCE_UNAVAILABLE\x10\x06\x32\xac\x01\n\rDecodeService\x12G\n\x06\x44\x65\x63ode\x12\x1b.gristmill.v1.DecodeRequest\x1a\x1c.gristmill.v1.DecodeResponse(\x01\x30\x01\x12R\n\x0bListBuckets\x12 .gristmill.v1.ListBucketsRequest\x1a!.gristmill.v1.ListBucketsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gristmill.v1.decode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CROPMODE']._serialized_start=1965
-  _globals['_CROPMODE']._serialized_end=2046
-  _globals['_COLORMODE']._serialized_start=2048
-  _globals['_COLORMODE']._serialized_end=2149
-  _globals['_RESAMPLE']._serialized_start=2151
-  _globals['_RESAMPLE']._serialized_end=2271
-  _globals['_ENCODING']._serialized_start=2273
-  _globals['_ENCODING']._serialized_end=2364
-  _globals['_DECODEERRORREASON']._serialized_start=2367
-  _globals['_DECODEERRORREASON']._serialized_end=2658
+  _globals['_CROPMODE']._serialized_start=1990
+  _globals['_CROPMODE']._serialized_end=2071
+  _globals['_COLORMODE']._serialized_start=2073
+  _globals['_COLORMODE']._serialized_end=2174
+  _globals['_RESAMPLE']._serialized_start=2176
+  _globals['_RESAMPLE']._serialized_end=2296
+  _globals['_ENCODING']._serialized_start=2298
+  _globals['_ENCODING']._serialized_end=2389
+  _globals['_DECODEERRORREASON']._serialized_start=2392
+  _globals['_DECODEERRORREASON']._serialized_end=2683
   _globals['_BUCKETCONFIG']._serialized_start=43
   _globals['_BUCKETCONFIG']._serialized_end=139
   _globals['_BUCKET']._serialized_start=141
@@ -64,17 +64,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEDIMAGE']._serialized_start=1209
   _globals['_DECODEDIMAGE']._serialized_end=1328
   _globals['_DECODEDSAMPLE']._serialized_start=1331
-  _globals['_DECODEDSAMPLE']._serialized_end=1520
-  _globals['_SAMPLEERROR']._serialized_start=1522
-  _globals['_SAMPLEERROR']._serialized_end=1622
-  _globals['_DECODERESULT']._serialized_start=1624
-  _globals['_DECODERESULT']._serialized_end=1751
-  _globals['_DECODERESPONSE']._serialized_start=1753
-  _globals['_DECODERESPONSE']._serialized_end=1835
-  _globals['_LISTBUCKETSREQUEST']._serialized_start=1837
-  _globals['_LISTBUCKETSREQUEST']._serialized_end=1901
-  _globals['_LISTBUCKETSRESPONSE']._serialized_start=1903
-  _globals['_LISTBUCKETSRESPONSE']._serialized_end=1963
-  _globals['_DECODESERVICE']._serialized_start=2661
-  _globals['_DECODESERVICE']._serialized_end=2833
+  _globals['_DECODEDSAMPLE']._serialized_end=1545
+  _globals['_SAMPLEERROR']._serialized_start=1547
+  _globals['_SAMPLEERROR']._serialized_end=1647
+  _globals['_DECODERESULT']._serialized_start=1649
+  _globals['_DECODERESULT']._serialized_end=1776
+  _globals['_DECODERESPONSE']._serialized_start=1778
+  _globals['_DECODERESPONSE']._serialized_end=1860
+  _globals['_LISTBUCKETSREQUEST']._serialized_start=1862
+  _globals['_LISTBUCKETSREQUEST']._serialized_end=1926
+  _globals['_LISTBUCKETSRESPONSE']._serialized_start=1928
+  _globals['_LISTBUCKETSRESPONSE']._serialized_end=1988
+  _globals['_DECODESERVICE']._serialized_start=2686
+  _globals['_DECODESERVICE']._serialized_end=2858
 # @@protoc_insertion_point(module_scope)

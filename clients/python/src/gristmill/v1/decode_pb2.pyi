@@ -578,10 +578,15 @@ class DecodedSample(_message.Message):
     BUCKET_FIELD_NUMBER: _builtins.int
     SOURCE_WIDTH_FIELD_NUMBER: _builtins.int
     SOURCE_HEIGHT_FIELD_NUMBER: _builtins.int
+    SOURCE_CHANNELS_FIELD_NUMBER: _builtins.int
     source_width: _builtins.int
     """Size of the source after EXIF orientation."""
     source_height: _builtins.int
     """Height of the source after EXIF orientation."""
+    source_channels: _builtins.int
+    """Channels of the source: 1 gray, 2 gray + alpha, 3 colour, 4 colour +
+    alpha (a transparency chunk counts as alpha; CMYK as colour).
+    """
     @_builtins.property
     def image(self) -> Global___DecodedImage:
         """The main image."""
@@ -602,10 +607,11 @@ class DecodedSample(_message.Message):
         bucket: Global___Bucket | None = ...,
         source_width: _builtins.int = ...,
         source_height: _builtins.int = ...,
+        source_channels: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "image", b"image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "companions", b"companions", "image", b"image", "source_height", b"source_height", "source_width", b"source_width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "companions", b"companions", "image", b"image", "source_channels", b"source_channels", "source_height", b"source_height", "source_width", b"source_width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -413,6 +413,9 @@ class BatchSample(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     COMPANIONS_FIELD_NUMBER: _builtins.int
     ANNOTATIONS_FIELD_NUMBER: _builtins.int
+    SOURCE_WIDTH_FIELD_NUMBER: _builtins.int
+    SOURCE_HEIGHT_FIELD_NUMBER: _builtins.int
+    SOURCE_CHANNELS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Sample id (the store path)."""
     fresh: _builtins.bool
@@ -424,6 +427,14 @@ class BatchSample(_message.Message):
     JSON array of objects {"annotation", "data", "schema", "schema_version"}
     ordered by annotation id ("[]" when it has none). Empty when the spec
     names no release.
+    """
+    source_width: _builtins.int
+    """Width of the source image after EXIF orientation (0 when the sample failed)."""
+    source_height: _builtins.int
+    """Height of the source image after EXIF orientation (0 when the sample failed)."""
+    source_channels: _builtins.int
+    """Channels of the source image: 1 gray, 2 gray + alpha, 3 colour, 4 colour
+    + alpha (0 when the sample failed).
     """
     @_builtins.property
     def error(self) -> _decode_pb2.SampleError:
@@ -441,10 +452,13 @@ class BatchSample(_message.Message):
         error: _decode_pb2.SampleError | None = ...,
         companions: _abc.Iterable[_decode_pb2.DecodedImage] | None = ...,
         annotations: _builtins.str = ...,
+        source_width: _builtins.int = ...,
+        source_height: _builtins.int = ...,
+        source_channels: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "companions", b"companions", "error", b"error", "fresh", b"fresh", "id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "companions", b"companions", "error", b"error", "fresh", b"fresh", "id", b"id", "source_channels", b"source_channels", "source_height", b"source_height", "source_width", b"source_width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

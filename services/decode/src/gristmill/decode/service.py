@@ -77,6 +77,7 @@ def result_message(sample_id: str, result: SampleResult) -> decode_pb2.DecodeRes
     if result.bucket is not None:
         out.bucket.CopyFrom(bucket_message(result.bucket))
     out.source_width, out.source_height = result.source_size
+    out.source_channels = result.source_channels
     return msg
 
 

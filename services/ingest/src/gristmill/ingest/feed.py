@@ -217,6 +217,7 @@ def _add_sample(msg: ingest_pb2.StreamBatchesResponse, batch: DecodedBatch, k: i
         return []
     assert result.image is not None
     msg.channels = result.image.shape[2]
+    sample.source_width, sample.source_height, sample.source_channels = result.source
     ingest_metrics.INGEST_SAMPLES.labels("ok" if sample.fresh else "repeat").inc()
     for c in result.companions:
         h, w, ch = c.shape

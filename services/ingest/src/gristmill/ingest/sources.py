@@ -57,21 +57,25 @@ class Decoded:
     error: decode_pb2.SampleError | None
     image: Plane | None = None
     companions: tuple[Plane, ...] = ()
+    #: The source's (width, height, channels); zeros for an error.
+    source: tuple[int, int, int] = (0, 0, 0)
 
     @classmethod
     def local(cls, sample_id: str, result: DecodedSample | DecodeError) -> Decoded:
         """From the decoder of this process."""
         if isinstance(result, DecodeError):
             return cls(result_message(sample_id, result).error)
-        return cls(None, result.image.pixels, tuple(c.pixels for c in result.companions))
+        return cls(None, result.image.pixels, tuple(c.pixels for c in result.companions),
+                   (*result.source_size, result.source_channels))
 
     @classmethod
     def remote(cls, result: decode_pb2.DecodeResult) -> Decoded:
         """From a decode service's result (raw encoding)."""
         if result.HasField("error"):
             return cls(result.error)
-        return cls(None, to_array(result.sample.image),
-                   tuple(to_array(c) for c in result.sample.companions))
+        s = result.sample
+        return cls(None, to_array(s.image), tuple(to_array(c) for c in s.companions),
+                   (s.source_width, s.source_height, s.source_channels))
 
 
 #: Blocks until a batch's results are ready, then returns them in order.
