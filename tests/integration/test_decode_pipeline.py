@@ -81,6 +81,33 @@ def test_exif_orientation_is_applied(orientation: int) -> None:
         assert np.abs(out[y, x].astype(int) - color).max() < 30, (orientation, y, x, out[y, x])
 
 
+def _with_exif(exif: bytes, order: bytes = b"II") -> bytes:
+    """A small JPEG whose APP1 segment holds ``exif`` (after the Exif marker)."""
+    body = images.encode(images.gradient(16, 8), "JPEG")
+    app1 = b"Exif\0\0" + exif
+    return body[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + body[2:]
+
+
+@pytest.mark.parametrize("exif", [
+    b"", b"II", b"II*\0\xff\xff\xff\xff", b"MM\0*\0\0\0\x08\xff\xff",
+    b"II*\0\x08\0\0\0\x01\0\x12\x01\x03\0\x01\0\0\0\x09\0\0\0",  # orientation 9
+    b"II*\0\x08\0\0\0\x01\0\x12\x01\x03\0\x01\0\0\0\x06\0\0\0",  # 6, little-endian
+    b"MM\0*\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0\x08\0\0",  # 8, big-endian
+    b"II*\0\x08\0\0\0\x05\0\x12\x01\x03\0",  # entries cut short
+], ids=["empty", "order-only", "bad-offset", "huge-count", "out-of-range", "le-6", "be-8",
+        "truncated"])
+def test_exif_orientation_is_read_as_pillow_reads_it(exif: bytes) -> None:
+    data = _with_exif(exif)
+    with Image.open(io.BytesIO(data)) as im:
+        try:
+            value = im.getexif().get(0x0112, 1)
+        except Exception:  # noqa: BLE001 - Pillow gives up on some broken blocks: as stored
+            value = 1
+    expected = value if isinstance(value, int) and 1 <= value <= 8 else 1
+    info = decode_sample(data, Transform(size=(8, 8)))
+    assert info.source_size == ((8, 16) if expected >= 5 else (16, 8))
+
+
 @pytest.mark.parametrize("make", [images.cmyk_jpeg, images.ycck_jpeg])
 def test_cmyk_and_ycck_jpegs_become_rgb(make: object) -> None:
     data = make((255, 0, 0, 0))  # type: ignore[operator]
@@ -148,6 +175,28 @@ def test_the_source_channels_and_size_are_reported(data: bytes, channels: int) -
     with Image.open(io.BytesIO(data)) as im:
         assert out.source_size == im.size
     assert out.source_channels == channels
+
+
+@pytest.mark.parametrize(("mode", "color"), [("L", Color.RGB), ("RGB", Color.RGB),
+                                            ("RGBA", Color.RGBA), ("RGBA", Color.RGB)])
+def test_plain_pngs_decode_to_their_exact_pixels(mode: str, color: Color) -> None:
+    # plain 8-bit PNGs go through OpenCV, the rest through libvips: both must give the file's
+    # own pixels (the bucket here is the file's size, so nothing is resampled)
+    rgb = images.gradient(40, 30, seed=4)
+    a = {"L": rgb[..., :1], "RGB": rgb,
+         "RGBA": np.dstack([rgb, np.arange(40, dtype=np.uint8)[None, :].repeat(30, 0) * 6])}[mode]
+    data = images.encode(a, "PNG")
+    out = decode_sample(data, Transform(size=(40, 30), color=color)).image.pixels
+    with Image.open(io.BytesIO(data)) as im:
+        expected = np.asarray(im.convert("RGBA" if color is Color.RGBA else "RGB"))
+    if mode == "RGBA" and color is Color.RGB:  # flattened over white
+        expected = np.rint(rgb * (a[..., 3:] / 255) + 255 * (1 - a[..., 3:] / 255))
+        assert np.abs(out.astype(float) - expected).max() <= 1
+    else:
+        np.testing.assert_array_equal(out, expected)
+    with pytest.raises(DecodeError) as e:
+        decode_sample(data[:len(data) // 2], Transform(size=(40, 30), color=color))
+    assert e.value.reason is Reason.TRUNCATED
 
 
 def test_rgba_png_composited_unless_alpha_kept() -> None:
