@@ -120,6 +120,32 @@ def test_second_start_reads_no_header_and_only_changed_ones_later(
     assert FolderStore(photos, show_progress=False).listing.header_reads == 0
 
 
+def test_index_follows_changes_in_the_middle_of_long_listings(
+        tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # unchanged stretches are matched whole against the index; a change anywhere must
+    # still be seen, and the stretches after it must match again
+    monkeypatch.setattr(folderindex, "CHUNK", 8)
+    root = tmp_path / "many"
+    make_sample_folder(root, count=60, max_side=64)
+    first = FolderStore(root, show_progress=False)
+    assert first.listing.header_reads == 60
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files[20].unlink()  # removed
+    files[33].write_bytes(jpeg_bytes(48, 16))  # rewritten in place
+    (files[40].parent / "zz-new.jpg").write_bytes(jpeg_bytes(16, 48))  # added
+    again = FolderStore(root, show_progress=False)
+    assert again.listing.header_reads == 2
+    by_path = {e.path: e.image for e in again.entries}
+    removed, changed = (f.relative_to(root).as_posix() for f in (files[20], files[33]))
+    assert removed not in by_path and len(by_path) == 60
+    assert (by_path[changed].width, by_path[changed].height) == (48, 16)
+    indexed = {row[0] for row in HeaderIndex(again.root).load()}
+    assert removed not in indexed and len(indexed) == 60
+    third = FolderStore(root, show_progress=False)
+    assert third.listing.header_reads == 0 and third.version == again.version
+    assert [e.image for e in third.entries] == [e.image for e in again.entries]
+
+
 def test_corrupt_index_is_ignored_and_rebuilt(photos: Path, cache: Path) -> None:
     store = FolderStore(photos, show_progress=False)
     index = HeaderIndex(store.root)

@@ -17,6 +17,7 @@ clears it. A corrupt or foreign file is discarded and rebuilt.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import logging
@@ -26,6 +27,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
+from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -87,21 +89,23 @@ def _walk(directory: str, rel_dir: str) -> Iterator[tuple[str, str, int, int]]:
         return
     keyed: list[tuple[str, os.DirEntry[str], bool]] = []
     for ent in entries:
+        name = ent.name
         try:
             if ent.is_dir(follow_symlinks=False):
-                keyed.append((ent.name + "/", ent, True))
-            elif "." + ent.name.rpartition(".")[2].lower() in IMAGE_SUFFIXES and ent.is_file():
-                keyed.append((ent.name, ent, False))
+                keyed.append((name + "/", ent, True))
+            elif name[name.rfind("."):].lower() in IMAGE_SUFFIXES and ent.is_file():
+                keyed.append((name, ent, False))
         except OSError:
             continue
-    keyed.sort(key=lambda k: k[0])
+    keyed.sort(key=itemgetter(0))
     for _, ent, is_dir in keyed:
         rel = rel_dir + ent.name
-        try:
-            rel.encode("utf-8")
-        except UnicodeEncodeError:
-            log.warning("skipping %s: its name is not valid UTF-8", ent.path)
-            continue
+        if not rel.isascii():
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                log.warning("skipping %s: its name is not valid UTF-8", ent.path)
+                continue
         if is_dir:
             yield from _walk(ent.path, rel + "/")
             continue
@@ -121,6 +125,50 @@ def _read(path: str) -> tuple[int, int, str, int]:
 
 
 Row = tuple[int, int, int, int, str, int]  # size, mtime_ns, width, height, format, orientation
+IndexRow = tuple[str, int, int, int, int, str, int]  # path, then a Row
+
+
+class _Known:
+    """The index's rows, matched against the walk a stretch at a time.
+
+    Both are in path order, so an unchanged stretch of the folder is one
+    slice comparison; a changed one falls back to lookups by path.
+    """
+
+    def __init__(self, rows: list[IndexRow]) -> None:
+        self.rows = rows
+        self.keys = [r[:3] for r in rows]
+        self.paths = [r[0] for r in rows]
+        self.hit = bytearray(len(rows))  # rows whose path the walk met
+        self._by_path: dict[str, int] | None = None
+        #: rows to write: new or changed files
+        self.changed: list[tuple[str, Row]] = []
+
+    def same(self, keys: list[tuple[str, int, int]]) -> list[FolderFile] | None:
+        """The files of an unchanged stretch (path, size, mtime as indexed); else None."""
+        start = bisect.bisect_left(self.paths, keys[0][0])
+        end = start + len(keys)
+        if self.keys[start:end] != keys:
+            return None
+        self.hit[start:end] = b"\1" * len(keys)
+        return list(map(FolderFile._make, self.rows[start:end]))
+
+    def get(self, path: str, size: int, mtime_ns: int) -> IndexRow | None:
+        """The row of an unchanged file; None if it is new or changed."""
+        if self._by_path is None:
+            self._by_path = {p: i for i, p in enumerate(self.paths)}
+        i = self._by_path.get(path)
+        if i is None:
+            return None
+        self.hit[i] = 1
+        row = self.rows[i]
+        return row if row[1] == size and row[2] == mtime_ns else None
+
+    def removed(self) -> list[str]:
+        """Indexed paths the walk did not meet."""
+        if self.hit.count(0) == 0:
+            return []
+        return [p for p, hit in zip(self.paths, self.hit, strict=True) if not hit]
 
 
 class HeaderIndex:
@@ -146,8 +194,8 @@ class HeaderIndex:
             with contextlib.suppress(OSError):
                 os.unlink(f"{self.path}{suffix}")
 
-    def load(self) -> dict[str, Row]:
-        """Every row, or nothing when the file is missing, corrupt or of another folder."""
+    def load(self) -> list[IndexRow]:
+        """Every row (path first) in path order; nothing when missing, corrupt or foreign."""
         for attempt in (0, 1):
             try:
                 con = self._connect()
@@ -156,20 +204,20 @@ class HeaderIndex:
                     if meta and (meta.get("root") != self.root or
                                  meta.get("schema") != str(SCHEMA)):
                         raise sqlite3.DatabaseError("it belongs to another folder or version")
-                    return {r[0]: r[1:] for r in con.execute(
+                    return con.execute(
                         "SELECT path, size, mtime_ns, width, height, format, orientation "
-                        "FROM headers")}
+                        "FROM headers ORDER BY path").fetchall()
                 finally:
                     con.close()
             except sqlite3.DatabaseError as e:
                 if attempt:
                     log.warning("folder index %s cannot be used: %s", self.path, e)
-                    return {}
+                    return []
                 self._discard(e)
             except OSError as e:
                 log.warning("folder index %s cannot be used: %s", self.path, e)
-                return {}
-        return {}
+                return []
+        return []
 
     def save(self, changed: list[tuple[str, Row]], removed: list[str]) -> None:
         """Write ``changed`` rows and delete ``removed`` paths in one transaction."""
@@ -225,38 +273,42 @@ class FolderListing:
             self._cond.notify_all()
 
     def _list(self) -> None:
-        known = self.index.load() if self.index is not None else {}
-        changed: list[tuple[str, Row]] = []
-        seen: set[str] = set()
         pool = ThreadPoolExecutor(self.workers, "gristmill-header") if self.workers > 1 else None
         try:
+            known = _Known(self.index.load() if self.index is not None else [])
             entries = walk(self.root)
-            while not self._stop.is_set():
+            chunk = list(islice(entries, CHUNK))
+            while chunk and not self._stop.is_set():
+                self._take_chunk(chunk, known, pool)
                 chunk = list(islice(entries, CHUNK))
-                if not chunk:
-                    break
-                misses = [e for e in chunk if (row := known.get(e[0])) is None
-                          or row[0] != e[2] or row[1] != e[3]]
-                paths = [e[1] for e in misses]
-                headers = list(pool.map(_read, paths) if pool is not None else map(_read, paths))
-                fresh = {e[0]: (e[2], e[3], *h) for e, h in zip(misses, headers, strict=True)}
-                changed.extend(fresh.items())
-                files = [FolderFile(rel, size, mtime, *(fresh.get(rel) or known[rel])[2:])
-                         for rel, _, size, mtime in chunk]
-                self._digest.update("".join(f"{rel}\t{size}\t{mtime}\n"
-                                            for rel, _, size, mtime in chunk).encode())
-                seen.update(f.path for f in files)
-                with self._cond:
-                    self.files.extend(files)
-                    self.header_reads += len(misses)
-                    self._cond.notify_all()
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
         if self.index is not None and not self._stop.is_set():
-            removed = [p for p in known if p not in seen]
-            if changed or removed:
-                self.index.save(changed, removed)
+            removed = known.removed()
+            if known.changed or removed:
+                self.index.save(known.changed, removed)
+
+    def _take_chunk(self, chunk: list[tuple[str, str, int, int]], known: _Known,
+                    pool: ThreadPoolExecutor | None) -> None:
+        keys = [(rel, size, mtime) for rel, _, size, mtime in chunk]
+        files = known.same(keys)
+        misses: list[tuple[str, str, int, int]] = []
+        if files is None:  # something changed in this stretch: file by file
+            rows = [known.get(e[0], e[2], e[3]) for e in chunk]
+            misses = [e for e, row in zip(chunk, rows, strict=True) if row is None]
+            paths = [e[1] for e in misses]
+            headers = list(pool.map(_read, paths) if pool is not None else map(_read, paths))
+            fresh = {e[0]: (e[2], e[3], *h) for e, h in zip(misses, headers, strict=True)}
+            known.changed.extend(fresh.items())
+            files = [FolderFile(rel, size, mtime, *(row[3:] if row is not None
+                                                    else fresh[rel][2:]))
+                     for (rel, _, size, mtime), row in zip(chunk, rows, strict=True)]
+        self._digest.update(repr(keys).encode())
+        with self._cond:
+            self.files.extend(files)
+            self.header_reads += len(misses)
+            self._cond.notify_all()
 
     def take(self, start: int, limit: int) -> list[FolderFile]:
         """Up to ``limit`` files from ``start``: waits for one at least; [] once the list ended."""

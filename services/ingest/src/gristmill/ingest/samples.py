@@ -218,11 +218,18 @@ class Samples:
             return cls._with_companions(spec, info, rows, chosen)
         if not chosen:
             raise _no_samples(spec)
-        ids = tuple([r[0] for r in chosen])
+        return cls.from_columns(info, [r[0] for r in chosen], [r[2] for r in chosen],
+                                [r[3] for r in chosen], [r[4] for r in chosen])
+
+    @classmethod
+    def from_columns(cls, info: SpecInfo, paths: Sequence[str], widths: Sequence[int],
+                     heights: Sequence[int], sizes: Sequence[int]) -> Samples:
+        """Samples without companions from columns of the chosen images, sorted by path."""
+        ids = tuple(paths)
         bucketed = len(info.buckets) > 1  # one bucket: no sizes needed
-        sample_set = _sample_set(info, ids, [r[2] for r in chosen] if bucketed else (),
-                                 [r[3] for r in chosen] if bucketed else ())
-        return cls(sample_set, ((),) * len(ids), tuple([r[4] for r in chosen]))
+        sample_set = _sample_set(info, ids, widths if bucketed else (),
+                                 heights if bucketed else ())
+        return cls(sample_set, ((),) * len(ids), tuple(sizes))
 
     @classmethod
     def _with_companions(cls, spec: ingest_pb2.PlanSpec, info: SpecInfo,
