@@ -122,6 +122,18 @@ def test_bad_base_urls(base_url: str) -> None:
         parse_base_url(base_url)
 
 
+def test_a_plain_url_stays_plain_whatever_the_environment(
+        fed: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GRISTMILL_CA_FILE switches the native clients to TLS; an http:// or grpc:// base_url
+    # says plain gRPC and must win, or a training job with the variable set cannot connect
+    (tmp_path / "tls").mkdir()
+    cert, _ = make_certificate(tmp_path / "tls")
+    monkeypatch.setenv("GRISTMILL_CA_FILE", str(cert))
+    port = fed.address.rsplit(":", 1)[1]
+    for base_url in (url(fed), f"grpc://127.0.0.1:{port}"):
+        assert DatasetHubClient(base_url, fed.admin_key, None).list_datasets() == [DATASET]
+
+
 def test_host_port_and_https_reach_the_server(fed: Running, tmp_path: Path) -> None:
     assert DatasetHubClient(fed.address, fed.admin_key, None).list_datasets() == [DATASET]
     port = fed.address.rsplit(":", 1)[1]

@@ -58,22 +58,30 @@ class ConnectionOptions:
     """Where and how to connect; unset fields come from the environment.
 
     ``GRISTMILL_ADDRESS``, ``GRISTMILL_API_KEY`` and ``GRISTMILL_CA_FILE``
-    (a PEM root certificate, which switches the channel to TLS).
+    (a PEM root certificate, which switches the channel to TLS). ``plaintext``
+    True keeps the channel plain whatever ``GRISTMILL_CA_FILE`` says (an
+    ``http://`` or ``grpc://`` address asked for it).
     """
 
     address: str | None = None
     api_key: str | None = None
     ca_file: Path | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    plaintext: bool = False
 
     def resolved(self) -> ConnectionOptions:
         """A copy with environment defaults filled in."""
-        ca = self.ca_file or (Path(v) if (v := os.environ.get("GRISTMILL_CA_FILE")) else None)
+        if self.plaintext and self.ca_file is not None:
+            raise ValueError("a plaintext connection was asked for together with a CA file; "
+                             "drop one of them")
+        ca = self.ca_file or (Path(v) if not self.plaintext and
+                              (v := os.environ.get("GRISTMILL_CA_FILE")) else None)
         return ConnectionOptions(
             address=self.address or os.environ.get("GRISTMILL_ADDRESS") or DEFAULT_ADDRESS,
             api_key=self.api_key or os.environ.get("GRISTMILL_API_KEY") or None,
             ca_file=ca,
             max_message_bytes=self.max_message_bytes,
+            plaintext=self.plaintext,
         )
 
 

@@ -126,8 +126,10 @@ class DatasetHubClient:
         self.address = address
         self.cache_dir: Path | None = Path(cache_dir) if cache_dir else None
         try:
+            # an explicit http:// or grpc:// stays plain even with GRISTMILL_CA_FILE set
             self.hub = Hub(address, api_key or None, self.cache_dir, ca_file=ca,
-                           show_progress=False, cache_limit=cache_limit)
+                           show_progress=False, cache_limit=cache_limit,
+                           plaintext=not tls and "://" in str(base_url))
         except InvalidArgument as e:
             raise ValueError(e.message) from e
 

@@ -150,16 +150,20 @@ class Hub:
         cache_limit: most bytes of cached files in ``cache_dir`` (all stores);
             the least recently used files are deleted whole to stay under it,
             never a file being returned. None: unbounded.
+        plaintext: keep the connection plain even where ``GRISTMILL_CA_FILE``
+            is set (a server known to serve without TLS).
     """
 
     def __init__(self, address: str | None = None, api_key: str | None = None,
                  cache_dir: Path | str | None | object = _DEFAULT, *,
                  ca_file: Path | None = None, workers: int = 4,
-                 show_progress: bool = True, cache_limit: int | None = None) -> None:
+                 show_progress: bool = True, cache_limit: int | None = None,
+                 plaintext: bool = False) -> None:
         if cache_limit is not None and cache_limit < 0:
             raise InvalidArgument("cache_limit", f"{cache_limit} is negative; give a number of "
                                   "bytes, or None for no limit")
-        self.options = ConnectionOptions(address, api_key, ca_file).resolved()
+        self.options = ConnectionOptions(address, api_key, ca_file,
+                                         plaintext=plaintext).resolved()
         self._channel = open_channel(self.options)
         self._stub = store_pb2_grpc.StoreServiceStub(self._channel)
         self.workers = workers
