@@ -5,8 +5,8 @@ readers follow the list as it grows (the hash and sequential policies start
 planning at once). Image headers (size, orientation) are read by
 :func:`gristmill.client.imageinfo.read_header` on a few threads, and kept in
 a :class:`HeaderIndex` on disk, keyed by (path, size, mtime_ns), so the next
-start on an unchanged folder reads no header: one ``os.scandir`` walk and one
-SQLite query.
+start on an unchanged folder reads no header: one ``os.scandir`` walk (a
+``stat`` per file) and one read of the stored listing.
 
 The index is a SQLite file per folder (keyed by its real path) under
 ``$GRISTMILL_CACHE_DIR/folder-index`` (default ``~/.cache/gristmill``),
@@ -20,16 +20,18 @@ from __future__ import annotations
 import bisect
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import sqlite3
 import threading
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, get_type_hints
 
 from gristmill.client.imageinfo import read_header
 from gristmill.client.private import private_database
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff"})
 #: Files listed (and their headers read) per step; readers see the list grow by this much.
 CHUNK = 256
-SCHEMA = 1
+SCHEMA = 2
 
 
 class FolderFile(NamedTuple):
@@ -164,15 +166,19 @@ class _Known:
         row = self.rows[i]
         return row if row[1] == size and row[2] == mtime_ns else None
 
-    def removed(self) -> list[str]:
-        """Indexed paths the walk did not meet."""
-        if self.hit.count(0) == 0:
-            return []
-        return [p for p, hit in zip(self.paths, self.hit, strict=True) if not hit]
+    def unchanged(self, listed: int) -> bool:
+        """Whether the walk, ``listed`` files, met exactly the indexed files, unchanged."""
+        return listed == len(self.rows) and not self.changed and self.hit.count(0) == 0
 
 
 class HeaderIndex:
-    """Headers of one folder's files in a private SQLite file, keyed by (path, size, mtime_ns)."""
+    """A folder's listing with headers, in a private SQLite file.
+
+    One row holds the whole listing as zlib-compressed JSON columns (path,
+    size, mtime_ns, width, height, format, orientation, in path order) and
+    its digest: a 100k-file listing loads in ~0.07 s, against ~0.1 s for as
+    many SQLite rows, and an unchanged folder's digest needs no hashing.
+    """
 
     def __init__(self, root: Path, directory: Path | None = None) -> None:
         self.root = str(root)
@@ -183,9 +189,8 @@ class HeaderIndex:
         private_database(self.path)
         con = sqlite3.connect(self.path, timeout=10, isolation_level=None)
         con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        con.execute("CREATE TABLE IF NOT EXISTS headers (path TEXT PRIMARY KEY, size INTEGER, "
-                    "mtime_ns INTEGER, width INTEGER, height INTEGER, format TEXT, "
-                    "orientation INTEGER)")
+        con.execute("CREATE TABLE IF NOT EXISTS listing (id INTEGER PRIMARY KEY CHECK (id = 0), "
+                    "digest TEXT NOT NULL, columns BLOB NOT NULL)")
         return con
 
     def _discard(self, why: object) -> None:
@@ -194,8 +199,8 @@ class HeaderIndex:
             with contextlib.suppress(OSError):
                 os.unlink(f"{self.path}{suffix}")
 
-    def load(self) -> list[IndexRow]:
-        """Every row (path first) in path order; nothing when missing, corrupt or foreign."""
+    def load(self) -> tuple[list[IndexRow], str]:
+        """Every row (path first) in path order, and their digest; nothing if unusable."""
         for attempt in (0, 1):
             try:
                 con = self._connect()
@@ -204,37 +209,61 @@ class HeaderIndex:
                     if meta and (meta.get("root") != self.root or
                                  meta.get("schema") != str(SCHEMA)):
                         raise sqlite3.DatabaseError("it belongs to another folder or version")
-                    return con.execute(
-                        "SELECT path, size, mtime_ns, width, height, format, orientation "
-                        "FROM headers ORDER BY path").fetchall()
+                    found = con.execute("SELECT digest, columns FROM listing").fetchone()
                 finally:
                     con.close()
-            except sqlite3.DatabaseError as e:
+                return _columns_rows(found[1]) if found else [], found[0] if found else ""
+            except (sqlite3.DatabaseError, ValueError) as e:
                 if attempt:
                     log.warning("folder index %s cannot be used: %s", self.path, e)
-                    return []
+                    return [], ""
                 self._discard(e)
             except OSError as e:
                 log.warning("folder index %s cannot be used: %s", self.path, e)
-                return []
-        return []
+                return [], ""
+        return [], ""
 
-    def save(self, changed: list[tuple[str, Row]], removed: list[str]) -> None:
-        """Write ``changed`` rows and delete ``removed`` paths in one transaction."""
+    def save(self, files: list[FolderFile], digest: str) -> None:
+        """Replace the listing by ``files`` (in path order), whose digest is ``digest``."""
+        columns = zlib.compress(json.dumps([list(c) for c in zip(*files, strict=True)] or
+                                           [[]] * len(FolderFile._fields),
+                                           separators=(",", ":")).encode(), 1)
         try:
             con = self._connect()
             try:
                 con.execute("BEGIN IMMEDIATE")
                 con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                 [("root", self.root), ("schema", str(SCHEMA))])
-                con.executemany("DELETE FROM headers WHERE path = ?", [(p,) for p in removed])
-                con.executemany("INSERT OR REPLACE INTO headers VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                [(p, *row) for p, row in changed])
+                con.execute("INSERT OR REPLACE INTO listing VALUES (0, ?, ?)", (digest, columns))
                 con.execute("COMMIT")
             finally:
                 con.close()
         except (sqlite3.Error, OSError) as e:  # a cache: the listing stands without it
             log.warning("could not update the folder index %s: %s", self.path, e)
+
+
+#: Python type of each FolderFile field, as the index stores it.
+_COLUMN_TYPES = tuple(get_type_hints(FolderFile).values())
+
+
+def _columns_rows(blob: bytes) -> list[IndexRow]:
+    """Rows of a stored listing; ValueError if it is not one (corrupt or foreign)."""
+    try:
+        columns = json.loads(zlib.decompress(blob))
+    except (zlib.error, ValueError, RecursionError) as e:
+        raise ValueError(f"the listing is not readable ({e})") from None
+    if (not isinstance(columns, list) or len(columns) != len(_COLUMN_TYPES)
+            or not all(isinstance(c, list) for c in columns)
+            or len({len(c) for c in columns}) != 1
+            or any(set(map(type, c)) - {kind} for c, kind in zip(columns, _COLUMN_TYPES,
+                                                                  strict=True))):
+        raise ValueError("the listing has the wrong shape or types")
+    return list(zip(*columns, strict=True))
+
+
+def listing_digest(files: list[FolderFile]) -> str:
+    """Digest of the (path, size, mtime_ns) of ``files``, in order: the folder's version."""
+    return hashlib.sha256(repr([f[:3] for f in files]).encode()).hexdigest()
 
 
 class FolderListing:
@@ -255,7 +284,7 @@ class FolderListing:
         self.error: BaseException | None = None
         #: headers read from files (not from the index) by this listing
         self.header_reads = 0
-        self._digest = hashlib.sha256()
+        self._digest = ""
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gristmill-folder-listing",
@@ -275,7 +304,8 @@ class FolderListing:
     def _list(self) -> None:
         pool = ThreadPoolExecutor(self.workers, "gristmill-header") if self.workers > 1 else None
         try:
-            known = _Known(self.index.load() if self.index is not None else [])
+            rows, indexed_digest = self.index.load() if self.index is not None else ([], "")
+            known = _Known(rows)
             entries = walk(self.root)
             chunk = list(islice(entries, CHUNK))
             while chunk and not self._stop.is_set():
@@ -284,10 +314,14 @@ class FolderListing:
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
-        if self.index is not None and not self._stop.is_set():
-            removed = known.removed()
-            if known.changed or removed:
-                self.index.save(known.changed, removed)
+        if self._stop.is_set():
+            self._digest = listing_digest(self.files)
+        elif known.unchanged(len(self.files)) and indexed_digest:
+            self._digest = indexed_digest  # the indexed listing, hashed when it was saved
+        else:
+            self._digest = listing_digest(self.files)
+            if self.index is not None:
+                self.index.save(self.files, self._digest)
 
     def _take_chunk(self, chunk: list[tuple[str, str, int, int]], known: _Known,
                     pool: ThreadPoolExecutor | None) -> None:
@@ -304,7 +338,6 @@ class FolderListing:
             files = [FolderFile(rel, size, mtime, *(row[3:] if row is not None
                                                     else fresh[rel][2:]))
                      for (rel, _, size, mtime), row in zip(chunk, rows, strict=True)]
-        self._digest.update(repr(keys).encode())
         with self._cond:
             self.files.extend(files)
             self.header_reads += len(misses)
@@ -338,7 +371,7 @@ class FolderListing:
     @property
     def digest(self) -> str:
         """Digest of (path, size, mtime) of every file; valid once :meth:`wait` returned."""
-        return self._digest.hexdigest()
+        return self._digest
 
     def close(self) -> None:
         """Stop listing (readers see the list end where it stopped)."""
