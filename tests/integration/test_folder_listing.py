@@ -175,6 +175,26 @@ def test_a_tampered_listing_is_discarded(photos: Path, cache: Path, columns: byt
     assert FolderStore(photos, show_progress=False).listing.header_reads == 0
 
 
+def test_walk_follows_file_links_not_directory_links(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "deep.jpg").write_bytes(b"x" * 3)
+    (root / "a.jpg").write_bytes(b"x" * 5)
+    (root / "notes.txt").write_bytes(b"not an image")
+    (root / "link.jpg").symlink_to(root / "a.jpg")  # a link to a file: listed
+    (root / "loop").symlink_to(root)  # a link to a directory: not walked
+    (root / "a" / "up").symlink_to(root / "a")
+    os.mkdir(os.path.join(os.fsencode(root), b"bad-\xff"))
+    (Path(os.fsdecode(os.path.join(os.fsencode(root), b"bad-\xff"))) / "x.jpg").write_bytes(b"x")
+    with caplog.at_level("WARNING"):
+        listed = list(folderindex.walk(root))
+    assert [(rel, size) for rel, _, size, _ in listed] == [
+        ("a.jpg", 5), ("a/b/deep.jpg", 3), ("link.jpg", 5)]  # "." sorts before "/"
+    assert all(Path(full).read_bytes() == b"x" * size for _, full, size, _ in listed)
+    assert "not valid UTF-8" in caplog.text
+
+
 def test_index_can_be_turned_off(photos: Path, cache: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     FolderStore(photos, show_progress=False, folder_index=False)
