@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gristmill.client.imageinfo import read_header
 from gristmill.decode import (
     BucketConfig,
     Color,
@@ -86,6 +87,19 @@ def _with_exif(exif: bytes, order: bytes = b"II") -> bytes:
     body = images.encode(images.gradient(16, 8), "JPEG")
     app1 = b"Exif\0\0" + exif
     return body[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + body[2:]
+
+
+def test_xmp_orientation_is_applied_as_the_store_plans_it() -> None:
+    # the store and Loader.from_folder bucket a JPEG by its Exif orientation, else its XMP
+    # one (gristmill.client.imageinfo); the decoder must turn it the same way
+    body = images.encode(images.gradient(16, 8), "JPEG")
+    xmp = (b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta><rdf:RDF><rdf:Description "
+           b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    data = body[:2] + b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp + body[2:]
+    header = read_header(data)
+    assert header is not None and header.orientation == 6
+    assert decode_sample(data, Transform(size=(8, 8))).source_size == (header.width,
+                                                                       header.height) == (8, 16)
 
 
 @pytest.mark.parametrize("exif", [
