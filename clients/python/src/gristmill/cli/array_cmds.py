@@ -14,7 +14,7 @@ from typing import Any
 
 from gristmill.cli.cache_cmds import human_size
 from gristmill.client.channel import ConnectionOptions, open_channel
-from gristmill.client.errors import call_rpc
+from gristmill.client.errors import call_pages, call_rpc
 from gristmill.v1 import arrays_pb2, arrays_pb2_grpc
 
 __all__ = ["add_array_commands", "describe"]
@@ -68,12 +68,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     stub = _stub(args)
     request = arrays_pb2.ListArraysRequest(page_size=1000)
     found: list[dict[str, Any]] = []
-    while True:
-        page = call_rpc(stub.ListArrays, request)
+    for page in call_pages(stub.ListArrays, request):
         found.extend(describe(a) for a in page.arrays)
-        if not page.next_page_token:
-            break
-        request.page_token = page.next_page_token
     if args.json:
         print(json.dumps(found, indent=2, sort_keys=True))
         return 0

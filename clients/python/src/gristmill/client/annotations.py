@@ -38,6 +38,7 @@ from gristmill.client.errors import (
     DataLoss,
     InvalidArgument,
     Unavailable,
+    call_pages,
     call_rpc,
     stream_rpc,
 )
@@ -222,12 +223,9 @@ class Annotations:
         """Every schema version (of one name, or all), by name then version."""
         request = annotate_pb2.ListSchemasRequest(dataset=dataset, name=name, page_size=1000)
         out: list[annotate_pb2.Schema] = []
-        while True:
-            page = call_rpc(self._stub.ListSchemas, request)
+        for page in call_pages(self._stub.ListSchemas, request):
             out += page.schemas
-            if not page.next_page_token:
-                return out
-            request.page_token = page.next_page_token
+        return out
 
     # proposals ------------------------------------------------------------
     def propose(self, dataset: str, schema: str, samples: Iterable[SampleLike], data: Any, *,
@@ -274,12 +272,8 @@ class Annotations:
         request = annotate_pb2.ListProposalsRequest(
             dataset=dataset, status=statuses[status], schema=schema, path=path,
             annotation_id=annotation_id, page_size=1000)
-        while True:
-            page = call_rpc(self._stub.ListProposals, request)
+        for page in call_pages(self._stub.ListProposals, request):
             yield from page.proposals
-            if not page.next_page_token:
-                return
-            request.page_token = page.next_page_token
 
     def history(self, dataset: str, annotation_id: str) -> list[annotate_pb2.Event]:
         """Every event that proposed a change to an annotation or reviewed one, in order."""
@@ -322,12 +316,8 @@ class Annotations:
         """Stored events after a sequence number, in order (paged)."""
         request = annotate_pb2.ListEventsRequest(dataset=dataset, after_seq=after,
                                                  page_size=5000)
-        while True:
-            page = call_rpc(self._stub.ListEvents, request)
+        for page in call_pages(self._stub.ListEvents, request):
             yield from page.events
-            if not page.next_page_token:
-                return
-            request.page_token = page.next_page_token
 
     def watch(self, dataset: str, after: int = 0, *, reconnect: bool = True,
               retry_seconds: float = 1.0) -> Iterator[annotate_pb2.Event]:
@@ -374,12 +364,9 @@ class Annotations:
         """The log's releases, oldest first."""
         request = annotate_pb2.ListReleasesRequest(dataset=dataset, page_size=1000)
         out: list[annotate_pb2.Release] = []
-        while True:
-            page = call_rpc(self._stub.ListReleases, request)
+        for page in call_pages(self._stub.ListReleases, request):
             out += page.releases
-            if not page.next_page_token:
-                return out
-            request.page_token = page.next_page_token
+        return out
 
     def export_release(self, dataset: str, name: str, out: IO[bytes]) -> annotate_pb2.Release:
         """Write a release's canonical JSON lines to ``out``; returns the release."""

@@ -9,7 +9,7 @@ back into the same class with :func:`from_rpc_error`, so callers can write
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Protocol, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -203,6 +203,29 @@ def call_rpc(method: Callable[[R], T], request: R) -> T:
         return method(request)
     except grpc.RpcError as e:
         raise from_rpc_error(e) from None
+
+
+class _PagedRequest(Protocol):
+    page_token: str
+
+
+class _Page(Protocol):
+    @property
+    def next_page_token(self) -> str: ...
+
+
+P = TypeVar("P", bound=_PagedRequest)
+Pg = TypeVar("Pg", bound=_Page)
+
+
+def call_pages(method: Callable[[P], Pg], request: P) -> Iterator[Pg]:
+    """Every page of an AIP-158 list call (the request's page_token is advanced)."""
+    while True:
+        page = call_rpc(method, request)
+        yield page
+        if not page.next_page_token:
+            return
+        request.page_token = page.next_page_token
 
 
 def stream_rpc(it: Iterable[T]) -> Iterator[T]:

@@ -8,11 +8,11 @@ import threading
 import uuid
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeVar
+from typing import BinaryIO
 
 from gristmill.client import hashcache
 from gristmill.client.cache import (
@@ -32,6 +32,7 @@ from gristmill.client.errors import (
     PermissionDenied,
     Unauthenticated,
     Unavailable,
+    call_pages,
     call_rpc,
     from_item_error,
     stream_rpc,
@@ -98,29 +99,6 @@ class _LocalFile:
     source: Path
     size: int
     sha256: str
-
-
-class _PagedRequest(Protocol):
-    page_token: str
-
-
-class _Page(Protocol):
-    @property
-    def next_page_token(self) -> str: ...
-
-
-P = TypeVar("P", bound=_PagedRequest)
-Pg = TypeVar("Pg", bound=_Page)
-
-
-def _pages(method: Callable[[P], Pg], request: P) -> Iterator[Pg]:
-    """Every page of an AIP-158 list call (the request's page_token is advanced)."""
-    while True:
-        page = call_rpc(method, request)
-        yield page
-        if not page.next_page_token:
-            return
-        request.page_token = page.next_page_token
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:
@@ -259,7 +237,7 @@ class Hub:
     def list_datasets(self, page_size: int = 0) -> list[store_pb2.Dataset]:
         """Every dataset, sorted by name (pages are fetched as needed)."""
         req = store_pb2.ListDatasetsRequest(page_size=page_size)
-        return [d for page in _pages(self._stub.ListDatasets, req) for d in page.datasets]
+        return [d for page in call_pages(self._stub.ListDatasets, req) for d in page.datasets]
 
     def delete_dataset(self, name: str) -> store_pb2.DeleteDatasetResponse:
         """Delete a dataset (admin); blobs used elsewhere are kept."""
@@ -279,7 +257,7 @@ class Hub:
     def list_versions(self, dataset: str) -> list[store_pb2.Version]:
         """Versions, newest first."""
         req = store_pb2.ListVersionsRequest(dataset=dataset)
-        return [v for page in _pages(self._stub.ListVersions, req) for v in page.versions]
+        return [v for page in call_pages(self._stub.ListVersions, req) for v in page.versions]
 
     # manifests -------------------------------------------------------------
     def get_manifest(self, dataset: str, version: str = LATEST,
@@ -356,7 +334,7 @@ class Hub:
                       ) -> Iterator[store_pb2.FileEntry]:
         """Stream manifest entries page by page (no caching)."""
         req = store_pb2.ListManifestRequest(dataset=dataset, version=version, prefix=prefix)
-        for page in _pages(self._stub.ListManifest, req):
+        for page in call_pages(self._stub.ListManifest, req):
             yield from page.files
 
     def read_files(self, dataset: str, version: str, paths: list[str]

@@ -35,7 +35,13 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from gristmill.client.arraywire import decode_response
 from gristmill.client.channel import ConnectionOptions, open_channel
-from gristmill.client.errors import DataLoss, FailedPrecondition, call_rpc, from_rpc_error
+from gristmill.client.errors import (
+    DataLoss,
+    FailedPrecondition,
+    call_pages,
+    call_rpc,
+    from_rpc_error,
+)
 from gristmill.v1 import arrays_pb2, arrays_pb2_grpc
 
 __all__ = ["MAX_KEYS_PER_CALL", "Chunk", "GrpcZarrStore", "KeyOutcome", "KeyWriteOp", "valid_key"]
@@ -295,13 +301,9 @@ class GrpcZarrStore(Store):
         """``(key, size)`` under ``prefix`` in byte order, all pages."""
         request = arrays_pb2.ListKeysRequest(prefix=prefix, page_size=10_000,
                                              delimiter=delimiter)
-        while True:
-            page = call_rpc(self._stub.ListKeys, request)
+        for page in call_pages(self._stub.ListKeys, request):
             for k in page.keys:
                 yield k.key, k.size
-            if not page.next_page_token:
-                return
-            request.page_token = page.next_page_token
 
     def array_info(self, path: str) -> arrays_pb2.ArrayInfo:
         """The server's view of one array (metadata, chunks and bytes stored)."""
@@ -310,12 +312,8 @@ class GrpcZarrStore(Store):
     def list_arrays(self) -> Iterator[arrays_pb2.ArrayInfo]:
         """Every array of the hierarchy, by path."""
         request = arrays_pb2.ListArraysRequest(page_size=1000)
-        while True:
-            page = call_rpc(self._stub.ListArrays, request)
+        for page in call_pages(self._stub.ListArrays, request):
             yield from page.arrays
-            if not page.next_page_token:
-                return
-            request.page_token = page.next_page_token
 
     def delete_array(self, path: str) -> arrays_pb2.DeleteArrayResponse:
         """Delete an array (metadata and chunks) in one call."""
