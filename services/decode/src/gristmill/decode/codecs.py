@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 import cv2
 import numpy as np
@@ -118,29 +120,30 @@ def _plain_png(data: bytes) -> tuple[int, int, int] | None:
     depth, color = data[24], data[25]
     if depth != 8 or color not in _PNG_CHANNELS:
         return None
-    pos = 33
-    for _ in range(_PNG_HEADER_CHUNKS):
-        if pos + 8 > len(data):
-            return None
-        kind = data[pos + 4:pos + 8]
+    for kind, _ in islice(_png_chunks(data), 1 + _PNG_HEADER_CHUNKS):  # IHDR, then the rest
         if kind == b"IDAT":
             return width, height, color
         if kind in (b"tRNS", b"eXIf", b"acTL"):
             return None
-        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
     return None
+
+
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, int]]:
+    """(type, data length) of each chunk whose header lies in ``data``, from the first."""
+    pos = len(_PNG_MAGIC)
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        yield data[pos + 4:pos + 8], length
+        pos += 12 + length
 
 
 def _png_ends_early(data: bytes) -> bool:
     """Walk the chunks: True if they run past the end before IEND, False if one is garbage."""
-    pos = len(_PNG_MAGIC)
-    while pos + 8 <= len(data):
-        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+    for kind, length in _png_chunks(data):
         if not kind.isalpha() or length > 2**31 - 1:
             return False
         if kind == b"IEND":
             return False
-        pos += 12 + length
     return True
 
 
