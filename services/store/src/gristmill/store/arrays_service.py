@@ -118,34 +118,28 @@ def _pass_serialized(message: bytes | Message) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
+#: gRPC's handler factory per (client streaming, server streaming).
+_HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
+                  (False, True): grpc.unary_stream_rpc_method_handler,
+                  (True, False): grpc.stream_unary_rpc_method_handler,
+                  (True, True): grpc.stream_stream_rpc_method_handler}
+
+
 def _add_to_server(servicer: ArrayServicer, server: grpc.Server) -> None:
-    """``add_ArrayServiceServicer_to_server``, with GetKeys sending messages serialized already."""
-    pb = arrays_pb2
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        "GetKeys": grpc.unary_stream_rpc_method_handler(
-            servicer.GetKeys, request_deserializer=pb.GetKeysRequest.FromString,
-            response_serializer=_pass_serialized),
-        "PutKeys": grpc.stream_unary_rpc_method_handler(
-            servicer.PutKeys, request_deserializer=pb.PutKeysRequest.FromString,
-            response_serializer=pb.PutKeysResponse.SerializeToString),
-        "DeleteKeys": grpc.unary_unary_rpc_method_handler(
-            servicer.DeleteKeys, request_deserializer=pb.DeleteKeysRequest.FromString,
-            response_serializer=pb.DeleteKeysResponse.SerializeToString),
-        "ListKeys": grpc.unary_unary_rpc_method_handler(
-            servicer.ListKeys, request_deserializer=pb.ListKeysRequest.FromString,
-            response_serializer=pb.ListKeysResponse.SerializeToString),
-        "ListArrays": grpc.unary_unary_rpc_method_handler(
-            servicer.ListArrays, request_deserializer=pb.ListArraysRequest.FromString,
-            response_serializer=pb.ListArraysResponse.SerializeToString),
-        "GetArray": grpc.unary_unary_rpc_method_handler(
-            servicer.GetArray, request_deserializer=pb.GetArrayRequest.FromString,
-            response_serializer=pb.GetArrayResponse.SerializeToString),
-        "DeleteArray": grpc.unary_unary_rpc_method_handler(
-            servicer.DeleteArray, request_deserializer=pb.DeleteArrayRequest.FromString,
-            response_serializer=pb.DeleteArrayResponse.SerializeToString),
-    }
-    assert set(handlers) == set(arrays_pb2.DESCRIPTOR.services_by_name["ArrayService"]
-                                .methods_by_name), "a method of ArrayService is not served"
+    """``add_ArrayServiceServicer_to_server``, with GetKeys sending messages serialized already.
+
+    The handlers are built from the service's descriptor, as the generated
+    function builds them, so every method is served with its own types.
+    """
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in arrays_pb2.DESCRIPTOR.services_by_name["ArrayService"].methods:
+        request = getattr(arrays_pb2, method.input_type.name)
+        response = getattr(arrays_pb2, method.output_type.name)
+        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name), request_deserializer=request.FromString,
+            response_serializer=(_pass_serialized if method.name == "GetKeys"
+                                 else response.SerializeToString))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
                                                                           handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
