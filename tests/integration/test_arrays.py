@@ -1035,3 +1035,16 @@ def test_h5py_imports_after_the_decoder(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "6"
+
+
+def test_the_decoder_imports_after_pyvips() -> None:
+    """Imported after pyvips (as bench_decode did), gristmill.decode must still load and decode."""
+    script = ("import pyvips, gristmill.decode as d, io\n"
+              "from PIL import Image\n"
+              "buf = io.BytesIO(); Image.new('RGB', (8, 6)).save(buf, 'PNG')\n"
+              "out = d.decode_sample(buf.getvalue(), d.Transform(size=(4, 3)))\n"
+              "print(out.image.pixels.shape)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(3, 4, 3)"
