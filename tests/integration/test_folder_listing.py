@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
+import struct
+import sys
 import threading
 import zlib
 from collections.abc import Iterator
@@ -78,15 +81,15 @@ def test_first_batch_arrives_while_the_folder_is_still_listed(
     for i in range(600):
         (folder / f"{i:04d}.jpg").write_bytes(data)
     release = threading.Event()
-    real_walk = folderindex.walk
+    real_walk = folderindex.walk_runs
 
-    def slow_walk(root: Path) -> Iterator[tuple[str, str, int, int]]:
-        for k, entry in enumerate(real_walk(root)):
-            if k == 300:
-                assert release.wait(30)
-            yield entry
+    def slow_walk(root: Path) -> Iterator[folderindex.Run]:
+        for directory, rels, sizes, mtimes in real_walk(root):  # one run of 600: cut at 300
+            yield directory, rels[:300], sizes[:300], mtimes[:300]
+            assert release.wait(30)
+            yield directory, rels[300:], sizes[300:], mtimes[300:]
 
-    monkeypatch.setattr(folderindex, "walk", slow_walk)
+    monkeypatch.setattr(folderindex, "walk_runs", slow_walk)
     for policy in ("sequential", "hash"):
         release.clear()
         with Loader.from_folder(folder, policy=policy, show_progress=False,
@@ -159,11 +162,28 @@ def test_corrupt_index_is_ignored_and_rebuilt(photos: Path, cache: Path) -> None
     assert stat.S_IMODE(os.stat(index.path).st_mode) == 0o600
 
 
+def _listing(head: dict[str, object] | None = None, tail: bytes = b"") -> bytes:
+    """A stored listing of one file, with its head replaced or bytes added at the end."""
+    good = zlib.decompress(folderindex.encode_listing(
+        [folderindex.FolderFile("a.jpg", 1, 2, 3, 4, "JPEG", 1)]))
+    (size,) = struct.unpack_from("<I", good)
+    if head is None:
+        return zlib.compress(good + tail)
+    raw = json.dumps({"count": 1, "formats": ["JPEG"], "byteorder": sys.byteorder,
+                      **head}).encode()
+    return zlib.compress(struct.pack("<I", len(raw)) + raw + good[4 + size:] + tail)
+
+
 @pytest.mark.parametrize("columns", [
-    b"not zlib", zlib.compress(b"not json"), zlib.compress(b"[[1, 2], [3]]"),
-    zlib.compress(b'[["a.jpg"], ["1"], [1], [1], [1], ["JPEG"], [1]]'),  # a size as text
+    b"not zlib", zlib.compress(b"\x05\x00\x00\x00nope!"),  # not zlib; a head not JSON
+    zlib.compress(b"\xff\xff\xff\x7f"), zlib.compress(b"short")[:-3],  # head cut; zlib cut
+    _listing({"count": 2}), _listing({"count": -1}), _listing({"count": "1"}),  # bad count
+    _listing({"formats": []}),  # a format code out of range
+    _listing({"byteorder": "middle"}), _listing(tail=b"\0b.jpg"),  # foreign; a path too many
+    _listing(tail=b"\xff"),  # a path not UTF-8
     zlib.compress(b"[" * 100000),
-], ids=["zlib", "json", "ragged", "types", "deep"])
+], ids=["zlib", "json", "head-cut", "zlib-cut", "count-over", "count-negative", "count-text",
+        "format", "byteorder", "paths-over", "utf8", "deep"])
 def test_a_tampered_listing_is_discarded(photos: Path, cache: Path, columns: bytes) -> None:
     store = FolderStore(photos, show_progress=False)
     index = HeaderIndex(store.root)
@@ -189,6 +209,11 @@ def test_walk_follows_file_links_not_directory_links(tmp_path: Path,
     (Path(os.fsdecode(os.path.join(os.fsencode(root), b"bad-\xff"))) / "x.jpg").write_bytes(b"x")
     with caplog.at_level("WARNING"):
         listed = list(folderindex.walk(root))
+        runs = list(folderindex.walk_runs(root))
+    # the root's files come in two runs, around the directory that sorts between them
+    assert [(d, rels) for d, rels, _, _ in runs] == [
+        (str(root), ["a.jpg"]), (str(root / "a" / "b"), ["a/b/deep.jpg"]),
+        (str(root), ["link.jpg"])]
     assert [(rel, size) for rel, _, size, _ in listed] == [
         ("a.jpg", 5), ("a/b/deep.jpg", 3), ("link.jpg", 5)]  # "." sorts before "/"
     assert all(Path(full).read_bytes() == b"x" * size for _, full, size, _ in listed)
@@ -212,3 +237,15 @@ def test_parallel_scan_equals_serial_scan(photos: Path) -> None:
     assert serial == parallel and len(serial) == 31
     assert [f.path for f in serial] == sorted(f.path for f in serial)
     assert not next(f for f in serial if f.path == "broken.png").readable
+
+
+def test_the_stored_listing_round_trips(tmp_path: Path) -> None:
+    files = [folderindex.FolderFile(p, size, mtime, w, h, fmt, o) for p, size, mtime, w, h, fmt, o
+             in [("a.jpg", 10, -5, 640, 480, "JPEG", 6), ("b/ü.png", 2**40, 2**62, 0, 0, "", 0),
+                 ("b/z.webp", 0, 1, 1, 1, "WEBP", 1)]]
+    for listing in (files, []):
+        back = folderindex.decode_listing(folderindex.encode_listing(listing))
+        assert back == listing and all(type(f) is folderindex.FolderFile for f in back)
+    index = HeaderIndex(tmp_path / "folder", tmp_path / "index")
+    index.save(files, "digest")
+    assert index.load() == (files, "digest")
