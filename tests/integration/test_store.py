@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import signal
 import threading
@@ -92,6 +93,27 @@ def test_import_manifest_download_roundtrip(hub: Hub, tmp_path: Path) -> None:
     # a second import stores nothing new
     again = hub.import_folder("photos", src)
     assert again.skipped == 7 and again.uploaded == 0
+
+
+def test_image_facts_of_headers_past_the_kept_head(hub: Hub, tmp_path: Path) -> None:
+    # the store reads headers from an upload's first 64 KiB in memory; a header
+    # further in is read back from the stored blob, and deduplicated uploads
+    # (hashed, not staged) are read from memory as well
+    buf = io.BytesIO()
+    Image.new("RGB", (37, 23), (10, 200, 30)).save(buf, "JPEG")
+    plain = buf.getvalue()
+    pad = b"".join(b"\xff\xef" + (60_002).to_bytes(2, "big") + bytes(60_000)
+                   for _ in range(3))  # three APP15 segments: the frame header after 180 KB
+    src = tmp_path / "src"
+    (src / "copy").mkdir(parents=True)
+    (src / "far.jpg").write_bytes(plain[:2] + pad + plain[2:])
+    (src / "near.jpg").write_bytes(plain)
+    (src / "copy" / "near.jpg").write_bytes(plain)
+    assert hub.import_folder("heads", src).uploaded == 3
+    for entry in hub.get_manifest("heads").files:
+        assert (entry.image.width, entry.image.height, entry.image.format) == (37, 23, "JPEG"), \
+            entry.path
+        assert entry.media_type == "image/jpeg"
 
 
 def test_same_content_is_stored_once(server: Running, hub: Hub, tmp_path: Path) -> None:

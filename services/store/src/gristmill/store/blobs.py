@@ -38,6 +38,12 @@ class StoredBlob:
     mtime: float
 
 
+#: Bytes of each upload kept in memory until it is stored, so that its header
+#: (media type, image size) is read without reading the blob back: bounded per
+#: file, and the files of one PutFiles message are stored together.
+HEAD_BYTES = 64 << 10
+
+
 class BlobWriter:
     """Receives one blob's bytes and hashes them as they arrive.
 
@@ -59,6 +65,7 @@ class BlobWriter:
         #: set by a successful :meth:`seal` of staged bytes
         self._digest: str | None = None
         self._created = False
+        self._head = bytearray()  # the first HEAD_BYTES, for reading the header without a read
         if stage:
             try:
                 self._staging = store.backend.stage()
@@ -69,6 +76,13 @@ class BlobWriter:
     def size(self) -> int:
         """Bytes written so far."""
         return self._size
+
+    def read_head(self, offset: int, length: int) -> bytes | None:
+        """Bytes ``offset`` to ``offset + length`` (cut at the end) if the head holds them."""
+        end = offset + length
+        if end <= len(self._head) or len(self._head) == self._size:
+            return bytes(self._head[offset:end])
+        return None
 
     def hexdigest(self) -> str:
         """The sha256 of the bytes written so far."""
@@ -86,6 +100,8 @@ class BlobWriter:
     def write(self, data: bytes) -> None:
         """Append bytes."""
         self._hash.update(data)
+        if self._size < HEAD_BYTES:
+            self._head += data[:HEAD_BYTES - self._size]
         self._size += len(data)
         if self._staging is None:
             return

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import fcntl
+import itertools
 import os
 import stat
 import threading
@@ -53,10 +55,19 @@ SYNC_METHODS: tuple[SyncMethod, ...] = ("fsync", "syncfs")
 _LOCK_STRIPES = 256
 
 
+_STAGING_PREFIX = uuid.uuid4().hex[:16]
+_STAGING_COUNT = itertools.count()
+
+
+def _staging_name() -> str:
+    """A new staging file's name: unique across processes (the pid) and restarts (random)."""
+    return f"{_STAGING_PREFIX}-{os.getpid():x}-{next(_STAGING_COUNT):x}.part"
+
+
 class _FsStaging(Staging):
     def __init__(self, backend: FsBackend) -> None:
         self._backend = backend
-        self.path = backend.tmp_dir / f"{uuid.uuid4().hex}.part"
+        self.path = backend.tmp_dir / _staging_name()
         self.size = 0
         backend.active_temporaries.add(self.path.name)  # before it exists: gc skips it
         try:
@@ -351,7 +362,16 @@ class FsBackend(ObjectBackend):
         return _stat(key, st) if stat.S_ISREG(st.st_mode) else None
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
-        return [self.path_for(validate_key(k)).is_file() for k in keys]
+        return [self._is_file(f"{self._root}/{validate_key(k)}") for k in keys]
+
+    @staticmethod
+    def _is_file(path: str) -> bool:
+        try:
+            return stat.S_ISREG(os.stat(path).st_mode)
+        except OSError as e:  # as Path.is_file: absent, or a link loop
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return False
+            raise
 
     def list_objects(self, prefix: str, start_after: str = "", fix_modes: bool = False
              ) -> Iterator[ObjectStat]:

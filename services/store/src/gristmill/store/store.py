@@ -456,12 +456,17 @@ class Store:
             if w is not None and not w.created:
                 self.blobs.touch(sha)  # in use again: a collector's grace period starts over
         result.waiting = []
-        for path, sha, size, _ in waiting:
-            self._add_entry(path, sha, size, result)
+        for path, sha, size, w in waiting:
+            self._add_entry(path, sha, size, result, w)
 
-    def _add_entry(self, path: str, sha: str, size: int, result: PutResult) -> None:
-        # the header only: a few KiB through bounded ranged reads, never the whole blob
-        media_type, image = sniff(path, lambda offset, length: self.blobs.read(sha, offset, length))
+    def _add_entry(self, path: str, sha: str, size: int, result: PutResult,
+                   writer: BlobWriter | None = None) -> None:
+        # the header only: a few KiB through bounded ranged reads, never the whole blob;
+        # from the upload's first bytes while they are at hand
+        def read_at(offset: int, length: int) -> bytes:
+            held = writer.read_head(offset, length) if writer is not None else None
+            return held if held is not None else self.blobs.read(sha, offset, length)
+        media_type, image = sniff(path, read_at)
         entry = store_pb2.FileEntry(path=path, size=size, sha256=sha, media_type=media_type)
         if image is not None:
             entry.image.CopyFrom(image)
