@@ -93,6 +93,25 @@ def once(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t
 
 
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_rss_growth(fn: Callable[[], Any]) -> float:
+    """Bytes this process's peak RSS rose above its RSS at the start while ``fn`` ran.
+
+    The peak is reset first (``/proc/self/clear_refs``, Linux). Server and
+    client share this process: a row is the memory of the whole call.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_bytes("VmRSS")
+    fn()
+    return float(max(0, _status_bytes("VmHWM") - before))
+
+
 # setup -------------------------------------------------------------------
 def seed_images(folder: Path) -> None:
     folder.mkdir(parents=True)
@@ -175,7 +194,8 @@ def stream(ingest: ingest_pb2_grpc.IngestServiceStub, planned: ingest_pb2.PlanSp
 
 # measurements --------------------------------------------------------------
 def measure_catalog(running: Running, hub: Hub, seeds: list[store_pb2.FileEntry], n: int,
-                    out: dict[str, dict[int, float]]) -> Running:
+                    out: dict[str, dict[int, float]], memory: dict[str, dict[int, float]]
+                    ) -> Running:
     name = f"syn{n}"
     t = once(lambda: add_synthetic(running, hub, name, seeds, n))
     print(f"    {n} synthetic entries in {t:.1f} s", flush=True)
@@ -194,6 +214,17 @@ def measure_catalog(running: Running, hub: Hub, seeds: list[store_pb2.FileEntry]
     out["GetManifest (committed)"][n] = median(
         lambda: fresh.get_manifest(name, version), 3) / n
     fresh.close()
+    assert running.server is not None
+    store = running.server.context.local.get("store")
+    assert store is not None
+
+    def serve_manifest() -> None:
+        for _ in store.manifest_chunks(name, version):
+            pass
+    memory["GetManifest, server side (committed)"][n] = peak_rss_growth(serve_manifest)
+    with Hub(running.address, running.admin_key, None, show_progress=False) as client:
+        memory["get_manifest, client (committed)"][n] = peak_rss_growth(
+            lambda: client.get_manifest(name, version))
 
     # planning and streaming: cold is a fresh server, warm the same one again
     running = restart(running)
@@ -235,7 +266,8 @@ def measure_catalog(running: Running, hub: Hub, seeds: list[store_pb2.FileEntry]
 
 
 def measure_files(running: Running, hub: Hub, work: Path, n: int,
-                  out: dict[str, dict[int, float]]) -> None:
+                  out: dict[str, dict[int, float]], memory: dict[str, dict[int, float]]
+                  ) -> None:
     folder = work / f"files{n}"
     for i in range(n):
         sub = folder / f"d{i // 1000:04d}"
@@ -245,6 +277,8 @@ def measure_files(running: Running, hub: Hub, work: Path, n: int,
     name = f"files{n}"
     out["import"][n] = once(lambda: hub.import_folder(name, folder)) / n
     out["re-import (unchanged)"][n] = once(lambda: hub.import_folder(name, folder)) / n
+    memory["re-import (unchanged), client + server"][n] = peak_rss_growth(
+        lambda: hub.import_folder(name, folder))
     cache_dir = work / f"dl{n}"
     with Hub(running.address, running.admin_key, cache_dir, show_progress=False) as h:
         out["Hub download"][n] = once(lambda: h.download_dataset(name)) / n
@@ -259,6 +293,8 @@ ROWS = [("GetDataset", "call"), ("ListManifest page (1000)", "page"),
         ("plan_epoch hash (client)", "sample"), ("Hub get_file (cached, pinned)", "call"),
         ("import", "file"), ("re-import (unchanged)", "file"), ("Hub download", "file"),
         ("Hub re-download (all cached)", "file")]
+MEMORY_ROWS = ["GetManifest, server side (committed)", "get_manifest, client (committed)",
+               "re-import (unchanged), client + server"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = (n, 10 * n)
     file_sizes = (n // 10, n)
     out: dict[str, dict[int, float]] = {name: {} for name, _ in ROWS}
+    memory: dict[str, dict[int, float]] = {name: {} for name in MEMORY_ROWS}
     with tempfile.TemporaryDirectory(prefix="gristmill-bench-scale-") as tmp:
         work = Path(tmp)
         running = start_in_process(work / "data")
@@ -282,11 +319,11 @@ def main(argv: list[str] | None = None) -> int:
             for size in sizes:
                 print(f"  catalog of {size} files ...", flush=True)
                 with Hub(running.address, running.admin_key, None, show_progress=False) as hub:
-                    running = measure_catalog(running, hub, seeds, size, out)
+                    running = measure_catalog(running, hub, seeds, size, out, memory)
             for size in file_sizes:
                 print(f"  {size} real files ...", flush=True)
                 with Hub(running.address, running.admin_key, None, show_progress=False) as hub:
-                    measure_files(running, hub, work, size, out)
+                    measure_files(running, hub, work, size, out, memory)
         finally:
             assert running.server is not None
             running.server.stop(0)
@@ -298,7 +335,16 @@ def main(argv: list[str] | None = None) -> int:
         used = file_sizes if name in ("import", "re-import (unchanged)", "Hub download",
                                       "Hub re-download (all cached)") else sizes
         print(Row(name, unit, out[name], used).line())
+    print("\n  peak RSS growth during one call (server and client share this process)")
+    for name in MEMORY_ROWS:
+        used = file_sizes if name.startswith("re-import") else sizes
+        small, big = (memory[name].get(k) for k in used)
+        print(f"  {name:40} {_mib(small):>9} {_mib(big):>9}")
     return 0
+
+
+def _mib(size: float | None) -> str:
+    return "-" if size is None else f"{size / 2**20:.0f} MiB"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 
 import grpc
@@ -181,3 +182,64 @@ def test_cli_cache_info_and_clear(server: Running, hub: Hub, tmp_path: Path,
     assert main(["cache", "info", "--cache-dir", str(tmp_path / "none")]) == 0
     assert "empty" in capsys.readouterr().out
     assert not (tmp_path / "none").exists()
+
+
+def test_a_whole_cached_dataset_comes_back_without_a_check_per_file(
+        server: Running, hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = files(tmp_path / "src", {"a.bin": 100, "b.bin": 200})
+    files(src / "sub", {"c.bin": 300})
+    hub.import_folder("whole", src)
+    first = hub.download_dataset("whole")
+    assert hub.cache is not None
+    checks: list[str] = []
+    real_on_disk = hub.cache.on_disk
+
+    def on_disk(dataset: str, path: str, size: int) -> Path | None:
+        checks.append(path)
+        return real_on_disk(dataset, path, size)
+
+    monkeypatch.setattr(hub.cache, "on_disk", on_disk)
+    assert hub.download_dataset("whole") == first and checks == []  # remembered complete
+    # a file edited in place by hand is not seen (its folder did not change) ...
+    first[0].write_bytes(b"x" * 100)
+    assert hub.download_dataset("whole") == first and checks == []
+    # ... until verify=True checks each file (the size matches: the index decides)
+    assert hub.download_dataset("whole", verify=True) == first and len(checks) == 3
+    # a file deleted by hand changes its folder: noticed, checked and fetched again
+    checks.clear()
+    first[2].unlink()
+    assert hub.download_dataset("whole") == first and len(checks) == 3
+    assert first[2].read_bytes() == (src / "sub" / "c.bin").read_bytes()
+    checks.clear()
+    assert hub.download_dataset("whole") == first and checks == []
+    # anything leaving the index (another dataset cleared) makes every record stale
+    hub.import_folder("other", files(tmp_path / "o", {"o.bin": 10}))
+    hub.download_dataset("other")
+    hub.clear_cache("other")
+    assert hub.download_dataset("whole") == first and len(checks) == 3
+    # a new head: another manifest, checked file by file, with the new file
+    checks.clear()
+    files(src, {"d.bin": 50})
+    hub.import_folder("whole", src)
+    again = hub.download_dataset("whole")
+    assert len(again) == 4 and sorted(checks) == ["a.bin", "b.bin", "sub/c.bin"]
+    assert again[2].read_bytes() == (src / "d.bin").read_bytes()
+    # a subset or a copy to dest is always checked
+    checks.clear()
+    hub.download_dataset("whole", ["a.bin"])
+    assert checks == ["a.bin"]
+
+
+def test_a_complete_record_from_a_tampered_index_is_not_trusted(
+        hub: Hub, tmp_path: Path) -> None:
+    src = files(tmp_path / "src", {"a.bin": 100})
+    hub.import_folder("t", src)
+    first = hub.download_dataset("t")
+    assert hub.cache is not None
+    manifest = hub.get_manifest("t", refresh=True)
+    assert hub.cache.complete("t", manifest.digest, 1)
+    for folders in (b"not zlib", zlib.compress(b'[["../", 1]]')):
+        hub.cache._db.execute("UPDATE cache_complete SET folders = ?", [folders])
+        assert not hub.cache.complete("t", manifest.digest, 1)
+        assert hub.download_dataset("t") == first  # checked file by file, and recorded again
+        assert hub.cache.complete("t", manifest.digest, 1)

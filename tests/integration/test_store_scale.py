@@ -159,11 +159,11 @@ def test_older_catalog_is_counted_once_when_opened(tmp_path: Path) -> None:
     store.close()
     conn = sqlite3.connect(path)
     with conn:  # as the previous release left it
-        for trigger in ("insert", "delete", "update"):
-            conn.execute(f"DROP TRIGGER files_counted_{trigger}")
+        for trigger in ("counted_insert", "counted_delete", "counted_update", "revised_update"):
+            conn.execute(f"DROP TRIGGER files_{trigger}")
         conn.execute("DROP INDEX idx_versions_created")
-        conn.execute("ALTER TABLE datasets DROP COLUMN file_count")
-        conn.execute("ALTER TABLE datasets DROP COLUMN total_bytes")
+        for column in ("file_count", "total_bytes", "revision"):
+            conn.execute(f"ALTER TABLE datasets DROP COLUMN {column}")
         conn.execute("DELETE FROM store_info WHERE key = 'schema_version'")
         conn.execute("INSERT INTO files(dataset, path, sha256, size, media_type) "
                      "VALUES ('ds', 'late.txt', ?, 5, 'text/plain')", ["a" * 64])
@@ -176,6 +176,80 @@ def test_older_catalog_is_counted_once_when_opened(tmp_path: Path) -> None:
     store.catalog.add_files("ds", [store_pb2.FileEntry(path="more.txt", sha256="b" * 64,
                                                        size=1, media_type="text/plain")])
     assert store.get_dataset("ds").file_count == 27
+    store.close()
+
+
+def test_a_schema_2_catalog_gets_the_head_revision(tmp_path: Path) -> None:
+    """Schema 2 counted files but had no revision: opened, its triggers move one."""
+    path = tmp_path / "catalog.sqlite"
+    store = open_store(tmp_path)
+    fill(store, "ds", 5)
+    store.close()
+    conn = sqlite3.connect(path)
+    with conn:  # as schema 2 left it: counting triggers without the revision
+        for trigger in ("counted_insert", "counted_delete", "counted_update", "revised_update"):
+            conn.execute(f"DROP TRIGGER files_{trigger}")
+        conn.execute("ALTER TABLE datasets DROP COLUMN revision")
+        conn.execute("""CREATE TRIGGER files_counted_insert AFTER INSERT ON files BEGIN
+            UPDATE datasets SET file_count = file_count + 1, total_bytes = total_bytes + NEW.size
+            WHERE name = NEW.dataset; END""")
+        conn.execute("UPDATE store_info SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
+    store = open_store(tmp_path)
+    with store.catalog.snapshot() as snap:
+        before = store.catalog.head_key(snap, "ds")
+    assert before is not None and before[2] == 5
+    store.catalog.add_files("ds", [store_pb2.FileEntry(path="z.txt", sha256="c" * 64, size=1,
+                                                       media_type="text/plain")])
+    with store.catalog.snapshot() as snap:
+        after = store.catalog.head_key(snap, "ds")
+    assert after is not None and after[1] > before[1] and after[2] == 6
+    store.close()
+
+
+def test_an_unchanged_head_manifest_is_built_once_and_follows_every_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = open_store(tmp_path)
+    fill(store, "ds", 300)
+    builds = []
+    real_pages = store.catalog.entry_pages
+
+    def pages(*args: Any, **kwargs: Any) -> Iterator[list[tuple[Any, ...]]]:
+        builds.append(args)
+        return real_pages(*args, **kwargs)
+
+    monkeypatch.setattr(store.catalog, "entry_pages", pages)
+
+    def latest() -> store_pb2.Manifest:
+        manifest = unpack(list(store.manifest_chunks("ds", "latest", chunk=1000)))
+        assert list(manifest.files) == store.catalog.entries("ds", "latest")
+        return manifest
+
+    def remake(n: int) -> None:
+        store.delete_dataset("ds")
+        fill(store, "ds", n, folder="again")
+
+    first = latest()
+    assert len(first.files) == 300 and len(builds) == 1
+    assert latest() == first and len(builds) == 1  # unchanged: served as built
+    changes: list[Callable[[], object]] = [
+        lambda: fill(store, "ds", 2, folder="new"),  # files added
+        lambda: store.delete_files("ds", ["img/00000003.jpg"]),  # one removed
+        lambda: store.catalog.add_files("ds", [store_pb2.FileEntry(  # replaced, same size
+            path="img/00000004.jpg", sha256="d" * 64, size=1004, media_type="image/jpeg")]),
+        lambda: store.catalog.query("SELECT 1"),  # no change: no build
+        lambda: remake(7),  # deleted, and made again under the same name
+    ]
+    seen = first
+    for i, change in enumerate(changes):
+        change()
+        now = latest()
+        if i == 3:
+            assert now == seen and len(builds) == 4
+        else:
+            assert now != seen
+        seen = now
+    assert len(builds) == 5 and len(seen.files) == 7
     store.close()
 
 

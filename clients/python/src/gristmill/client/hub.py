@@ -278,8 +278,9 @@ class Hub:
         if cache is not None:
             cached = cache.manifest_path(dataset, version)
             if cached.is_file():
-                found = Manifest(store_pb2.Manifest.FromString(
-                    zlib.decompress(cached.read_bytes())))
+                stored = cached.read_bytes()
+                found = Manifest(store_pb2.Manifest.FromString(zlib.decompress(stored)),
+                                 hashlib.sha256(stored).hexdigest())
                 self._keep_pinned(dataset, {version}, found)
                 return found
         req = store_pb2.GetManifestRequest(dataset=dataset, version=version)
@@ -291,7 +292,8 @@ class Hub:
                 resolved = resp.version
             count = max(count, resp.file_count)
             blob += resp.data
-        manifest = Manifest(store_pb2.Manifest.FromString(_inflate_manifest(bytes(blob), count)))
+        manifest = Manifest(store_pb2.Manifest.FromString(_inflate_manifest(bytes(blob), count)),
+                            hashlib.sha256(blob).hexdigest())
         if resolved == LATEST:
             self._latest[dataset] = manifest
         elif cache is not None:
@@ -423,12 +425,21 @@ class Hub:
                        reason="FILE_NOT_FOUND")
 
     def download_dataset(self, dataset: str, file_list: Iterable[str] | None = None, *,
-                         version: str = LATEST, dest: Path | str | None = None) -> list[Path]:
+                         version: str = LATEST, dest: Path | str | None = None,
+                         verify: bool = False) -> list[Path]:
         """Download a dataset (or ``file_list``) into the cache, in parallel batches.
 
         Files already cached with the right hash are skipped, so an interrupted
         download resumes where it stopped. With ``dest``, the files are also
         linked (or copied) into that directory; the returned paths are there.
+
+        A whole dataset (no ``file_list``, no ``dest``) downloaded once is
+        remembered as complete for that exact manifest: asked again while the
+        manifest is the same and no cached file was evicted, cleared or
+        replaced since, the paths come back without a check per file (one
+        manifest fetch and one query). Files deleted from the cache folder
+        by hand are not noticed then; ``verify=True`` checks every file and
+        downloads what is missing.
 
         Nothing the server sends is trusted to name a place on disk: every
         path, hash and size is checked before a byte is written, and a server
@@ -441,6 +452,12 @@ class Hub:
         asked = None if file_list is None else [validate_path(p, "file_list", strict=False)
                                                 for p in file_list]
         manifest = self.get_manifest(dataset, version, refresh=True)
+        whole = asked is None and dest is None and bool(manifest.digest)
+        if whole and not verify and cache.complete(dataset, manifest.digest, len(manifest)):
+            if cache.limit is not None:
+                cache.touch(dataset, [], every=True)
+            return cache.paths(dataset, [e.path for e in manifest.files])
+        generation = cache.generation()  # before any file is checked: see mark_complete
         if asked is None:
             entries = {e.path: e for e in manifest.files}
         else:  # only what was asked for: looked up in the manifest's index
@@ -460,7 +477,10 @@ class Hub:
         cache.fits([entries[p].size for p in unique], f"downloading {len(unique)} files of "
                    f"{dataset!r}")
         with cache.keeping(dataset, unique):
-            return self._download(cache, dataset, manifest.version, wanted, entries, folder)
+            paths = self._download(cache, dataset, manifest.version, wanted, entries, folder)
+        if whole and len(unique) == len(manifest):
+            cache.mark_complete(dataset, manifest.digest, unique, generation)
+        return paths
 
     def _download(self, cache: FileCache, dataset: str, version: str, wanted: list[str],
                   entries: dict[str, store_pb2.FileEntry], folder: Confined | None

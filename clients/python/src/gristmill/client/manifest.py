@@ -24,10 +24,12 @@ class Manifest:
     to ``CopyFrom``). :meth:`find` looks an entry up by path.
     """
 
-    __slots__ = ("_by_path", "_sorted", "message")
+    __slots__ = ("_by_path", "_sorted", "digest", "message")
 
-    def __init__(self, message: store_pb2.Manifest) -> None:
+    def __init__(self, message: store_pb2.Manifest, digest: str = "") -> None:
         self.message = message
+        #: sha256 of the compressed manifest as the server sent it ("" if not known)
+        self.digest = digest
         self._sorted: bool | None = None  # paths strictly ascending (checked on first find)
         self._by_path: dict[str, int] | None = None  # index by path, if they are not
 

@@ -34,23 +34,29 @@ T = TypeVar("T")
 _ENTRY_COLS = "path, sha256, size, media_type, width, height, format, orientation"
 _LATEST = "latest"
 #: Version of the catalog's schema, kept in ``store_info``; see :meth:`Catalog._migrate`.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Per-dataset counters kept by SQLite itself, in the transaction that changes ``files``
-#: (with recursive_triggers on, the row an INSERT OR REPLACE replaces counts as deleted).
+#: (with recursive_triggers on, the row an INSERT OR REPLACE replaces counts as deleted),
+#: and the head's revision, which any change of its files moves on.
 _COUNTER_TRIGGERS = (
     """CREATE TRIGGER IF NOT EXISTS files_counted_insert AFTER INSERT ON files BEGIN
-         UPDATE datasets SET file_count = file_count + 1, total_bytes = total_bytes + NEW.size
-         WHERE name = NEW.dataset; END""",
+         UPDATE datasets SET file_count = file_count + 1, total_bytes = total_bytes + NEW.size,
+         revision = revision + 1 WHERE name = NEW.dataset; END""",
     """CREATE TRIGGER IF NOT EXISTS files_counted_delete AFTER DELETE ON files BEGIN
-         UPDATE datasets SET file_count = file_count - 1, total_bytes = total_bytes - OLD.size
-         WHERE name = OLD.dataset; END""",
+         UPDATE datasets SET file_count = file_count - 1, total_bytes = total_bytes - OLD.size,
+         revision = revision + 1 WHERE name = OLD.dataset; END""",
     """CREATE TRIGGER IF NOT EXISTS files_counted_update AFTER UPDATE OF dataset, size ON files
        BEGIN
          UPDATE datasets SET file_count = file_count - 1, total_bytes = total_bytes - OLD.size
          WHERE name = OLD.dataset;
          UPDATE datasets SET file_count = file_count + 1, total_bytes = total_bytes + NEW.size
          WHERE name = NEW.dataset; END""",
+    """CREATE TRIGGER IF NOT EXISTS files_revised_update AFTER UPDATE ON files BEGIN
+         UPDATE datasets SET revision = revision + 1 WHERE name IN (OLD.dataset, NEW.dataset);
+       END""",
 )
+_TRIGGER_NAMES = ("files_counted_insert", "files_counted_delete", "files_counted_update",
+                  "files_revised_update")
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,8 @@ class Catalog:
         Version 2 keeps each dataset's file count and bytes in its row (counted
         once here for existing files, then by triggers), and indexes versions
         by creation time, so that per-call reads touch one row whatever the
-        dataset's size.
+        dataset's size. Version 3 adds the head's revision (see
+        :meth:`head_key`), moved on by the same triggers.
         """
         query = "SELECT value FROM store_info WHERE key = 'schema_version'"
         row = conn.execute(query).fetchone()
@@ -178,6 +185,11 @@ class Catalog:
                         "file_count = (SELECT count(*) FROM files f WHERE f.dataset = name), "
                         "total_bytes = (SELECT coalesce(sum(size), 0) FROM files f "
                         "WHERE f.dataset = name)")
+                if "revision" not in columns:
+                    conn.execute("ALTER TABLE datasets ADD COLUMN revision INTEGER NOT NULL "
+                                 "DEFAULT 0")
+                for name in _TRIGGER_NAMES:  # made again: older ones do not move the revision
+                    conn.execute(f"DROP TRIGGER IF EXISTS {name}")
                 for trigger in _COUNTER_TRIGGERS:
                     conn.execute(trigger)
                 conn.execute("CREATE INDEX IF NOT EXISTS idx_versions_created "
@@ -443,6 +455,18 @@ class Catalog:
             row = conn.execute("SELECT file_count, total_bytes FROM versions "
                                "WHERE dataset = ? AND id = ?", [dataset, version]).fetchone()
         return (int(row[0]), int(row[1])) if row else None
+
+    @staticmethod
+    def head_key(conn: sqlite3.Connection, dataset: str) -> tuple[str, int, int, int] | None:
+        """What identifies the head's content: (created, revision, file count, bytes).
+
+        The revision moves on with every change of the head's files, in the
+        transaction that makes it; ``created`` tells a dataset from one of
+        the same name made after it was deleted. None if there is no dataset.
+        """
+        row = conn.execute("SELECT created, revision, file_count, total_bytes FROM datasets "
+                           "WHERE name = ?", [dataset]).fetchone()
+        return (str(row[0]), int(row[1]), int(row[2]), int(row[3])) if row else None
 
     def entry_pages(self, conn: sqlite3.Connection, dataset: str, version: str,
                     page: int = 4096) -> Iterator[list[tuple[Any, ...]]]:

@@ -55,12 +55,17 @@ def write_manifest(out: IO[bytes], dataset: str, version: str,
 
 
 def read_pieces(f: IO[bytes], chunk: int) -> Iterator[bytes]:
-    """The file from its start in pieces of ``chunk`` bytes (at least one piece)."""
-    f.seek(0)
-    piece = f.read(chunk)
+    """The file from its start in pieces of ``chunk`` bytes (at least one piece).
+
+    Positioned reads: several requests may read one (flushed) file at once.
+    """
+    fd = f.fileno()
+    piece = os.pread(fd, chunk, 0)
     yield piece
-    while piece := f.read(chunk):
+    offset = len(piece)
+    while piece := os.pread(fd, chunk, offset):
         yield piece
+        offset += len(piece)
 
 
 class ManifestFiles:

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import threading
 import unicodedata
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -39,6 +39,9 @@ log = logging.getLogger("gristmill.store")
 
 LATEST = "latest"
 MAX_PATHS_PER_CALL = 10_000
+#: Heads whose built manifest is kept for the next GetManifest (one compressed
+#: file each on the manifests volume, ~40 bytes per entry).
+HEADS_KEPT = 8
 _HASH_CHUNK = 4 * 1024 * 1024
 
 
@@ -92,6 +95,10 @@ class Store:
         # blobs written by uploads not yet committed: garbage collection skips them
         self._pinned: Counter[str] = Counter()
         self._pin_lock = threading.Lock()
+        #: the last heads' manifests built, by dataset: (head key, unnamed file, entries)
+        self._heads: OrderedDict[str, tuple[tuple[str, int, int, int], IO[bytes], int]] = \
+            OrderedDict()
+        self._heads_lock = threading.Lock()
 
     def close(self) -> None:
         """Close catalog and backend."""
@@ -144,6 +151,8 @@ class Store:
         name = self.require_dataset(name)
         unreferenced = self.catalog.delete_dataset(name)
         self.manifests.remove(name)
+        with self._heads_lock:
+            self._heads.pop(name, None)
         return self._collect(unreferenced)
 
     def _collect(self, unreferenced: list[tuple[str, int]]) -> tuple[int, int]:
@@ -207,26 +216,51 @@ class Store:
         """
         resolved = self.resolve(dataset, version)
         if resolved == LATEST:
-            f = self.manifests.scratch()
-            try:
-                with self.catalog.snapshot("read the manifest") as conn:
-                    counted = self.catalog.counts(conn, dataset, LATEST)
-                    if counted is None:
-                        raise _no_dataset(dataset)
-                    try:
-                        count = write_manifest(f, dataset, LATEST, self.catalog.entry_pages(
-                            conn, dataset, LATEST))
-                    except OSError as e:
-                        raise storage_error("build the manifest", e, self.manifests.root
-                                            ) from e
-            except BaseException:
-                f.close()
-                raise
-        else:
-            f, count = self._stored_manifest(dataset, resolved)
+            f, count = self._head_manifest(dataset)
+            for piece in read_pieces(f, chunk):  # shared with other requests: not closed here
+                yield resolved, count, piece
+            return
+        f, count = self._stored_manifest(dataset, resolved)
         with f:
             for piece in read_pieces(f, chunk):
                 yield resolved, count, piece
+
+    def _head_manifest(self, dataset: str) -> tuple[IO[bytes], int]:
+        """The head's manifest file and entry count, built again only after the head changed.
+
+        The last :data:`HEADS_KEPT` heads built are kept (unnamed files, gone
+        with the last reader), keyed by :meth:`Catalog.head_key` as read in
+        the snapshot they were built from: asking again for an unchanged
+        head costs one row read instead of a pass over its files.
+        """
+        with self.catalog.snapshot("read the manifest") as conn:
+            key = self.catalog.head_key(conn, dataset)
+            if key is None:
+                raise _no_dataset(dataset)
+            with self._heads_lock:
+                kept = self._heads.get(dataset)
+                if kept is not None and kept[0] == key:
+                    self._heads.move_to_end(dataset)
+                    return kept[1], kept[2]
+            f = self.manifests.scratch()
+            try:
+                count = write_manifest(f, dataset, LATEST,
+                                       self.catalog.entry_pages(conn, dataset, LATEST))
+                f.flush()
+            except OSError as e:
+                f.close()
+                raise storage_error("build the manifest", e, self.manifests.root) from e
+            except BaseException:
+                f.close()
+                raise
+        with self._heads_lock:
+            kept = self._heads.get(dataset)
+            if kept is None or kept[0][1] <= key[1] or kept[0][0] != key[0]:
+                self._heads[dataset] = (key, f, count)
+                self._heads.move_to_end(dataset)
+            while len(self._heads) > HEADS_KEPT:
+                self._heads.popitem(last=False)
+        return f, count
 
     def _stored_manifest(self, dataset: str, version: str) -> tuple[IO[bytes], int]:
         """A committed version's manifest file, open, and its entry count; built if missing."""
