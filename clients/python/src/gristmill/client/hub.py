@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import os
 import threading
 import uuid
@@ -573,9 +575,11 @@ class Hub:
         req = store_pb2.ReadFilesRequest(dataset=dataset, version=version, paths=paths)
         wanted = set(paths)
         done: set[str] = set()
-        open_file = None
+        open_file: BinaryIO | None = None
         digest = hashlib.sha256()
         tmp: Path | None = None
+        target = tmp
+        folders: set[Path] = set()  # made this call: one mkdir per folder, not per file
         current = ""
         sha, size, written = "", 0, 0
         try:
@@ -593,27 +597,29 @@ class Hub:
                         current, sha, size, written = piece.path, piece.sha256, piece.size, 0
                         _check_read(piece, entries)
                         target = cache.file_path(dataset, current)
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = target.with_name(f".gm-{uuid.uuid4().hex[:16]}.part")
-                        open_file = open(tmp, "wb")  # noqa: SIM115
+                        if target.parent not in folders:
+                            target.parent.mkdir(parents=True, exist_ok=True)
+                            folders.add(target.parent)
+                        tmp = target.with_name(f".gm-{_temp_token()}.part")
+                        open_file = open(tmp, "wb", buffering=0)  # noqa: SIM115
                         digest = hashlib.sha256()
                     data = piece.data
                     written += len(data)
                     if written > size:
                         raise _bad_read(f"{current!r}: more bytes than its size {size}")
-                    open_file.write(data)
+                    _write_all(open_file, data)
                     digest.update(data)
                     if bar is not None:
                         bar.update(len(data))
                     if piece.eof:
                         open_file.close()
                         open_file = None
-                        assert tmp is not None
+                        assert tmp is not None and target is not None
                         if written != size or digest.hexdigest() != sha:
                             raise DataLoss(f"{current}: downloaded bytes do not match sha256 "
                                            f"{sha} and size {size}; retry the download",
                                            reason="CHECKSUM_MISMATCH")
-                        os.replace(tmp, cache.file_path(dataset, current))
+                        os.replace(tmp, target)
                         arrived.append((current, sha, size))
                         done.add(current)
                         tmp = None
@@ -973,6 +979,25 @@ def _unsafe(what: str, error: InvalidArgument) -> DataLoss:
     """The server sent a name the Hub will not use on disk."""
     return DataLoss(f"the server sent {what}, which is not safe to use as a file name "
                     f"({error.message}); {_DISTRUST}", reason="UNSAFE_SERVER_NAME")
+
+
+def _write_all(f: BinaryIO, data: bytes) -> None:
+    """Write all of ``data`` to an unbuffered file (a write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        if not n:
+            raise OSError(errno.EIO, "the disk took no bytes of a write")
+        view = view[n:]
+
+
+_TEMP_PREFIX = uuid.uuid4().hex[:8]
+_TEMP_COUNT = itertools.count()
+
+
+def _temp_token() -> str:
+    """A name for a temporary file: unique across threads, processes (pid) and runs."""
+    return f"{_TEMP_PREFIX}{os.getpid():x}-{next(_TEMP_COUNT):x}"
 
 
 def _bad_read(what: str) -> DataLoss:
