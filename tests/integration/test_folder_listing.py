@@ -181,10 +181,13 @@ def _listing(head: dict[str, object] | None = None, tail: bytes = b"") -> bytes:
     _listing({"formats": []}),  # a format code out of range
     _listing({"byteorder": "middle"}), _listing(tail=b"\0b.jpg"),  # foreign; a path too many
     _listing(tail=b"\xff"),  # a path not UTF-8
-    zlib.compress(b"[" * 100000),
+    zlib.compress(b"[" * 100000), _listing() + b"more",  # nested too deep; bytes after the end
 ], ids=["zlib", "json", "head-cut", "zlib-cut", "count-over", "count-negative", "count-text",
-        "format", "byteorder", "paths-over", "utf8", "deep"])
+        "format", "byteorder", "paths-over", "utf8", "deep", "trailing"])
 def test_a_tampered_listing_is_discarded(photos: Path, cache: Path, columns: bytes) -> None:
+    with pytest.raises(ValueError):
+        folderindex.decode_listing(columns)
+    assert folderindex.decode_listing(_listing())[0].path == "a.jpg"  # the untampered one
     store = FolderStore(photos, show_progress=False)
     index = HeaderIndex(store.root)
     with sqlite3.connect(index.path) as con:
@@ -237,6 +240,18 @@ def test_parallel_scan_equals_serial_scan(photos: Path) -> None:
     assert serial == parallel and len(serial) == 31
     assert [f.path for f in serial] == sorted(f.path for f in serial)
     assert not next(f for f in serial if f.path == "broken.png").readable
+
+
+def test_walk_is_in_path_order_when_folder_names_share_a_start(tmp_path: Path) -> None:
+    # "-", "." and " " sort before "/": folder "a" comes after "a-b", "a.old" and "a b"
+    root = tmp_path / "root"
+    for folder in ("a", "a-b", "a.old", "a b", "b"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "x.jpg").write_bytes(b"x")
+    for name in ("a.jpg", "a-.jpg", "b.jpg", "0.jpg"):
+        (root / name).write_bytes(b"x")
+    listed = [rel for rel, _, _, _ in folderindex.walk(root)]
+    assert listed == sorted(listed) and len(listed) == 9
 
 
 def test_the_stored_listing_round_trips(tmp_path: Path) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import unicodedata
 import zlib
 from pathlib import Path
 
 import grpc
 import pytest
 
+import gristmill.client.cache as cache_module
 from gristmill.cli.main import main
 from gristmill.client.errors import InvalidArgument, Unavailable
 from gristmill.client.hub import Hub
@@ -186,6 +189,7 @@ def test_cli_cache_info_and_clear(server: Running, hub: Hub, tmp_path: Path,
 
 def test_a_whole_cached_dataset_comes_back_without_a_check_per_file(
         server: Running, hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_module, "RACY_NS", 0)  # folders changed just now: trusted here
     src = files(tmp_path / "src", {"a.bin": 100, "b.bin": 200})
     files(src / "sub", {"c.bin": 300})
     hub.import_folder("whole", src)
@@ -230,16 +234,70 @@ def test_a_whole_cached_dataset_comes_back_without_a_check_per_file(
     assert checks == ["a.bin"]
 
 
+def test_a_record_is_not_trusted_right_after_its_folders_changed(
+        hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a deletion in the same clock tick as the last write leaves the folder's time as
+    # it was: a record is trusted only once its folders are older than RACY_NS
+    monkeypatch.setattr(cache_module, "RACY_NS", 300_000_000)
+    hub.import_folder("racy", files(tmp_path / "src", {"a.bin": 10, "b.bin": 20}))
+    first = hub.download_dataset("racy")
+    assert hub.cache is not None
+    digest = hub.get_manifest("racy", refresh=True).digest
+    assert not hub.cache.complete("racy", digest, 2)  # made in the tick of the download
+    time.sleep(0.35)
+    assert hub.download_dataset("racy") == first  # checked file by file, recorded again
+    assert hub.cache.complete("racy", digest, 2)
+
+
+def test_no_record_when_a_file_is_missing_at_the_end(hub: Hub, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_module, "RACY_NS", 0)
+    hub.import_folder("gone", files(tmp_path / "src", {"a.bin": 10, "b.bin": 20}))
+    first = hub.download_dataset("gone")
+    assert hub.cache is not None
+    digest = hub.get_manifest("gone", refresh=True).digest
+    assert hub.cache.complete("gone", digest, 2)
+    generation = hub.cache.generation()
+    first[1].unlink()  # deleted by hand between the download's checks and its record
+    hub.cache._db.execute("DELETE FROM cache_whole")
+    hub.cache.mark_complete("gone", digest, [("a.bin", 10), ("b.bin", 20)], generation)
+    assert not hub.cache.complete("gone", digest, 2)
+    assert hub.download_dataset("gone") == first and first[1].stat().st_size == 20
+
+
+def test_a_whole_download_of_names_stored_before_nfc(server: Running, hub: Hub,
+                                                     tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # a store keeps names stored before it normalised them (NFD here); the cache
+    # names files in NFC, and the remembered whole download must name them alike
+    monkeypatch.setattr(cache_module, "RACY_NS", 0)
+    hub.import_folder("nfd", files(tmp_path / "src", {"plain.bin": 10}))
+    stored = hub.get_manifest("nfd", refresh=True).files[0]
+    assert server.server is not None
+    store = server.server.context.local["store"]
+    decomposed = "cafe\u0301/\u00e9te\u0301.bin"
+    store.catalog.add_files("nfd", [store_pb2.FileEntry(
+        path=decomposed, sha256=stored.sha256, size=stored.size, media_type="text/plain")])
+    first = hub.download_dataset("nfd")
+    assert all(p.is_file() for p in first)
+    assert hub.download_dataset("nfd") == first  # the remembered record: same names
+    assert unicodedata.normalize("NFC", decomposed) in {
+        p.relative_to(hub.cache.dataset_dir("nfd")).as_posix()  # type: ignore[union-attr]
+        for p in first}
+
+
 def test_a_complete_record_from_a_tampered_index_is_not_trusted(
-        hub: Hub, tmp_path: Path) -> None:
+        hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_module, "RACY_NS", 0)
     src = files(tmp_path / "src", {"a.bin": 100})
     hub.import_folder("t", src)
     first = hub.download_dataset("t")
     assert hub.cache is not None
     manifest = hub.get_manifest("t", refresh=True)
     assert hub.cache.complete("t", manifest.digest, 1)
-    for folders in (b"not zlib", zlib.compress(b'[["../", 1]]')):
-        hub.cache._db.execute("UPDATE cache_complete SET folders = ?", [folders])
+    for folders in (b"not zlib", zlib.compress(b'[["../", 1]]'),
+                    zlib.compress(b"[" * 100_000), zlib.compress(b"0" * (70 << 20))):
+        hub.cache._db.execute("UPDATE cache_whole SET folders = ?", [folders])
         assert not hub.cache.complete("t", manifest.digest, 1)
         assert hub.download_dataset("t") == first  # checked file by file, and recorded again
         assert hub.cache.complete("t", manifest.digest, 1)

@@ -26,6 +26,7 @@ from gristmill.ingest.config import IngestConfig
 from gristmill.ingest.samples import Samples, check_spec
 from gristmill.ingest.service import Planner
 from gristmill.ingest.sources import LocalStore
+from gristmill.store import store as store_module
 from gristmill.store.blobs import BlobStore
 from gristmill.store.catalog import SCHEMA_VERSION, Catalog
 from gristmill.store.fsobjects import FsBackend
@@ -177,6 +178,24 @@ def test_older_catalog_is_counted_once_when_opened(tmp_path: Path) -> None:
                                                        size=1, media_type="text/plain")])
     assert store.get_dataset("ds").file_count == 27
     store.close()
+
+
+def test_kept_head_manifests_are_bounded_by_count_and_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = open_store(tmp_path)
+    monkeypatch.setattr(store_module, "HEADS_KEPT", 2)
+    for name in ("a", "b", "c"):
+        fill(store, name, 50)
+        list(store.manifest_chunks(name, "latest"))
+    assert list(store._heads) == ["b", "c"]  # the least recently asked for went first
+    monkeypatch.setattr(store_module, "HEADS_KEPT_BYTES", 1000)
+    fill(store, "big", 300)  # compressed, more than 1000 bytes: built per request
+    list(store.manifest_chunks("big", "latest"))
+    assert "big" not in store._heads
+    kept = [f for _, f, _ in store._heads.values()]
+    store.close()
+    assert not store._heads and all(not f.closed for f in kept)  # closed with their readers
+    del kept
 
 
 def test_a_schema_2_catalog_gets_the_head_revision(tmp_path: Path) -> None:

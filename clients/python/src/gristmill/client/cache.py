@@ -13,6 +13,7 @@ trusted to keep the Hub inside its cache or download folder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,11 +32,19 @@ from typing import Any
 
 from gristmill.client.errors import FailedPrecondition, GristmillError, InvalidArgument
 from gristmill.client.names import validate_dataset_name, validate_path
+from gristmill.client.tuning import gc_paused
 
 __all__ = ["Confined", "FileCache", "address_store_id", "cache_summary", "clear_folder", "inside",
            "known_store", "safe_component", "validate_store_id", "validate_version_name"]
 
+#: A folder changed less than this before a complete record was made may have changed
+#: again in the same clock tick (coarse timestamps): the record is not trusted.
+RACY_NS = 2_000_000_000
+#: Bytes a complete record's folder list may inflate to.
+_MAX_RECORD_BYTES = 64 << 20
 _FOLDER = re.compile(r"(?:(?!\.\.?/)[^/\x00]+/)+")  # a record's folder: "a/" or "a/b/"
+log = logging.getLogger(__name__)
+
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -144,21 +153,25 @@ def child_paths(base: Path, relatives: list[str]) -> list[Path]:
 
     On CPython 3.11, ``Path`` parses every string it is given again (~4 us a
     path): a million cached files would take 4 s to name. There the paths
-    are made from ``base``'s parsed parts plus the segments (~2 us), which is
-    what ``joinpath`` ends with; the first is checked against ``joinpath``,
-    and any other Python takes the plain way.
+    are made from ``base``'s parsed parts plus the segments (~0.7 us), which
+    is what ``joinpath`` ends with; the first is checked against
+    ``joinpath``, and any other Python takes the plain way. The garbage
+    collector is paused meanwhile (a million new paths made it walk them
+    again and again: 2 us a path instead of 0.7).
     """
-    make = getattr(type(base), "_from_parsed_parts", None)
-    parts = getattr(base, "_parts", None)
-    if (sys.version_info[:2] != (3, 11) or not relatives or make is None
-            or not isinstance(parts, list)):
-        return [base.joinpath(r) for r in relatives]
-    drv, root = base.drive, base.root
-    out: list[Path] = [make(drv, root, [*parts, *r.split("/")]) for r in relatives]
-    first = base.joinpath(relatives[0])
-    if out[0] != first or str(out[0]) != str(first):
-        return [base.joinpath(r) for r in relatives]
-    return out
+    with gc_paused():
+        make = getattr(type(base), "_from_parsed_parts", None)
+        parts = getattr(base, "_parts", None)
+        if (sys.version_info[:2] != (3, 11) or not relatives or make is None
+                or not isinstance(parts, list)):
+            return [base.joinpath(r) for r in relatives]
+        drv, root = base.drive, base.root
+        out: list[Path] = [make(drv, root, [*parts, *r.split("/")]) for r in relatives]
+        for i in (0, -1):  # made as joinpath makes them, or the plain way
+            plain = base.joinpath(relatives[i])
+            if out[i] != plain or str(out[i]) != str(plain):
+                return [base.joinpath(r) for r in relatives]
+        return out
 
 
 def _link_refused(link: Path, root: Path) -> FailedPrecondition:
@@ -231,8 +244,8 @@ _COMPLETE_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS cache_generation (id INTEGER PRIMARY KEY CHECK (id = 0), "
     "generation INTEGER NOT NULL)",
     "INSERT OR IGNORE INTO cache_generation VALUES (0, 0)",
-    "CREATE TABLE IF NOT EXISTS cache_complete (store TEXT, dataset TEXT, manifest TEXT, "
-    "files INTEGER, generation INTEGER, folders BLOB, "
+    "CREATE TABLE IF NOT EXISTS cache_whole (store TEXT, dataset TEXT, manifest TEXT, "
+    "files INTEGER, generation INTEGER, folders BLOB, made INTEGER, "
     "PRIMARY KEY (store, dataset, manifest))",
     "CREATE TRIGGER IF NOT EXISTS cache_files_lost AFTER DELETE ON cache_files BEGIN "
     "UPDATE cache_generation SET generation = generation + 1 WHERE id = 0; END",
@@ -335,7 +348,8 @@ class FileCache:
     def paths(self, dataset: str, relatives: list[str]) -> list[Path]:
         """Where these files are cached, as :meth:`on_disk` names them, with no check per file.
 
-        For paths already checked when they were cached (see :meth:`complete`).
+        Only for paths already validated and NFC-normalised when they were
+        cached (see :meth:`complete`): nothing here checks them again.
         """
         return child_paths(self.dataset_dir(dataset), relatives)
 
@@ -421,28 +435,56 @@ class FileCache:
             self._evict()
 
     def generation(self) -> int:
-        """The index's generation: it moves on whenever an indexed file is removed or changed."""
-        with self._lock:
-            return int(self._db.execute("SELECT generation FROM cache_generation WHERE id = 0")
-                       .fetchone()[0])
+        """The index's generation: it moves on whenever an indexed file is removed or changed.
 
-    def mark_complete(self, dataset: str, manifest: str, paths: list[str],
+        -1 if the index cannot be read (then nothing is recorded complete).
+        """
+        try:
+            with self._lock:
+                return int(self._db.execute("SELECT generation FROM cache_generation "
+                                            "WHERE id = 0").fetchone()[0])
+        except sqlite3.Error as e:
+            log.warning("cache index %s: %s; whole downloads are checked file by file", self.top,
+                        e)
+            return -1
+
+    def mark_complete(self, dataset: str, manifest: str, files: list[tuple[str, int]],
                       generation: int) -> None:
-        """Note that every file of the manifest with digest ``manifest`` (``paths``) is cached.
+        """Note that every file (path, size) of the manifest with digest ``manifest`` is cached.
 
         ``generation`` is :meth:`generation` as read before the files were
         checked: if anything left the index since, the record is already
         stale. The modification times of the folders that hold the files are
-        kept with it, so that a file deleted by hand is noticed.
+        kept with it, so that a file deleted by hand later is noticed; they
+        are read before and after one more ``lstat`` of every file, and
+        nothing is recorded if a file is missing or a folder changed meanwhile.
+        A record is a shortcut: when it cannot be written, the next download
+        checks every file.
         """
-        dataset = validate_dataset_name(dataset)
-        folders = self._folder_times(dataset, sorted({p[:p.rfind("/") + 1] for p in paths}))
-        if folders is None:
+        if generation < 0:
             return
-        blob = zlib.compress(json.dumps(folders, separators=(",", ":")).encode(), 1)
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO cache_complete VALUES (?, ?, ?, ?, ?, ?)",
-                             [self.store, dataset, manifest, len(paths), generation, blob])
+        dataset = validate_dataset_name(dataset)
+        folders = sorted({p[:p.rfind("/") + 1] for p, _ in files})
+        before = self._folder_times(dataset, folders)
+        base = os.fspath(self.dataset_dir(dataset))
+        for path, size in files:
+            try:
+                st = os.lstat(f"{base}/{path}")
+            except OSError:
+                return
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                return
+        if before is None or self._folder_times(dataset, folders) != before:
+            return
+        blob = zlib.compress(json.dumps(before, separators=(",", ":")).encode(), 1)
+        try:
+            with self._lock:
+                self._db.execute("INSERT OR REPLACE INTO cache_whole VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 [self.store, dataset, manifest, len(files), generation, blob,
+                                  time.time_ns()])
+        except sqlite3.Error as e:
+            log.warning("cache index %s: cannot record %r as complete (%s); the next download "
+                        "checks every file", self.top, dataset, e)
 
     def _folder_times(self, dataset: str, folders: list[str]) -> list[tuple[str, int]] | None:
         """(folder, mtime_ns) of each folder ("" or "a/b/") of the dataset; None if one is gone."""
@@ -458,23 +500,36 @@ class FileCache:
         True only for a record made by :meth:`mark_complete` at the current
         generation (nothing evicted, cleared or replaced through the index
         since), with every folder of the files unchanged (nothing deleted,
-        added or renamed in them by hand). A file edited in place by hand is
-        not seen (``download_dataset(verify=True)`` checks each one).
+        added or renamed in them by hand) and last changed well before the
+        record was made (:data:`RACY_NS`: a change in the same clock tick
+        would leave a folder's time as it was). A file edited in place by
+        hand is not seen (``download_dataset(verify=True)`` checks each one).
         """
         dataset = validate_dataset_name(dataset)
-        with self._lock:
-            row = self._db.execute(
-                "SELECT c.files, c.generation = g.generation, c.folders FROM cache_complete AS c,"
-                " cache_generation AS g WHERE g.id = 0 AND c.store = ? AND c.dataset = ? AND "
-                "c.manifest = ?", [self.store, dataset, manifest]).fetchone()
+        try:
+            with self._lock:
+                row = self._db.execute(
+                    "SELECT c.files, c.generation = g.generation, c.folders, c.made FROM "
+                    "cache_whole AS c, cache_generation AS g WHERE g.id = 0 AND c.store = ? "
+                    "AND c.dataset = ? AND c.manifest = ?",
+                    [self.store, dataset, manifest]).fetchone()
+        except sqlite3.Error as e:
+            log.warning("cache index %s: %s; checking every file", self.top, e)
+            return False
         if row is None or int(row[0]) != files or not row[1]:
             return False
         try:
-            recorded = [(str(f), int(t)) for f, t in json.loads(zlib.decompress(row[2]))]
-        except (zlib.error, ValueError, TypeError):
+            inflate = zlib.decompressobj()
+            raw = inflate.decompress(row[2], _MAX_RECORD_BYTES)
+            if inflate.unconsumed_tail:
+                return False
+            recorded = [(str(f), int(t)) for f, t in json.loads(raw)]
+        except (zlib.error, ValueError, TypeError, RecursionError):
             return False  # not a record this code wrote: check every file instead
         if any(f and not _FOLDER.fullmatch(f) for f, _ in recorded):
             return False
+        if any(t >= int(row[3]) - RACY_NS for _, t in recorded):
+            return False  # changed too close to the record to tell
         return self._folder_times(dataset, [f for f, _ in recorded]) == recorded
 
     def reserve(self, incoming: int) -> None:
@@ -593,11 +648,11 @@ class FileCache:
             self._top.forget()
             if name is None:
                 self._db.execute("DELETE FROM cache_files WHERE store = ?", [self.store])
-                self._db.execute("DELETE FROM cache_complete WHERE store = ?", [self.store])
+                self._db.execute("DELETE FROM cache_whole WHERE store = ?", [self.store])
             else:
                 self._db.execute("DELETE FROM cache_files WHERE store = ? AND dataset = ?",
                                  [self.store, name])
-                self._db.execute("DELETE FROM cache_complete WHERE store = ? AND dataset = ?",
+                self._db.execute("DELETE FROM cache_whole WHERE store = ? AND dataset = ?",
                                  [self.store, name])
             for d in dirs:
                 shutil.rmtree(d, ignore_errors=True)

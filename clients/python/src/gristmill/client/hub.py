@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import os
 import threading
+import unicodedata
 import uuid
 import zlib
 from collections import OrderedDict
@@ -437,11 +438,13 @@ class Hub:
 
         A whole dataset (no ``file_list``, no ``dest``) downloaded once is
         remembered as complete for that exact manifest: asked again while the
-        manifest is the same and no cached file was evicted, cleared or
-        replaced since, the paths come back without a check per file (one
-        manifest fetch and one query). Files deleted from the cache folder
-        by hand are not noticed then; ``verify=True`` checks every file and
-        downloads what is missing.
+        manifest is the same, no cached file was evicted, cleared or replaced
+        since and the folders holding its files are unchanged (a file deleted
+        by hand changes its folder), the paths come back without a check per
+        file (one manifest fetch, one query, one ``stat`` per folder). A file
+        edited in place by hand is not noticed then; ``verify=True`` checks
+        every file's presence and size (one ``lstat`` each, no hashing) and
+        downloads what is missing or of the wrong size.
 
         Nothing the server sends is trusted to name a place on disk: every
         path, hash and size is checked before a byte is written, and a server
@@ -458,7 +461,7 @@ class Hub:
         if whole and not verify and cache.complete(dataset, manifest.digest, len(manifest)):
             if cache.limit is not None:
                 cache.touch(dataset, [], every=True)
-            return cache.paths(dataset, [e.path for e in manifest.files])
+            return cache.paths(dataset, [_nfc(e.path) for e in manifest.files])
         generation = cache.generation()  # before any file is checked: see mark_complete
         if asked is None:
             entries = {e.path: e for e in manifest.files}
@@ -481,7 +484,8 @@ class Hub:
         with cache.keeping(dataset, unique):
             paths = self._download(cache, dataset, manifest.version, wanted, entries, folder)
         if whole and len(unique) == len(manifest):
-            cache.mark_complete(dataset, manifest.digest, unique, generation)
+            cache.mark_complete(dataset, manifest.digest,
+                                [(_nfc(p), entries[p].size) for p in unique], generation)
         return paths
 
     def _download(self, cache: FileCache, dataset: str, version: str, wanted: list[str],
@@ -979,6 +983,11 @@ def _unsafe(what: str, error: InvalidArgument) -> DataLoss:
     """The server sent a name the Hub will not use on disk."""
     return DataLoss(f"the server sent {what}, which is not safe to use as a file name "
                     f"({error.message}); {_DISTRUST}", reason="UNSAFE_SERVER_NAME")
+
+
+def _nfc(path: str) -> str:
+    """A manifest path as the cache names its file (NFC, as ``validate_path`` spells it)."""
+    return path if path.isascii() else unicodedata.normalize("NFC", path)
 
 
 def _write_all(f: BinaryIO, data: bytes) -> None:

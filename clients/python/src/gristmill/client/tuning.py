@@ -153,7 +153,8 @@ def gc_paused() -> Iterator[None]:
     of a folder listing took 100 ms with the collector on and 26 ms without.
     Only for bounded steps that make no reference cycles (objects are still
     freed by reference counting meanwhile). Pauses nest and may overlap
-    across threads; the collector is back on, if it was on, when the last ends.
+    across threads; the collector is back on, if it was on, when the last ends
+    (a ``gc.disable()`` by other code during a pause does not outlast it).
     """
     with _GC_LOCK:
         if _GC_PAUSES[0] == 0:

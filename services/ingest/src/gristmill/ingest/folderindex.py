@@ -193,9 +193,10 @@ def _list_directory(fd: int, directory: str
     names = list(map(_NAME, files))
     sizes = [st.st_size for st in stats]
     mtimes = [st.st_mtime_ns for st in stats]
-    # a directory sorts as its name and "/": after the files whose names sort before that
-    return names, sizes, mtimes, sorted((bisect.bisect_left(names, d + "/"), d)
-                                        for d in subdirectories)
+    # a directory sorts as its name and "/" (so "a/" after "a-b/" and "a.old/"): it comes
+    # after the files whose names sort before that
+    keys = sorted(d + "/" for d in subdirectories)
+    return names, sizes, mtimes, [(bisect.bisect_left(names, k), k[:-1]) for k in keys]
 
 
 _NAME = attrgetter("name")
@@ -369,8 +370,8 @@ def decode_listing(blob: bytes) -> list[FolderFile]:
         data = inflate.decompress(blob, MAX_LISTING_BYTES)
     except zlib.error as e:
         raise ValueError(f"the listing is not readable ({e})") from None
-    if inflate.unconsumed_tail or not inflate.eof:
-        raise ValueError("the listing is cut short or too large")
+    if inflate.unconsumed_tail or not inflate.eof or inflate.unused_data:
+        raise ValueError("the listing is cut short, too large or followed by other bytes")
     try:
         (size,) = _HEAD.unpack_from(data)
         head = json.loads(data[_HEAD.size:_HEAD.size + size])

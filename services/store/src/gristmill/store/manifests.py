@@ -4,10 +4,12 @@ A committed version is immutable, so its manifest is built once (at commit,
 or on the first request when the file is missing, e.g. in a store older than
 this) and kept as a file ``manifests/<dataset>/<version>.zlib`` next to the
 catalog, private to the server's user; requests then send that file in
-pieces. ``latest`` changes with every upload: it is built per request, from a
-snapshot of the catalog, into an unnamed temporary file in the same
-directory. Both builds page through the catalog and compress as they go, so
-memory stays at one page of entries whatever the manifest's size.
+pieces. ``latest`` changes with every upload: it is built from a snapshot
+of the catalog into an unnamed temporary file in the same directory, and the
+store keeps the last few built until their head changes (see
+``Store._head_manifest``). Both builds page through the catalog and compress
+as they go, so memory stays at one page of entries whatever the manifest's
+size.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ class ManifestFiles:
         return count
 
     def scratch(self) -> IO[bytes]:
-        """An unnamed temporary file (0600) for a manifest built per request."""
+        """An unnamed temporary file (0600) for a head's manifest (kept while unchanged)."""
         try:
             return tempfile.TemporaryFile(dir=private_dir(self.root))
         except OSError as e:

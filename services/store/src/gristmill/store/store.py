@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import unicodedata
 from collections import Counter, OrderedDict
@@ -39,9 +40,11 @@ log = logging.getLogger("gristmill.store")
 
 LATEST = "latest"
 MAX_PATHS_PER_CALL = 10_000
-#: Heads whose built manifest is kept for the next GetManifest (one compressed
-#: file each on the manifests volume, ~40 bytes per entry).
+#: Heads whose built manifest is kept for the next GetManifest (one compressed,
+#: unnamed file each on the manifests volume, ~40 bytes per entry), and the most
+#: bytes they may take together (a bigger head is built per request).
 HEADS_KEPT = 8
+HEADS_KEPT_BYTES = 256 << 20
 _HASH_CHUNK = 4 * 1024 * 1024
 
 
@@ -101,7 +104,9 @@ class Store:
         self._heads_lock = threading.Lock()
 
     def close(self) -> None:
-        """Close catalog and backend."""
+        """Close catalog and backend (kept head manifests go with their last reader)."""
+        with self._heads_lock:
+            self._heads.clear()
         self.catalog.close()
         self.blobs.close()
 
@@ -228,8 +233,9 @@ class Store:
     def _head_manifest(self, dataset: str) -> tuple[IO[bytes], int]:
         """The head's manifest file and entry count, built again only after the head changed.
 
-        The last :data:`HEADS_KEPT` heads built are kept (unnamed files, gone
-        with the last reader), keyed by :meth:`Catalog.head_key` as read in
+        The last :data:`HEADS_KEPT` heads built (at most
+        :data:`HEADS_KEPT_BYTES` together) are kept, as unnamed files gone
+        with their last reader, keyed by :meth:`Catalog.head_key` as read in
         the snapshot they were built from: asking again for an unchanged
         head costs one row read instead of a pass over its files.
         """
@@ -253,13 +259,17 @@ class Store:
             except BaseException:
                 f.close()
                 raise
+        size = f.seek(0, os.SEEK_END)
         with self._heads_lock:
             kept = self._heads.get(dataset)
-            if kept is None or kept[0][1] <= key[1] or kept[0][0] != key[0]:
+            if size <= HEADS_KEPT_BYTES and (kept is None or kept[0][1] <= key[1]
+                                             or kept[0][0] != key[0]):
                 self._heads[dataset] = (key, f, count)
                 self._heads.move_to_end(dataset)
-            while len(self._heads) > HEADS_KEPT:
-                self._heads.popitem(last=False)
+            while len(self._heads) > HEADS_KEPT or sum(
+                    os.fstat(k[1].fileno()).st_size for k in self._heads.values()
+            ) > HEADS_KEPT_BYTES:
+                self._heads.popitem(last=False)  # closed with its last reader
         return f, count
 
     def _stored_manifest(self, dataset: str, version: str) -> tuple[IO[bytes], int]:
