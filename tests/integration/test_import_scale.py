@@ -163,22 +163,35 @@ def test_the_walk_streams_files_in_path_order(tmp_path: Path) -> None:
 
 
 # concurrent and incremental import ----------------------------------------------
+@pytest.mark.parametrize("large", [0, hub_module.IMPORT_LARGE_FILE_BYTES],
+                         ids=["side-by-side", "small-one-at-a-time"])
 def test_concurrent_import_stores_what_a_serial_one_does(
-        server: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        server: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, large: int) -> None:
     src = tmp_path / "src"
     content = make_folder(src, 60)
     (src / "d0" / "dup.bin").write_bytes(content["d1/f001.bin"])  # deduplicated across batches
     monkeypatch.setattr(hub_module, "IMPORT_BATCH_FILES", 7)
-    threads: set[str] = set()
+    monkeypatch.setattr(hub_module, "IMPORT_LARGE_FILE_BYTES", large)
+    lock = threading.Lock()
+    now = [0]
+    most = [0]
     original = Hub._put_batch
 
     def put_batch(self: Hub, *args: Any) -> None:
-        threads.add(threading.current_thread().name)
-        original(self, *args)
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        try:
+            time.sleep(0.05)  # long enough for another batch to start, if one may
+            original(self, *args)
+        finally:
+            with lock:
+                now[0] -= 1
 
     monkeypatch.setattr(Hub, "_put_batch", put_batch)
     manifests = {}
     for name, workers in (("serial", 1), ("parallel", 4)):
+        most[0] = 0
         with Hub(server.address, server.admin_key, tmp_path / f"cache-{name}", workers=workers,
                  show_progress=False) as hub:
             report = hub.import_folder(name, src)
@@ -190,7 +203,8 @@ def test_concurrent_import_stores_what_a_serial_one_does(
     assert manifests["serial"] == manifests["parallel"]
     assert len(manifests["serial"]) == 61
     assert manifests["serial-version"] == manifests["parallel-version"]
-    assert len(threads) > 1  # batches went side by side
+    # small files (under IMPORT_LARGE_FILE_BYTES on average) go one batch at a time
+    assert most[0] > 1 if large == 0 else most[0] == 1
 
 
 def test_reimport_of_an_unchanged_folder_hashes_nothing_and_sends_no_bytes(

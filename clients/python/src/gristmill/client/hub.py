@@ -59,6 +59,10 @@ UPLOAD_CALL_FILES = 2000
 IMPORT_BATCH_FILES = 2000
 #: most batches of an import in flight at once (PutFiles calls side by side)
 IMPORT_STREAMS = 4
+#: Average size of the files uploaded so far from which batches go side by side (below
+#: it, one at a time: 10k files of 3 KB took 1,440 files/s with 4 in flight and 1,910
+#: with one; 1 MB files 155 with 4 and 132 with one).
+IMPORT_LARGE_FILE_BYTES = 256 * 1024
 #: remembered hashes of local files, in the cache directory
 IMPORT_HASHES = "import-hashes.sqlite"
 #: one ReadFiles call during downloads asks for at most this much
@@ -686,8 +690,12 @@ class Hub:
         The folder is walked as a stream, in batches of
         :data:`IMPORT_BATCH_FILES` files: each batch is hashed, checked with
         one ``FindFiles`` call (paths stored with the same content are
-        skipped, blobs the server has are linked) and the rest uploaded, with
-        up to ``workers`` batches in flight (PutFiles calls side by side).
+        skipped, blobs the server has are linked) and the rest uploaded. Once
+        the files uploaded so far average :data:`IMPORT_LARGE_FILE_BYTES` or
+        more, up to ``workers`` batches are in flight (PutFiles calls side by
+        side); smaller files go one batch at a time, which is faster: the
+        server already syncs a call's files on threads of its own, and more
+        calls only contend for its interpreter lock.
         Memory does not grow with the number of files. With a ``cache_dir``,
         the sha256 of files read before is remembered (see
         :mod:`gristmill.client.hashcache`): an unchanged file costs a stat.
@@ -716,13 +724,17 @@ class Hub:
         try:
             with ThreadPoolExecutor(streams, thread_name_prefix="gristmill-import") as pool:
                 running: list[Future[ImportReport]] = []
+                in_flight = 1  # until uploads show large files (see the docstring)
                 try:
                     for batch in _batches(files, IMPORT_BATCH_FILES):
                         running.append(pool.submit(self._import_batch, dataset, batch, hashes,
                                                    rehash, bar, sent))
-                        while len(running) >= streams:  # bounded: a few batches in memory
+                        while len(running) >= in_flight:  # bounded: a few batches in memory
                             wait(running, return_when=FIRST_COMPLETED)
                             _merge_done(report, running)
+                            large = (report.bytes_uploaded
+                                     >= IMPORT_LARGE_FILE_BYTES * max(1, report.uploaded))
+                            in_flight = streams if large else 1
                     wait(running)
                     _merge_done(report, running)
                 except BaseException:
