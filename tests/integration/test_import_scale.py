@@ -203,7 +203,7 @@ def test_concurrent_import_stores_what_a_serial_one_does(
     assert manifests["serial"] == manifests["parallel"]
     assert len(manifests["serial"]) == 61
     assert manifests["serial-version"] == manifests["parallel-version"]
-    # small files (under IMPORT_LARGE_FILE_BYTES on average) go one batch at a time
+    # small files (under IMPORT_LARGE_FILE_BYTES on average) go one PutFiles call at a time
     assert most[0] > 1 if large == 0 else most[0] == 1
 
 

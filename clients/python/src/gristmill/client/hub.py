@@ -59,9 +59,9 @@ UPLOAD_CALL_FILES = 2000
 IMPORT_BATCH_FILES = 2000
 #: most batches of an import in flight at once (PutFiles calls side by side)
 IMPORT_STREAMS = 4
-#: Average size of the files uploaded so far from which batches go side by side (below
-#: it, one at a time: 10k files of 3 KB took 1,440 files/s with 4 in flight and 1,910
-#: with one; 1 MB files 155 with 4 and 132 with one).
+#: Average size of the files uploaded so far from which PutFiles calls go side by side
+#: (below it, one at a time: 10k files of 3 KB took 1,440 files/s with 4 calls in flight
+#: and 1,910 with one; 1 MB files 155 with 4 and 132 with one).
 IMPORT_LARGE_FILE_BYTES = 256 * 1024
 #: remembered hashes of local files, in the cache directory
 IMPORT_HASHES = "import-hashes.sqlite"
@@ -690,12 +690,13 @@ class Hub:
         The folder is walked as a stream, in batches of
         :data:`IMPORT_BATCH_FILES` files: each batch is hashed, checked with
         one ``FindFiles`` call (paths stored with the same content are
-        skipped, blobs the server has are linked) and the rest uploaded. Once
-        the files uploaded so far average :data:`IMPORT_LARGE_FILE_BYTES` or
-        more, up to ``workers`` batches are in flight (PutFiles calls side by
-        side); smaller files go one batch at a time, which is faster: the
+        skipped, blobs the server has are linked) and the rest uploaded, with
+        up to ``workers`` batches in flight. Their PutFiles calls go one at a
+        time while the files uploaded so far average under
+        :data:`IMPORT_LARGE_FILE_BYTES`, which is faster for small files: the
         server already syncs a call's files on threads of its own, and more
-        calls only contend for its interpreter lock.
+        calls only contend for its interpreter lock; larger files are sent
+        side by side.
         Memory does not grow with the number of files. With a ``cache_dir``,
         the sha256 of files read before is remembered (see
         :mod:`gristmill.client.hashcache`): an unchanged file costs a stat.
@@ -724,17 +725,16 @@ class Hub:
         try:
             with ThreadPoolExecutor(streams, thread_name_prefix="gristmill-import") as pool:
                 running: list[Future[ImportReport]] = []
-                in_flight = 1  # until uploads show large files (see the docstring)
+                gate = _UploadGate()  # one upload at a time until files show large
                 try:
                     for batch in _batches(files, IMPORT_BATCH_FILES):
                         running.append(pool.submit(self._import_batch, dataset, batch, hashes,
-                                                   rehash, bar, sent))
-                        while len(running) >= in_flight:  # bounded: a few batches in memory
+                                                   rehash, bar, sent, gate))
+                        while len(running) >= streams:  # bounded: a few batches in memory
                             wait(running, return_when=FIRST_COMPLETED)
                             _merge_done(report, running)
-                            large = (report.bytes_uploaded
-                                     >= IMPORT_LARGE_FILE_BYTES * max(1, report.uploaded))
-                            in_flight = streams if large else 1
+                            gate.wide = (report.bytes_uploaded
+                                         >= IMPORT_LARGE_FILE_BYTES * max(1, report.uploaded))
                     wait(running)
                     _merge_done(report, running)
                 except BaseException:
@@ -753,7 +753,8 @@ class Hub:
         return report
 
     def _import_batch(self, dataset: str, batch: list[LocalSource], hashes: HashCache | None,
-                      rehash: bool, bar: Progress, sent: Progress) -> ImportReport:
+                      rehash: bool, bar: Progress, sent: Progress,
+                      gate: _UploadGate | None = None) -> ImportReport:
         """Hash (or recall), check with one FindFiles call, and upload one batch of files."""
         part = ImportReport()
         started = hashcache.now()
@@ -795,12 +796,14 @@ class Hub:
         for f in pending:
             cost = 0 if f.sha256 in stored else f.size
             if call and (call_bytes + cost > UPLOAD_CALL_BYTES or len(call) >= UPLOAD_CALL_FILES):
-                self._put_batch(dataset, call, stored, part, sent)
+                with gate or _UploadGate(wide=True):
+                    self._put_batch(dataset, call, stored, part, sent)
                 call, call_bytes = [], 0
             call.append(f)
             call_bytes += cost
         if call:
-            self._put_batch(dataset, call, stored, part, sent)
+            with gate or _UploadGate(wide=True):
+                self._put_batch(dataset, call, stored, part, sent)
         if hashes is not None and part.failed:  # a file found changed is read again next time
             failed = {path for path, _ in part.failed}
             hashes.forget(str(f.source) for f in local if f.path in failed)
@@ -921,6 +924,25 @@ class Hub:
                         break
         if msg.chunks or msg.dataset:
             yield msg
+
+
+class _UploadGate:
+    """Lets an import's PutFiles calls go one at a time (small files) or side by side."""
+
+    def __init__(self, wide: bool = False) -> None:
+        #: side by side (set by the import once its files show large)
+        self.wide = wide
+        self._lock = threading.Lock()
+        self._held = threading.local()
+
+    def __enter__(self) -> None:
+        self._held.lock = not self.wide
+        if self._held.lock:
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._held.lock:
+            self._lock.release()
 
 
 def _batches(files: Iterable[LocalSource], size: int) -> Iterator[list[LocalSource]]:
