@@ -152,16 +152,22 @@ def test_counters_follow_every_change_in_the_same_transaction(tmp_path: Path) ->
     store.close()
 
 
-def test_older_catalog_is_counted_once_when_opened(tmp_path: Path) -> None:
-    """A catalog without the counter columns (schema 1) gets them, counted, on first open."""
-    path = tmp_path / "catalog.sqlite"
-    store = open_store(tmp_path)
-    fill(store, "ds", 25)
+def catalog_without_triggers(root: Path, n: int) -> sqlite3.Connection:
+    """A closed store's catalog with dataset "ds" of ``n`` files, its triggers dropped."""
+    store = open_store(root)
+    fill(store, "ds", n)
     store.close()
-    conn = sqlite3.connect(path)
-    with conn:  # as the previous release left it
+    conn = sqlite3.connect(root / "catalog.sqlite")
+    with conn:
         for trigger in ("counted_insert", "counted_delete", "counted_update", "revised_update"):
             conn.execute(f"DROP TRIGGER files_{trigger}")
+    return conn
+
+
+def test_older_catalog_is_counted_once_when_opened(tmp_path: Path) -> None:
+    """A catalog without the counter columns (schema 1) gets them, counted, on first open."""
+    conn = catalog_without_triggers(tmp_path, 25)
+    with conn:  # as the previous release left it
         conn.execute("DROP INDEX idx_versions_created")
         for column in ("file_count", "total_bytes", "revision"):
             conn.execute(f"ALTER TABLE datasets DROP COLUMN {column}")
@@ -200,14 +206,8 @@ def test_kept_head_manifests_are_bounded_by_count_and_bytes(
 
 def test_a_schema_2_catalog_gets_the_head_revision(tmp_path: Path) -> None:
     """Schema 2 counted files but had no revision: opened, its triggers move one."""
-    path = tmp_path / "catalog.sqlite"
-    store = open_store(tmp_path)
-    fill(store, "ds", 5)
-    store.close()
-    conn = sqlite3.connect(path)
+    conn = catalog_without_triggers(tmp_path, 5)
     with conn:  # as schema 2 left it: counting triggers without the revision
-        for trigger in ("counted_insert", "counted_delete", "counted_update", "revised_update"):
-            conn.execute(f"DROP TRIGGER files_{trigger}")
         conn.execute("ALTER TABLE datasets DROP COLUMN revision")
         conn.execute("""CREATE TRIGGER files_counted_insert AFTER INSERT ON files BEGIN
             UPDATE datasets SET file_count = file_count + 1, total_bytes = total_bytes + NEW.size
