@@ -4,7 +4,10 @@ One in-process server (store, decode, ingest) on a temporary directory. The
 big datasets are synthetic catalogs: N entries registered in one go
 (``Catalog.add_files`` in big batches, or PutFiles with ``reuse_blob`` when
 that is not there), all pointing at a few real tiny JPEGs, then committed.
-Imports and downloads use real files, at a tenth of the catalog sizes.
+Imports and downloads use real files, at a tenth of the catalog sizes. The
+import is also timed as a user runs it: into ``gristmill serve`` in a process
+of its own (default settings: ``store.sync_method: fsync``); in-process, client
+and server share one interpreter lock.
 
 Each row prints the median cost per unit at both sizes and the growth ratio
 (10N cost / N cost): about 1 means the per-unit cost is flat, so a per-call
@@ -43,7 +46,7 @@ from gristmill.v1 import (  # noqa: E402
     ingest_pb2_grpc,
     store_pb2,
 )
-from tests.helpers import Running, start_in_process  # noqa: E402
+from tests.helpers import Running, spawn_server, start_in_process, stop_process  # noqa: E402
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "5"))
 SEED_SHAPES = [(64, 64), (80, 60), (60, 80), (96, 54), (54, 96), (72, 48), (48, 72), (64, 48)]
@@ -276,6 +279,14 @@ def measure_files(running: Running, hub: Hub, work: Path, n: int,
             sub.mkdir(parents=True)
         (sub / f"{i:07d}.bin").write_bytes(b"%d-%d" % (n, i))
     name = f"files{n}"
+    # as a user runs it: `gristmill serve` in a process of its own, default settings
+    served = spawn_server(work / f"served{n}")
+    try:
+        with Hub(served.address, served.admin_key, None, show_progress=False) as remote:
+            out["import, server in its own process"][n] = once(
+                lambda: remote.import_folder(name, folder)) / n
+    finally:
+        stop_process(served)
     out["import"][n] = once(lambda: hub.import_folder(name, folder)) / n
     out["re-import (unchanged)"][n] = once(lambda: hub.import_folder(name, folder)) / n
     memory["re-import (unchanged), client + server"][n] = peak_rss_growth(
@@ -295,7 +306,8 @@ ROWS = [("GetDataset", "call"), ("ListManifest page (1000)", "page"),
         ("PlanEpoch warm", "sample"), ("first batch cold (plan + stream)", "call"),
         ("first batch warm", "call"), ("stream batch", f"batch of {BATCH}"),
         ("plan_epoch hash (client)", "sample"), ("Hub get_file (cached, pinned)", "call"),
-        ("import", "file"), ("re-import (unchanged)", "file"), ("Hub download", "file"),
+        ("import", "file"), ("import, server in its own process", "file"),
+        ("re-import (unchanged)", "file"), ("Hub download", "file"),
         ("Hub re-download (all cached)", "file")]
 MEMORY_ROWS = ["GetManifest, server side (committed)", "get_manifest, client (committed)",
                "re-import (unchanged), client + server"]
@@ -336,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
           "per unit (1 = flat per unit).")
     print(f"  {'operation':34} {'N':>10} {'10N':>10}   {'ratio':>7}")
     for name, unit in ROWS:
-        used = file_sizes if name in ("import", "re-import (unchanged)", "Hub download",
+        used = file_sizes if name in ("import", "import, server in its own process",
+                                      "re-import (unchanged)", "Hub download",
                                       "Hub re-download (all cached)") else sizes
         print(Row(name, unit, out[name], used).line())
     print("\n  peak RSS growth during one call (server and client share this process)")
