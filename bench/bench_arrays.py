@@ -10,7 +10,9 @@ through gristmill's array client over gRPC (a real server process, fs
 backend; ``njobs`` 1 and 4), against zarr-python on a local directory of the
 same array and h5py on a local HDF5 file with the same chunks. MB/s counts
 the bytes of the result; the ratio is against zarr-python on a directory
-(page cache warm for everyone). Aim: gristmill full read >= 0.8x zarr-python.
+(page cache warm for everyone), timed again in turn with gristmill's reads
+(interleaved rounds) so that the machine's drifts touch both alike. Aim:
+gristmill full read >= 0.8x zarr-python.
 
 The Ceph backend's rows come from the same function with another store
 config, on a throw-away local cluster (deploy/local/ceph-up) or the one
@@ -92,6 +94,26 @@ def median_seconds(fn: Callable[[], np.ndarray], expect: np.ndarray) -> float:
     return statistics.median(times)
 
 
+def interleaved_seconds(fns: dict[str, Callable[[], np.ndarray]], expect: np.ndarray
+                        ) -> dict[str, float]:
+    """Median wall time of each function, timed in turn round after round.
+
+    One warm-up (and check) each, then REPEATS rounds that run every function
+    once: the shared machine's drifts touch all of them alike, so their
+    ratios hold better than those of medians taken one after another.
+    """
+    for fn in fns.values():
+        if not np.array_equal(fn(), expect):
+            raise RuntimeError("a reader returned different values")
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(REPEATS):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def reader(source: Any, selection: Any) -> Callable[[], np.ndarray]:
     """A function reading ``source[selection]`` as a numpy array."""
     return lambda: np.asarray(source[selection])
@@ -143,18 +165,24 @@ def gristmill_rows(label: str, work: Path, data: np.ndarray, store: dict[str, An
             took = time.perf_counter() - start
             print(f"  gristmill {label}: wrote {data.nbytes / MiB:.0f} MiB in {took:.1f} s "
                   f"({data.nbytes / took / 1e6:.0f} MB/s, durable: one fsync per chunk)")
-        with File(address, "r", api_key=key) as f:
-            ds = f[NAME]
-            assert isinstance(ds, Dataset)
+        zarr_dir = zarr.open_array(str(work / "local.zarr"), mode="r")
+        with File(address, "r", api_key=key) as f, File(address, "r", api_key=key) as f4:
+            ds, ds4 = f[NAME], f4[NAME]
+            assert isinstance(ds, Dataset) and isinstance(ds4, Dataset)
+            ds.njobs, ds4.njobs = 1, 4
             for read in READS:
                 expect = data[read.selection]
-                print(f"  {read.label}: {expect.nbytes / 1e6:.0f} MB of result")
+                print(f"  {read.label}: {expect.nbytes / 1e6:.0f} MB of result "
+                      "(zarr-python on the local directory timed again, in turn with these)")
+                got = interleaved_seconds({"zarr": reader(zarr_dir, read.selection),
+                                           "1": reader(ds, read.selection),
+                                           "4": reader(ds4, read.selection)}, expect)
                 for njobs in (1, 4):
-                    ds.njobs = njobs
-                    t = median_seconds(reader(ds, read.selection), expect)
+                    t = got[str(njobs)]
                     times[(read.label, njobs)] = t
                     print(row(f"gristmill {label} gRPC njobs={njobs}", t, expect.nbytes,
-                              baselines[read.label]))
+                              got["zarr"]))
+                baselines[f"{label} {read.label}"] = got["zarr"]
     finally:
         server.terminate()
         server.wait(30)
@@ -260,7 +288,7 @@ def main() -> int:
                     "kind": "ceph", "conf": conf, "pool": pool}}, baselines)
                 t_rados, nbytes = rados_full_read(conf, pool)
                 print(row("direct librados aio reads (chunks)", t_rados, nbytes,
-                          baselines[READS[0].label]))
+                          baselines[f"ceph {READS[0].label}"]))
                 best = min(times[(READS[0].label, 1)], times[(READS[0].label, 4)])
                 print(f"  ratio: gristmill ceph full read / direct rados = {t_rados / best:.2f} "
                       "(aim >= 0.7)")
