@@ -177,6 +177,8 @@ def gristmill_rows(label: str, work: Path, data: np.ndarray, store: dict[str, An
                 got = interleaved_seconds({"zarr": reader(zarr_dir, read.selection),
                                            "1": reader(ds, read.selection),
                                            "4": reader(ds4, read.selection)}, expect)
+                print(row("zarr-python, local directory, in turn", got["zarr"], expect.nbytes,
+                          got["zarr"]))
                 for njobs in (1, 4):
                     t = got[str(njobs)]
                     times[(read.label, njobs)] = t
