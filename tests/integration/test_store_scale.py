@@ -198,7 +198,7 @@ def test_kept_head_manifests_are_bounded_by_count_and_bytes(
     fill(store, "big", 300)  # compressed, more than 1000 bytes: built per request
     list(store.manifest_chunks("big", "latest"))
     assert "big" not in store._heads
-    kept = [f for _, f, _ in store._heads.values()]
+    kept = [k[1] for k in store._heads.values()]
     store.close()
     assert not store._heads and all(not f.closed for f in kept)  # closed with their readers
     del kept

@@ -174,6 +174,14 @@ def child_paths(base: Path, relatives: list[str]) -> list[Path]:
         return out
 
 
+def _folder_times(base: str, folders: list[str]) -> list[tuple[str, int]] | None:
+    """(folder, mtime_ns) of each folder ("" or "a/b/") below ``base``; None if one is gone."""
+    try:
+        return [(f, os.lstat(f"{base}/{f}").st_mtime_ns) for f in folders]
+    except OSError:
+        return None
+
+
 def _link_refused(link: Path, root: Path) -> FailedPrecondition:
     return FailedPrecondition(f"{link} is a symbolic link; refusing to follow it out of {root} "
                               "(remove the link, or choose another folder)",
@@ -465,8 +473,8 @@ class FileCache:
             return
         dataset = validate_dataset_name(dataset)
         folders = sorted({p[:p.rfind("/") + 1] for p, _ in files})
-        before = self._folder_times(dataset, folders)
         base = os.fspath(self.dataset_dir(dataset))
+        before = _folder_times(base, folders)
         for path, size in files:
             try:
                 st = os.lstat(f"{base}/{path}")
@@ -474,7 +482,7 @@ class FileCache:
                 return
             if not stat.S_ISREG(st.st_mode) or st.st_size != size:
                 return
-        if before is None or self._folder_times(dataset, folders) != before:
+        if before is None or _folder_times(base, folders) != before:
             return
         blob = zlib.compress(json.dumps(before, separators=(",", ":")).encode(), 1)
         try:
@@ -485,14 +493,6 @@ class FileCache:
         except sqlite3.Error as e:
             log.warning("cache index %s: cannot record %r as complete (%s); the next download "
                         "checks every file", self.top, dataset, e)
-
-    def _folder_times(self, dataset: str, folders: list[str]) -> list[tuple[str, int]] | None:
-        """(folder, mtime_ns) of each folder ("" or "a/b/") of the dataset; None if one is gone."""
-        base = os.fspath(self.dataset_dir(dataset))
-        try:
-            return [(f, os.lstat(f"{base}/{f}").st_mtime_ns) for f in folders]
-        except OSError:
-            return None
 
     def complete(self, dataset: str, manifest: str, files: int) -> bool:
         """Whether the manifest's ``files`` files are all cached, with nothing lost since.
@@ -530,7 +530,8 @@ class FileCache:
             return False
         if any(t >= int(row[3]) - RACY_NS for _, t in recorded):
             return False  # changed too close to the record to tell
-        return self._folder_times(dataset, [f for f, _ in recorded]) == recorded
+        base = os.fspath(self.dataset_dir(dataset))
+        return _folder_times(base, [f for f, _ in recorded]) == recorded
 
     def reserve(self, incoming: int) -> None:
         """Evict until ``incoming`` more bytes fit under the limit (files kept stay)."""

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import itertools
 import os
 import threading
-import unicodedata
-import uuid
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,7 +40,8 @@ from gristmill.client.errors import (
 from gristmill.client.folder import FolderScan, LocalSource, open_regular, walk_folder
 from gristmill.client.hashcache import FileStamp, HashCache, stamp
 from gristmill.client.manifest import Manifest
-from gristmill.client.names import validate_dataset_name, validate_path, validate_sha256
+from gristmill.client.names import nfc, validate_dataset_name, validate_path, validate_sha256
+from gristmill.client.private import temp_token
 from gristmill.client.progress import Progress, progress
 from gristmill.v1 import store_pb2, store_pb2_grpc
 
@@ -311,7 +309,7 @@ class Hub:
             for name in {version, resolved}:
                 target = cache.manifest_path(dataset, name)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".gm-{uuid.uuid4().hex[:16]}.tmp")
+                tmp = target.with_name(f".gm-{temp_token()}.tmp")
                 tmp.write_bytes(bytes(blob))
                 os.replace(tmp, target)
             self._keep_pinned(dataset, {version, resolved}, manifest)
@@ -465,7 +463,7 @@ class Hub:
         if whole and not verify and cache.complete(dataset, manifest.digest, len(manifest)):
             if cache.limit is not None:
                 cache.touch(dataset, [], every=True)
-            return cache.paths(dataset, [_nfc(e.path) for e in manifest.files])
+            return cache.paths(dataset, [nfc(e.path) for e in manifest.files])
         generation = cache.generation()  # before any file is checked: see mark_complete
         if asked is None:
             entries = {e.path: e for e in manifest.files}
@@ -489,7 +487,7 @@ class Hub:
             paths = self._download(cache, dataset, manifest.version, wanted, entries, folder)
         if whole and len(unique) == len(manifest):
             cache.mark_complete(dataset, manifest.digest,
-                                [(_nfc(p), entries[p].size) for p in unique], generation)
+                                [(nfc(p), entries[p].size) for p in unique], generation)
         return paths
 
     def _download(self, cache: FileCache, dataset: str, version: str, wanted: list[str],
@@ -540,7 +538,7 @@ class Hub:
         for p, src in zip(wanted, paths, strict=True):
             target = folder.path(p)
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".gm-{uuid.uuid4().hex[:16]}.tmp")  # name may be 255 B
+            tmp = target.with_name(f".gm-{temp_token()}.tmp")  # name may be 255 B
             try:
                 os.link(src, tmp)
             except OSError:
@@ -586,7 +584,7 @@ class Hub:
         open_file: BinaryIO | None = None
         digest = hashlib.sha256()
         tmp: Path | None = None
-        target = tmp
+        target: Path | None = None
         folders: set[Path] = set()  # made this call: one mkdir per folder, not per file
         current = ""
         sha, size, written = "", 0, 0
@@ -608,7 +606,7 @@ class Hub:
                         if target.parent not in folders:
                             target.parent.mkdir(parents=True, exist_ok=True)
                             folders.add(target.parent)
-                        tmp = target.with_name(f".gm-{_temp_token()}.part")
+                        tmp = target.with_name(f".gm-{temp_token()}.part")
                         open_file = open(tmp, "wb", buffering=0)  # noqa: SIM115
                         digest = hashlib.sha256()
                     data = piece.data
@@ -753,8 +751,8 @@ class Hub:
         return report
 
     def _import_batch(self, dataset: str, batch: list[LocalSource], hashes: HashCache | None,
-                      rehash: bool, bar: Progress, sent: Progress,
-                      gate: _UploadGate | None = None) -> ImportReport:
+                      rehash: bool, bar: Progress, sent: Progress, gate: _UploadGate
+                      ) -> ImportReport:
         """Hash (or recall), check with one FindFiles call, and upload one batch of files."""
         part = ImportReport()
         started = hashcache.now()
@@ -796,13 +794,13 @@ class Hub:
         for f in pending:
             cost = 0 if f.sha256 in stored else f.size
             if call and (call_bytes + cost > UPLOAD_CALL_BYTES or len(call) >= UPLOAD_CALL_FILES):
-                with gate or _UploadGate(wide=True):
+                with gate:
                     self._put_batch(dataset, call, stored, part, sent)
                 call, call_bytes = [], 0
             call.append(f)
             call_bytes += cost
         if call:
-            with gate or _UploadGate(wide=True):
+            with gate:
                 self._put_batch(dataset, call, stored, part, sent)
         if hashes is not None and part.failed:  # a file found changed is read again next time
             failed = {path for path, _ in part.failed}
@@ -929,9 +927,9 @@ class Hub:
 class _UploadGate:
     """Lets an import's PutFiles calls go one at a time (small files) or side by side."""
 
-    def __init__(self, wide: bool = False) -> None:
+    def __init__(self) -> None:
         #: side by side (set by the import once its files show large)
-        self.wide = wide
+        self.wide = False
         self._lock = threading.Lock()
         self._held = threading.local()
 
@@ -1019,11 +1017,6 @@ def _unsafe(what: str, error: InvalidArgument) -> DataLoss:
                     f"({error.message}); {_DISTRUST}", reason="UNSAFE_SERVER_NAME")
 
 
-def _nfc(path: str) -> str:
-    """A manifest path as the cache names its file (NFC, as ``validate_path`` spells it)."""
-    return path if path.isascii() else unicodedata.normalize("NFC", path)
-
-
 def _write_all(f: BinaryIO, data: bytes) -> None:
     """Write all of ``data`` to an unbuffered file (a write may take only part of it)."""
     view = memoryview(data)
@@ -1032,15 +1025,6 @@ def _write_all(f: BinaryIO, data: bytes) -> None:
         if not n:
             raise OSError(errno.EIO, "the disk took no bytes of a write")
         view = view[n:]
-
-
-_TEMP_PREFIX = uuid.uuid4().hex[:8]
-_TEMP_COUNT = itertools.count()
-
-
-def _temp_token() -> str:
-    """A name for a temporary file: unique across threads, processes (pid) and runs."""
-    return f"{_TEMP_PREFIX}{os.getpid():x}-{next(_TEMP_COUNT):x}"
 
 
 def _bad_read(what: str) -> DataLoss:

@@ -21,7 +21,8 @@ from urllib.parse import unquote
 
 from gristmill.client.errors import InvalidArgument
 
-__all__ = ["refused_character", "validate_dataset_name", "validate_path", "validate_sha256"]
+__all__ = ["nfc", "refused_character", "validate_dataset_name", "validate_path",
+           "validate_sha256"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -79,7 +80,7 @@ def validate_dataset_name(name: str, field: str = "name") -> str:
         raise InvalidArgument(field, f"invalid dataset name {shown}: {refused}; remove it and "
                               "use 1-128 characters of letters, digits, '.', '_' and '-'",
                               reason="INVALID_NAME")
-    name = unicodedata.normalize("NFC", name)
+    name = nfc(name)
     if _NAME.fullmatch(name) is None:
         raise InvalidArgument(
             field, f"invalid dataset name {shown}: use 1-128 characters of letters, digits, "
@@ -93,6 +94,11 @@ def validate_sha256(value: str, field: str = "sha256") -> str:
         raise InvalidArgument(field, f"{value[:80]!r} is not a sha256: expected 64 lower-case "
                               "hex digits")
     return value
+
+
+def nfc(text: str) -> str:
+    """``text`` in Unicode NFC, the form names and paths are stored and cached in."""
+    return text if text.isascii() else unicodedata.normalize("NFC", text)  # ASCII is NFC
 
 
 def validate_path(path: str, field: str = "path", *, strict: bool = True) -> str:
@@ -123,8 +129,7 @@ def validate_path(path: str, field: str = "path", *, strict: bool = True) -> str
     if refused is not None:
         raise bad(refused, "rename the file without it and use a relative path like "
                   "'train/cats/001.jpg'")
-    if not path.isascii():  # ASCII is NFC already
-        path = unicodedata.normalize("NFC", path)
+    path = nfc(path)
     if len(path.encode("utf-8")) > MAX_PATH_BYTES:
         raise bad(f"it is longer than {MAX_PATH_BYTES} bytes")
     if "\\" in path:

@@ -10,10 +10,12 @@ the client and every service share it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import uuid
 from pathlib import Path
 
-__all__ = ["DIR_MODE", "FILE_MODE", "private_database", "private_dir"]
+__all__ = ["DIR_MODE", "FILE_MODE", "private_database", "private_dir", "temp_token"]
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -36,3 +38,15 @@ def private_database(path: Path) -> None:
             f = path.with_name(name)
             if f.stat().st_mode & 0o077:
                 f.chmod(FILE_MODE)
+
+
+_TEMP_PREFIX = uuid.uuid4().hex[:8]
+_TEMP_COUNT = itertools.count()
+
+
+def temp_token() -> str:
+    """A name part for a temporary file, made without a system call.
+
+    Unique across threads, processes (the pid) and runs (random per process).
+    """
+    return f"{_TEMP_PREFIX}{os.getpid():x}-{next(_TEMP_COUNT):x}"

@@ -176,8 +176,7 @@ def _list_directory(fd: int, directory: str
     if not all(name.isascii() for name in subdirectories):
         subdirectories = [n for n in subdirectories if _utf8(directory, n)]
     files.sort(key=_NAME)
-    names = list(map(_NAME, files))
-    if not all(map(str.isascii, names)):
+    if not all(map(str.isascii, map(_NAME, files))):
         files = [f for f in files if _utf8(directory, f.name)]
     stats: list[os.stat_result] = []
     gone = False

@@ -20,11 +20,9 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import itertools
 import os
 import stat
 import threading
-import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from gristmill.client.errors import FailedPrecondition
+from gristmill.client.private import temp_token
 from gristmill.store.disk import DIR_MODE, FILE_MODE, private_dir
 from gristmill.store.objects import (
     ObjectBackend,
@@ -55,19 +54,10 @@ SYNC_METHODS: tuple[SyncMethod, ...] = ("fsync", "syncfs")
 _LOCK_STRIPES = 256
 
 
-_STAGING_PREFIX = uuid.uuid4().hex[:16]
-_STAGING_COUNT = itertools.count()
-
-
-def _staging_name() -> str:
-    """A new staging file's name: unique across processes (the pid) and restarts (random)."""
-    return f"{_STAGING_PREFIX}-{os.getpid():x}-{next(_STAGING_COUNT):x}.part"
-
-
 class _FsStaging(Staging):
     def __init__(self, backend: FsBackend) -> None:
         self._backend = backend
-        self.path = backend.tmp_dir / _staging_name()
+        self.path = backend.tmp_dir / f"{temp_token()}.part"
         self.size = 0
         backend.active_temporaries.add(self.path.name)  # before it exists: gc skips it
         try:

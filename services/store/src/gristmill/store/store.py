@@ -6,7 +6,6 @@ import hashlib
 import logging
 import os
 import threading
-import unicodedata
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +23,7 @@ from gristmill.client.errors import (
     NotFound,
     Unavailable,
 )
-from gristmill.client.names import validate_dataset_name, validate_path, validate_sha256
+from gristmill.client.names import nfc, validate_dataset_name, validate_path, validate_sha256
 from gristmill.store import metrics as store_metrics
 from gristmill.store.blobs import BlobStore, BlobWriter
 from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
@@ -98,8 +97,8 @@ class Store:
         # blobs written by uploads not yet committed: garbage collection skips them
         self._pinned: Counter[str] = Counter()
         self._pin_lock = threading.Lock()
-        #: the last heads' manifests built, by dataset: (head key, unnamed file, entries)
-        self._heads: OrderedDict[str, tuple[tuple[str, int, int, int], IO[bytes], int]] = \
+        #: the last heads' manifests built, by dataset: (head key, unnamed file, entries, bytes)
+        self._heads: OrderedDict[str, tuple[tuple[str, int, int, int], IO[bytes], int, int]] = \
             OrderedDict()
         self._heads_lock = threading.Lock()
 
@@ -208,7 +207,7 @@ class Store:
                       prefix: str = "") -> tuple[str, list[store_pb2.FileEntry]]:
         """A page of entries and the resolved version."""
         resolved = self.resolve(dataset, version)
-        prefix = unicodedata.normalize("NFC", prefix)  # stored paths are NFC
+        prefix = nfc(prefix)  # stored paths are NFC
         return resolved, self.catalog.entries(dataset, resolved, after, limit, prefix)
 
     def manifest_chunks(self, dataset: str, version: str, chunk: int = 1024 * 1024
@@ -264,11 +263,10 @@ class Store:
             kept = self._heads.get(dataset)
             if size <= HEADS_KEPT_BYTES and (kept is None or kept[0][1] <= key[1]
                                              or kept[0][0] != key[0]):
-                self._heads[dataset] = (key, f, count)
+                self._heads[dataset] = (key, f, count, size)
                 self._heads.move_to_end(dataset)
-            while len(self._heads) > HEADS_KEPT or sum(
-                    os.fstat(k[1].fileno()).st_size for k in self._heads.values()
-            ) > HEADS_KEPT_BYTES:
+            while (len(self._heads) > HEADS_KEPT
+                   or sum(k[3] for k in self._heads.values()) > HEADS_KEPT_BYTES):
                 self._heads.popitem(last=False)  # closed with its last reader
         return f, count
 
@@ -504,7 +502,7 @@ class Store:
             self._add_entry(path, sha, size, result, w)
 
     def _add_entry(self, path: str, sha: str, size: int, result: PutResult,
-                   writer: BlobWriter | None = None) -> None:
+                   writer: BlobWriter | None) -> None:
         # the header only: a few KiB through bounded ranged reads, never the whole blob;
         # from the upload's first bytes while they are at hand
         def read_at(offset: int, length: int) -> bytes:
