@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 import unicodedata
 import zlib
@@ -301,3 +302,18 @@ def test_a_complete_record_from_a_tampered_index_is_not_trusted(
         assert not hub.cache.complete("t", manifest.digest, 1)
         assert hub.download_dataset("t") == first  # checked file by file, and recorded again
         assert hub.cache.complete("t", manifest.digest, 1)
+
+
+def test_an_unusable_whole_download_record_never_fails_a_download(
+        hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the record is a shortcut: when its table cannot be read or written (here another
+    # client dropped it), downloads check every file and still succeed
+    monkeypatch.setattr(cache_module, "RACY_NS", 0)
+    hub.import_folder("shortcut", files(tmp_path / "src", {"a.bin": 10, "b.bin": 20}))
+    assert hub.cache is not None
+    with sqlite3.connect(hub.cache.top / "index.sqlite") as other:
+        other.execute("DROP TABLE cache_whole")
+    first = hub.download_dataset("shortcut")  # the record cannot be written
+    assert [p.stat().st_size for p in first] == [10, 20]
+    assert hub.download_dataset("shortcut") == first  # nor read: checked file by file
+    assert not hub.cache.complete("shortcut", hub.get_manifest("shortcut").digest, 2)
