@@ -6,8 +6,10 @@ big datasets are synthetic catalogs: N entries registered in one go
 that is not there), all pointing at a few real tiny JPEGs, then committed.
 Imports and downloads use real files, at a tenth of the catalog sizes. The
 import is also timed as a user runs it: into ``gristmill serve`` in a process
-of its own (default settings: ``store.sync_method: fsync``); in-process, client
-and server share one interpreter lock.
+of its own (default settings: ``store.sync_method: fsync``, blobs up to
+``store.backend.inline_max_bytes`` kept as rows of one SQLite file), and again
+with a file per blob, the layout before those rows; in-process, client and
+server share one interpreter lock.
 
 Each row prints the median cost per unit at both sizes and the growth ratio
 (10N cost / N cost): about 1 means the per-unit cost is flat, so a per-call
@@ -269,6 +271,10 @@ def measure_catalog(running: Running, hub: Hub, seeds: list[store_pb2.FileEntry]
     return running
 
 
+#: The setting that makes every blob a file (the layout before small-object rows).
+INLINE_OFF = "GRISTMILL_STORE__BACKEND__INLINE_MAX_BYTES"
+
+
 def measure_files(running: Running, hub: Hub, work: Path, n: int,
                   out: dict[str, dict[int, float]], memory: dict[str, dict[int, float]]
                   ) -> None:
@@ -280,13 +286,20 @@ def measure_files(running: Running, hub: Hub, work: Path, n: int,
         (sub / f"{i:07d}.bin").write_bytes(b"%d-%d" % (n, i))
     name = f"files{n}"
     # as a user runs it: `gristmill serve` in a process of its own, default settings
-    served = spawn_server(work / f"served{n}")
-    try:
-        with Hub(served.address, served.admin_key, None, show_progress=False) as remote:
-            out["import, server in its own process"][n] = once(
-                lambda: remote.import_folder(name, folder)) / n
-    finally:
-        stop_process(served)
+    # (small blobs are rows of one SQLite file); then a file per blob, the baseline
+    for row, env in (("import, server in its own process", {}),
+                     ("import, own process, a file per blob", {INLINE_OFF: "0"})):
+        os.environ.update(env)
+        try:
+            served = spawn_server(work / f"served{n}{len(env)}")
+        finally:
+            for key in env:
+                del os.environ[key]
+        try:
+            with Hub(served.address, served.admin_key, None, show_progress=False) as remote:
+                out[row][n] = once(lambda: remote.import_folder(name, folder)) / n
+        finally:
+            stop_process(served)
     out["import"][n] = once(lambda: hub.import_folder(name, folder)) / n
     out["re-import (unchanged)"][n] = once(lambda: hub.import_folder(name, folder)) / n
     memory["re-import (unchanged), client + server"][n] = peak_rss_growth(
@@ -307,8 +320,11 @@ ROWS = [("GetDataset", "call"), ("ListManifest page (1000)", "page"),
         ("first batch warm", "call"), ("stream batch", f"batch of {BATCH}"),
         ("plan_epoch hash (client)", "sample"), ("Hub get_file (cached, pinned)", "call"),
         ("import", "file"), ("import, server in its own process", "file"),
+        ("import, own process, a file per blob", "file"),
         ("re-import (unchanged)", "file"), ("Hub download", "file"),
         ("Hub re-download (all cached)", "file")]
+FILE_ROWS = {"import", "import, server in its own process", "import, own process, a file per blob",
+             "re-import (unchanged)", "Hub download", "Hub re-download (all cached)"}
 MEMORY_ROWS = ["GetManifest, server side (committed)", "get_manifest, client (committed)",
                "re-import (unchanged), client + server"]
 
@@ -348,10 +364,14 @@ def main(argv: list[str] | None = None) -> int:
           "per unit (1 = flat per unit).")
     print(f"  {'operation':34} {'N':>10} {'10N':>10}   {'ratio':>7}")
     for name, unit in ROWS:
-        used = file_sizes if name in ("import", "import, server in its own process",
-                                      "re-import (unchanged)", "Hub download",
-                                      "Hub re-download (all cached)") else sizes
+        used = file_sizes if name in FILE_ROWS else sizes
         print(Row(name, unit, out[name], used).line())
+    rows, files = (out[name].get(file_sizes[1]) for name in (
+        "import, server in its own process", "import, own process, a file per blob"))
+    if rows and files:
+        print(f"\n  import into `gristmill serve`, {file_sizes[1]:,} small files: "
+              f"{1 / rows:,.0f} files/s with small blobs as rows, {1 / files:,.0f} with a "
+              f"file per blob (x{files / rows:.2f})")
     print("\n  peak RSS growth during one call (server and client share this process)")
     for name in MEMORY_ROWS:
         used = file_sizes if name.startswith("re-import") else sizes

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import grpc
@@ -21,6 +23,7 @@ from gristmill.cli.main import main
 from gristmill.client.hub import Hub
 from gristmill.common.service import ServiceContext
 from gristmill.store.blobs import blob_key
+from gristmill.store.fsobjects import SMALL_OBJECTS
 from gristmill.store.service import open_store
 from gristmill.store.store import Store
 from gristmill.v1 import store_pb2
@@ -70,6 +73,14 @@ def staging_files(running: Running) -> list[str]:
 
 def blob_files(data_dir: Path) -> dict[str, Path]:
     return {p.name: p for p in (data_dir / "store" / "blobs").rglob("*") if p.is_file()}
+
+
+def small_rows(data_dir: Path) -> dict[str, int]:
+    """The small blobs stored as rows (sha256 -> size), read behind the server's back."""
+    path = data_dir / "store" / SMALL_OBJECTS
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        return {key.rsplit("/", 1)[1]: size for key, size in conn.execute(
+            "SELECT key, length(data) FROM objects WHERE key LIKE 'blobs/%'")}
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 10) -> None:
@@ -138,9 +149,10 @@ def test_upload_to_a_full_disk_is_resource_exhausted(full_server: Running,
     stub = full_server.store()
     stub.CreateDataset(store_pb2.CreateDatasetRequest(name="d"))
     filler = fill(volume)
-    for declare in (True, False):
+    # a file per blob, and a small blob (a row of small-objects.sqlite); declared or not
+    for size, declare in ((300_000, True), (300_000, False), (2_000, True), (2_000, False)):
         with pytest.raises(grpc.RpcError) as info:
-            stub.PutFiles(put("d", [("new.bin", os.urandom(300_000))], declare=declare))
+            stub.PutFiles(put("d", [("new.bin", os.urandom(size))], declare=declare))
         err = info.value
         details = err.details() or ""
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, details
@@ -150,17 +162,20 @@ def test_upload_to_a_full_disk_is_resource_exhausted(full_server: Running,
         assert reason_of(err) == "DISK_FULL"
         assert staging_files(full_server) == []
     assert blob_files(full_server.config.data_dir) == {}
-    # space back: the same upload goes through
+    assert small_rows(full_server.config.data_dir) == {}
+    # space back: the same uploads go through
     filler.unlink()
-    resp = stub.PutFiles(put("d", [("new.bin", b"x" * 300_000)]))
-    assert resp.blobs_created == 1
+    resp = stub.PutFiles(put("d", [("new.bin", b"x" * 300_000), ("small.bin", b"s" * 2_000)]))
+    assert resp.blobs_created == 2
+    assert list(small_rows(full_server.config.data_dir).values()) == [2_000]
 
 
-def test_deduplicated_uploads_succeed_on_a_full_disk(full_server: Running,
-                                                     volume: Path) -> None:
+@pytest.mark.parametrize("size", [200_000, 2_000])  # a blob file, a small blob's row
+def test_deduplicated_uploads_succeed_on_a_full_disk(full_server: Running, volume: Path,
+                                                     size: int) -> None:
     stub = full_server.store()
     stub.CreateDataset(store_pb2.CreateDatasetRequest(name="d"))
-    data = os.urandom(200_000)
+    data = os.urandom(size)
     stub.PutFiles(put("d", [("first.bin", data)]))
     fill(volume)
     # bytes sent with their hash, bytes sent without it, and a reuse_blob reference
@@ -226,7 +241,8 @@ def test_cancelled_upload_leaves_no_staging_file(server: Running) -> None:
 
 
 # garbage collection ------------------------------------------------------------
-def _kill_mid_upload(running: Running, orphan: bytes) -> None:
+def _kill_mid_upload(running: Running, orphan: bytes,
+                     stored: Callable[[Path], Iterable[str]] = blob_files) -> None:
     """Send one whole file and part of another, then SIGKILL the server."""
     stub = running.store()
     hold = threading.Event()
@@ -235,13 +251,14 @@ def _kill_mid_upload(running: Running, orphan: bytes) -> None:
         req = store_pb2.PutFilesRequest(dataset="d")
         req.chunks.add(path="orphan.bin", size=len(orphan), sha256=sha(orphan), data=orphan,
                        last=True)
-        req.chunks.add(path="partial.bin", size=1_000_000, data=b"p" * 1000)
+        # past store.backend.inline_max_bytes: staged in a file, not in memory
+        req.chunks.add(path="partial.bin", size=1_000_000, data=b"p" * 20_000)
         yield req
         hold.wait(30)
 
     future = stub.PutFiles.future(requests())
     data_dir = running.config.data_dir
-    wait_for(lambda: sha(orphan) in blob_files(data_dir)
+    wait_for(lambda: sha(orphan) in stored(data_dir)
              and any((data_dir / "store" / "tmp").iterdir()))
     assert stop_process(running, signal.SIGKILL) == -signal.SIGKILL
     hold.set()
@@ -253,7 +270,7 @@ def test_orphans_of_a_killed_server_are_collected_by_gc_and_restart(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data_dir = tmp_path / "data"
     running = spawn_server(data_dir)
-    kept = b"kept" * 1000
+    kept = b"kept" * 5000  # over store.backend.inline_max_bytes: blobs here are files
     try:
         stub = running.store()
         stub.CreateDataset(store_pb2.CreateDatasetRequest(name="d"))
@@ -305,11 +322,50 @@ def test_orphans_of_a_killed_server_are_collected_by_gc_and_restart(
         stop_process(running)
 
 
+def test_small_blobs_kept_as_rows_are_collected_like_files(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows (blobs under store.backend.inline_max_bytes) of a killed server: gc and restart."""
+    data_dir = tmp_path / "data"
+    running = spawn_server(data_dir)
+    kept, orphan = b"kept" * 100, b"orphan" * 100
+    try:
+        stub = running.store()
+        stub.CreateDataset(store_pb2.CreateDatasetRequest(name="d"))
+        stub.PutFiles(put("d", [("kept.bin", kept)]))
+        stub.CommitVersion(store_pb2.CommitVersionRequest(dataset="d"))
+        stub.DeleteFiles(store_pb2.DeleteFilesRequest(dataset="d", paths=["kept.bin"]))
+        _kill_mid_upload(running, orphan, small_rows)
+    finally:
+        stop_process(running, signal.SIGKILL)
+    assert small_rows(data_dir) == {sha(kept): 400, sha(orphan): 600}
+    assert blob_files(data_dir) == {}
+
+    gc = ["store", "gc", "--data", str(data_dir)]
+    assert main(gc) == 0  # the grace period keeps what was written just now
+    assert "removed 0 unreferenced blob(s)" in capsys.readouterr().out
+    assert main([*gc, "--grace-minutes", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 1 unreferenced blob(s), 600 bytes, and 1 staging file(s)" in out
+    assert small_rows(data_dir) == {sha(kept): 400}
+
+    running = spawn_server(data_dir)
+    try:
+        version = running.store().ListVersions(
+            store_pb2.ListVersionsRequest(dataset="d")).versions[0].id
+        got = b"".join(piece.data for resp in running.store().ReadFiles(
+            store_pb2.ReadFilesRequest(dataset="d", version=version, paths=["kept.bin"]))
+            for piece in resp.files)
+        assert got == kept
+    finally:
+        stop_process(running)
+
+
 def test_gc_does_not_break_uploads_in_flight(server: Running, tmp_path: Path) -> None:
     stub = server.store()
     stub.CreateDataset(store_pb2.CreateDatasetRequest(name="d"))
     store = local_store(server)
-    fresh, stale = b"fresh" * 3000, b"stale" * 3000
+    # over store.backend.inline_max_bytes: files (rows: test_gc_of_small_objects)
+    fresh, stale = b"fresh" * 4000, b"stale" * 4000
     # an unreferenced blob from long ago (a crash), which an upload is about to reuse
     old = store.blobs.backend.path_for(blob_key(sha(stale)))  # type: ignore[attr-defined]
     old.parent.mkdir(parents=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import stat
 import threading
 import time
@@ -19,12 +20,12 @@ from typing import Any
 
 import pytest
 
-from gristmill.client.errors import DataLoss, FailedPrecondition, InvalidArgument
+from gristmill.client.errors import DataLoss, FailedPrecondition, Internal, InvalidArgument
 from gristmill.store.blobs import BlobStore, blob_key
 from gristmill.store.ceph import CephBackend
 from gristmill.store.config import CephBackendConfig
-from gristmill.store.fsobjects import FsBackend
-from gristmill.store.objects import ObjectBackend, ObjectMissing, validate_key
+from gristmill.store.fsobjects import SMALL_OBJECTS, FsBackend
+from gristmill.store.objects import ObjectBackend, ObjectMissing, PutResult, validate_key
 from tests.ceph import CephCluster
 
 PIECE = 64 * 1024  # small pieces, so that multi-piece values are cheap to test
@@ -289,6 +290,170 @@ class TestFsBackend(BackendTests):
         os.utime(left, (time.time() - 3600, time.time() - 3600))
         assert backend.remove_temporaries(time.time() - 60) == (1, 10)
         assert not left.exists()
+
+
+class TestFsBackendWithRows(BackendTests):
+    """The filesystem backend keeping staged values up to PIECE bytes as SQLite rows.
+
+    The whole contract holds with both kinds at once: ``s/small`` is a row,
+    ``s/big`` (over the limit) a file.
+    """
+
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> Iterator[ObjectBackend]:
+        b = FsBackend(tmp_path / "store", inline_max_bytes=PIECE)
+        yield b
+        b.close()
+
+    def staging_left(self, backend: ObjectBackend) -> int:
+        assert isinstance(backend, FsBackend)
+        return len(list(backend.tmp_dir.iterdir()))
+
+    @staticmethod
+    def rows(backend: FsBackend) -> dict[str, bytes]:
+        with sqlite3.connect(backend.root / SMALL_OBJECTS) as conn:
+            return dict(conn.execute("SELECT key, data FROM objects"))
+
+    @staticmethod
+    def files(backend: FsBackend) -> list[str]:
+        return sorted(str(p.relative_to(backend.root)) for p in backend.root.rglob("*")
+                      if p.is_file() and p.parent != backend.root
+                      and p.parent.name not in ("tmp", "locks"))
+
+    def test_small_values_are_rows_large_ones_files(self, backend: ObjectBackend) -> None:
+        assert isinstance(backend, FsBackend)
+        blobs = BlobStore(backend)
+        small, large = os.urandom(PIECE), os.urandom(PIECE + 1)
+        writers = []
+        for data in (small, large):
+            w = blobs.writer(sha(data))
+            for i in range(0, len(data), 10_000):  # arriving in pieces, as uploads do
+                w.write(data[i:i + 10_000])
+            w.seal(sha(data), len(data))
+            writers.append(w)
+        blobs.publish(writers)
+        assert [w.created for w in writers] == [True, True]
+        assert self.rows(backend) == {blob_key(sha(small)): small}
+        assert self.files(backend) == [blob_key(sha(large))]
+        assert stat.S_IMODE((backend.root / SMALL_OBJECTS).stat().st_mode) == 0o600
+        assert blobs.read(sha(small), 0, PIECE) == small
+        assert [b.sha256 for b in blobs.stored_blobs()] == sorted([sha(small), sha(large)])
+        # put (array chunks) always writes files, which plain zarr-python reads
+        backend.put("arrays/x/zarr.json", b"{}")
+        assert (backend.root / "arrays" / "x" / "zarr.json").read_bytes() == b"{}"
+
+    def test_rows_survive_a_restart_and_are_read_with_rows_turned_off(
+            self, backend: ObjectBackend) -> None:
+        assert isinstance(backend, FsBackend)
+        s = backend.stage()
+        s.write(b"kept as a row")
+        assert backend.commit([(s, "blobs/k")]) == [True]
+        backend.close()
+        plain = FsBackend(backend.root)  # inline_max_bytes=0: new values become files
+        try:
+            assert plain.read("blobs/k") == b"kept as a row"
+            assert [st.key for st in plain.list_objects("blobs/")] == ["blobs/k"]
+            again = plain.stage()
+            again.write(b"kept as a row")
+            assert plain.commit([(again, "blobs/k")]) == [False]  # stored already, as a row
+            new = plain.stage()
+            new.write(b"a file")
+            assert plain.commit([(new, "blobs/n")]) == [True]
+            assert (plain.root / "blobs" / "n").read_bytes() == b"a file"
+        finally:
+            plain.close()
+
+    def test_a_key_stored_as_a_file_is_not_stored_again_as_a_row(
+            self, backend: ObjectBackend) -> None:
+        assert isinstance(backend, FsBackend)
+        (backend.root / "blobs").mkdir()
+        (backend.root / "blobs" / "f").write_bytes(b"file")
+        s = backend.stage()
+        s.write(b"file")
+        assert backend.commit([(s, "blobs/f")]) == [False]
+        assert self.rows(backend) == {}
+        twice = [backend.stage(), backend.stage()]
+        for st in twice:
+            st.write(b"same")
+        assert backend.commit([(twice[0], "blobs/t"), (twice[1], "blobs/t")]) == [True, False]
+
+    def test_put_replaces_a_row_and_guards_its_version(self, backend: ObjectBackend) -> None:
+        assert isinstance(backend, FsBackend)
+        s = backend.stage()
+        s.write(b"row")
+        backend.commit([(s, "k/v")])
+        row = backend.stat("k/v")
+        assert row is not None and row.version.startswith("row")
+        assert backend.put("k/v", b"x", expected_version="stale").conflict
+        assert backend.read("k/v") == b"row"
+        done = backend.put("k/v", b"file now", expected_version=row.version)
+        assert not done.conflict and backend.read("k/v") == b"file now"
+        assert self.rows(backend) == {}
+        assert [st.key for st in backend.list_objects("k/")] == ["k/v"]
+
+    def test_rows_and_files_list_merged_in_key_order(self, backend: ObjectBackend) -> None:
+        assert isinstance(backend, FsBackend)
+        for key in ("p/b", "p/d/x", "q/a"):
+            s = backend.stage()
+            s.write(key.encode())
+            backend.commit([(s, key)])
+        for key in ("p/a", "p/c", "p/d/y"):
+            backend.put(key, key.encode())
+        assert [st.key for st in backend.list_objects("p/")] == ["p/a", "p/b", "p/c", "p/d/x",
+                                                                 "p/d/y"]
+        assert [st.key for st in backend.list_objects("p/", start_after="p/c")] == ["p/d/x",
+                                                                                   "p/d/y"]
+        assert [st.key for st in backend.list_objects("p/d")] == ["p/d/x", "p/d/y"]
+        assert backend.exists_many(["p/b", "p/a", "p/z"]) == [True, True, False]
+        got = backend.read_many([("p/b", 1, 2), ("p/c", 0, -1), ("p/z", 0, 1)])
+        assert got[0] is not None and got[0][0] == b"/b"
+        assert got[1] is not None and got[1][0] == b"p/c"
+        assert got[2] is None
+
+    def test_touch_and_delete_rows(self, backend: ObjectBackend) -> None:
+        assert isinstance(backend, FsBackend)
+        s = backend.stage()
+        s.write(b"old")
+        backend.commit([(s, "blobs/old")])
+        with sqlite3.connect(backend.root / SMALL_OBJECTS) as conn:
+            conn.execute("UPDATE objects SET mtime_ns = ?", [int((time.time() - 7200) * 1e9)])
+        before = backend.stat("blobs/old")
+        assert before is not None and before.mtime < time.time() - 3600
+        backend.touch("blobs/old")
+        after = backend.stat("blobs/old")
+        assert after is not None and after.mtime > time.time() - 60
+        assert backend.delete("blobs/old", expected_version=before.version)[0].conflict
+        assert backend.delete("blobs/old") == (PutResult(False, ""), 3)
+        assert backend.stat("blobs/old") is None and self.rows(backend) == {}
+        assert backend.remove_temporaries(time.time() - 60) == (0, 0)  # also shrinks the file
+
+    def test_close_waits_for_calls_in_flight_and_refuses_later_ones(
+            self, backend: ObjectBackend) -> None:
+        assert isinstance(backend, FsBackend)
+        s = backend.stage()
+        s.write(b"v")
+        backend.commit([(s, "blobs/v")])
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            while not stop.is_set():
+                try:
+                    backend.read("blobs/v")
+                except Exception as e:  # after close: a domain error, never a crash
+                    errors.append(e)
+                    return
+
+        readers = [threading.Thread(target=read) for _ in range(4)]
+        for t in readers:
+            t.start()
+        time.sleep(0.05)
+        backend.close()
+        stop.set()
+        for t in readers:
+            t.join()
+        assert errors and all(isinstance(e, Internal) and "shutting down" in e.message
+                              for e in errors)
 
 
 class TestCephBackend(BackendTests):

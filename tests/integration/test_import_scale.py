@@ -25,6 +25,7 @@ from gristmill.client.hub import Hub
 from gristmill.store.blobs import BlobStore
 from gristmill.store.catalog import Catalog
 from gristmill.store.fsobjects import FsBackend
+from gristmill.store.smallobjects import SmallObjects
 from gristmill.store.store import Store
 from gristmill.v1 import store_pb2
 from tests.helpers import Running
@@ -135,6 +136,49 @@ def test_put_files_with_syncfs_syncs_twice_per_message(
     assert result.blobs_created == 40 and len(calls) == 2 and not fsyncs
     got = store.read_bytes("d", "latest", ["f07.bin"])["f07.bin"]
     assert got == files["f07.bin"]
+    store.close()
+
+
+def test_small_blobs_of_a_message_are_rows_of_one_transaction_not_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the message's size: one transaction, no file created, no fsync of ours."""
+    root = tmp_path / "store"
+    store = Store(Catalog(root / "catalog.sqlite"), BlobStore(FsBackend(root, "fsync", 4096)),
+                  read_message_bytes=4 << 20, read_chunk_bytes=1 << 20)
+    store.create_dataset("d")
+    transactions: list[int] = []
+    real_insert = SmallObjects.insert_new
+
+    def counting_insert(self: SmallObjects, rows: Any) -> list[bool]:
+        transactions.append(len(rows))
+        return real_insert(self, rows)
+
+    created: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_CREAT:
+            created.append(str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    fsyncs: list[int] = []
+    monkeypatch.setattr(SmallObjects, "insert_new", counting_insert)
+    monkeypatch.setattr(os, "open", counting_open)
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd))
+    stored: dict[str, bytes] = {}
+    for n in (100, 200):
+        files = {f"{n}/f{i:03d}.bin": os.urandom(100 + i) for i in range(n)}
+        stored.update(files)
+        transactions.clear()
+        _, result = store.put_files(one_message("d", files))
+        assert result.blobs_created == n
+        assert transactions == [n] and created == [] and fsyncs == []
+    assert not [p for p in root.rglob("*") if p.is_file() and "blobs" in p.parts]
+    # over the limit: a staging file, renamed into blobs/
+    _, result = store.put_files(one_message("d", {"large.bin": b"L" * 5000}))
+    assert result.blobs_created == 1 and len(created) == 1 and transactions == [n, 0]
+    got = store.read_bytes("d", "latest", [*stored, "large.bin"])
+    assert got == {**stored, "large.bin": b"L" * 5000}
     store.close()
 
 

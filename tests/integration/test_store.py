@@ -229,10 +229,11 @@ def test_symlink_inside_data_dir_is_not_followed(server: Running, hub: Hub,
                                                  tmp_path: Path) -> None:
     secret = tmp_path / "outside" / "secret.txt"
     secret.parent.mkdir()
-    secret.write_bytes(b"top secret")
+    secret.write_bytes(b"top secret" * 2000)
     src = tmp_path / "src"
     src.mkdir()
-    (src / "a.txt").write_bytes(b"harmless!!")  # same size as the secret
+    # same size as the secret; over store.backend.inline_max_bytes, so a file
+    (src / "a.txt").write_bytes(b"harmless!!" * 2000)
     hub.import_folder("s", src)
     blob = blob_files(server.config.data_dir)[0]
     # 1. the blob file itself replaced by a symlink to a file outside
@@ -245,7 +246,7 @@ def test_symlink_inside_data_dir_is_not_followed(server: Running, hub: Hub,
     blob.unlink()
     outside_dir = tmp_path / "outside" / "dir"
     outside_dir.mkdir()
-    (outside_dir / blob.name).write_bytes(b"top secret")
+    (outside_dir / blob.name).write_bytes(b"top secret" * 2000)
     parent = blob.parent
     parent.rmdir()
     parent.symlink_to(outside_dir)

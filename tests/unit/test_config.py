@@ -22,6 +22,25 @@ def test_yaml_env_and_flags_precedence(tmp_path: Path) -> None:
     assert cfg.keys_file == Path("/srv/a/keys.sqlite")
 
 
+def test_backend_keys_without_a_kind_are_the_filesystem_backends(tmp_path: Path) -> None:
+    base = {"GRISTMILL_DATA_DIR": "/x"}
+    assert StoreConfig.of(load_config(environ=base)).backend.model_dump() == {
+        "kind": "fs", "inline_max_bytes": 16384}
+    one_key = {**base, "GRISTMILL_STORE__BACKEND__INLINE_MAX_BYTES": "0"}
+    backend = StoreConfig.of(load_config(environ=one_key)).backend
+    assert backend.kind == "fs" and backend.model_dump()["inline_max_bytes"] == 0
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data_dir: /x\nstore:\n  backend: fs\n")  # the bare name of old configs
+    assert StoreConfig.of(load_config(cfg_file, environ={})).backend.kind == "fs"
+    for bad in ("-1", str(2 << 20)):
+        with pytest.raises(ConfigError, match="inline_max_bytes"):
+            load_config(environ={**base, "GRISTMILL_STORE__BACKEND__INLINE_MAX_BYTES": bad})
+    with pytest.raises(ConfigError, match="inline_max_bytes"):  # not a Ceph key
+        load_config(environ={**base, "GRISTMILL_STORE__BACKEND__KIND": "ceph",
+                             "GRISTMILL_STORE__BACKEND__CONF": "/c",
+                             "GRISTMILL_STORE__BACKEND__INLINE_MAX_BYTES": "0"})
+
+
 def test_unknown_keys_are_named(tmp_path: Path) -> None:
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("data_dir: /x\nprot: 1\nstore:\n  backnd: fs\n")

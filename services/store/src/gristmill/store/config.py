@@ -21,6 +21,11 @@ class FsBackendConfig(StrictConfig):
     """Objects as files under ``<data_dir>/store`` (the default)."""
 
     kind: Literal["fs"] = "fs"
+    #: Blobs up to this size are kept as rows of ``DATA_DIR/store/small-objects.sqlite``
+    #: instead of a file each: a message's small blobs are stored by one transaction, not
+    #: a file creation (and often a directory) each. 0 keeps every blob a file; rows
+    #: stored before are still read. See docs/storage.md.
+    inline_max_bytes: int = Field(default=16 * 1024, ge=0, le=MiB)
 
 
 class CephBackendConfig(StrictConfig):
@@ -47,8 +52,16 @@ class CephBackendConfig(StrictConfig):
 
 
 def _backend_from_name(value: Any) -> Any:
-    """``backend: fs`` (a bare name, as in older configs) means ``{kind: fs}``."""
-    return {"kind": value} if isinstance(value, str) else value
+    """``backend: fs`` (a bare name, as in older configs) means ``{kind: fs}``.
+
+    Keys without a ``kind`` (``GRISTMILL_STORE__BACKEND__INLINE_MAX_BYTES=0``
+    alone) are the default backend's.
+    """
+    if isinstance(value, str):
+        return {"kind": value}
+    if isinstance(value, dict) and "kind" not in value:
+        return {"kind": "fs", **value}
+    return value
 
 
 class StoreConfig(ServiceConfig):

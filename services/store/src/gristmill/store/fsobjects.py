@@ -9,6 +9,11 @@ writers (threads or processes) to one key are serialised and a stale
 expected version is detected. A key's version is its file's inode, mtime
 and size: every write renames a new file into place, so it changes.
 
+Staged objects up to ``inline_max_bytes`` (small blobs) are kept as rows of
+``<root>/small-objects.sqlite`` instead (:mod:`gristmill.store.smallobjects`):
+their bytes stay in memory until the commit, which stores a message's rows
+in one transaction. Every read, listing and delete sees both kinds.
+
 Reads refuse symlinks below the root, so nothing outside it is ever served.
 Directories are created 0700 and files 0600.
 """
@@ -20,6 +25,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import heapq
 import os
 import stat
 import threading
@@ -32,6 +38,7 @@ from typing import TYPE_CHECKING, Literal
 
 from gristmill.client.errors import FailedPrecondition
 from gristmill.client.private import temp_token
+from gristmill.store.config import FsBackendConfig
 from gristmill.store.disk import DIR_MODE, FILE_MODE, private_dir
 from gristmill.store.objects import (
     ObjectBackend,
@@ -42,16 +49,19 @@ from gristmill.store.objects import (
     register_backend,
     validate_key,
 )
+from gristmill.store.smallobjects import ROW_VERSION_PREFIX, SmallObjects
 
 if TYPE_CHECKING:
     from gristmill.store.config import StoreConfig
 
-__all__ = ["SYNC_METHODS", "FsBackend", "SyncMethod"]
+__all__ = ["SMALL_OBJECTS", "SYNC_METHODS", "FsBackend", "SyncMethod"]
 
 #: How :meth:`FsBackend.commit` makes a group of new objects durable.
 SyncMethod = Literal["fsync", "syncfs"]
 SYNC_METHODS: tuple[SyncMethod, ...] = ("fsync", "syncfs")
 _LOCK_STRIPES = 256
+#: The file of small staged objects, in the backend's root.
+SMALL_OBJECTS = "small-objects.sqlite"
 
 
 class _FsStaging(Staging):
@@ -91,6 +101,39 @@ class _FsStaging(Staging):
         self._backend.active_temporaries.discard(self.path.name)
 
 
+class _SmallStaging(Staging):
+    """Bytes held in memory while they fit ``inline_max_bytes``; past it, a staging file."""
+
+    def __init__(self, backend: FsBackend) -> None:
+        self._backend = backend
+        self.data: bytearray | None = bytearray()
+        #: The staging file the bytes went to once they outgrew the limit.
+        self.spilled: _FsStaging | None = None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if self.spilled is None:
+            assert self.data is not None, "write after abort"
+            if self.size + len(data) <= self._backend.inline_max_bytes:
+                self.data += data
+                self.size += len(data)
+                return
+            spilled = _FsStaging(self._backend)
+            try:
+                spilled.write(bytes(self.data))
+            except OSError:
+                spilled.abort()
+                raise
+            self.spilled, self.data = spilled, None
+        self.spilled.write(data)
+        self.size += len(data)
+
+    def abort(self) -> None:
+        self.data = None
+        if self.spilled is not None:
+            self.spilled.abort()
+
+
 class FsBackend(ObjectBackend):
     """Objects as files under a root directory (see the module docstring).
 
@@ -99,11 +142,17 @@ class FsBackend(ObjectBackend):
         sync: ``"fsync"`` (each file, then each directory that gained an
             entry, once) or ``"syncfs"`` (Linux: one ``syncfs`` of the volume
             before the renames and one after, whatever the number of files).
+        inline_max_bytes: staged objects up to this size are kept as rows of
+            ``small-objects.sqlite`` instead of files (0: none). Rows stored
+            before are read whatever the setting.
     """
 
     kind = "fs"
 
-    def __init__(self, root: Path, sync: SyncMethod = "fsync") -> None:
+    def __init__(self, root: Path, sync: SyncMethod = "fsync", inline_max_bytes: int = 0
+                 ) -> None:
+        if inline_max_bytes < 0:
+            raise ValueError("inline_max_bytes must not be negative")
         if sync not in SYNC_METHODS:
             raise ValueError(f"unknown sync method {sync!r}; use one of {SYNC_METHODS}")
         if sync == "syncfs" and _syncfs_call() is None:
@@ -118,6 +167,11 @@ class FsBackend(ObjectBackend):
             private_dir(directory)
         #: Names of stagings open in this process (:meth:`remove_temporaries` skips them).
         self.active_temporaries: set[str] = set()
+        self.inline_max_bytes = inline_max_bytes
+        try:
+            self.small = SmallObjects(self.root / SMALL_OBJECTS)
+        except OSError as e:
+            raise self.error("open the small-object database", e) from None
 
     def describe(self) -> str:
         return f"directory {self.root}"
@@ -152,8 +206,8 @@ class FsBackend(ObjectBackend):
         return f"{self._root}/{key}", len(parts) - 1
 
     # -- writes ---------------------------------------------------------------------
-    def stage(self) -> _FsStaging:
-        return _FsStaging(self)
+    def stage(self) -> Staging:
+        return _SmallStaging(self) if self.inline_max_bytes > 0 else _FsStaging(self)
 
     def _place(self, staged: Path, key: str, final: str, existing: int, made: set[Path]
                ) -> None:
@@ -183,12 +237,56 @@ class FsBackend(ObjectBackend):
                 pass
 
     def commit(self, items: Sequence[tuple[Staging, str]]) -> list[bool]:
-        """Durable, then visible: flush (fsync or syncfs), rename, fsync the directories.
+        """Durable, then visible: rows in one transaction; files flushed, renamed, synced.
 
-        A crash before the end leaves at most complete, unreferenced objects.
+        Small objects become rows of one transaction; files are flushed (fsync
+        or syncfs), renamed into place, and their directories fsynced. A crash
+        before the end leaves at most complete, unreferenced objects.
         """
         created = [False] * len(items)
-        staged = [(i, s, k) for i, (s, k) in enumerate(items) if isinstance(s, _FsStaging)]
+        files: list[tuple[int, _FsStaging, str]] = []
+        small: list[tuple[int, _SmallStaging, str]] = []
+        for i, (s, key) in enumerate(items):
+            if isinstance(s, _SmallStaging):
+                if s.spilled is None:
+                    small.append((i, s, key))
+                else:
+                    files.append((i, s.spilled, key))
+            elif isinstance(s, _FsStaging):
+                files.append((i, s, key))
+        try:
+            if files:
+                try:
+                    rows = self.small.stats([key for _, _, key in files])
+                except OSError as e:
+                    raise self.error("store an upload's bytes", e) from None
+                self._commit_files([f for f in files if f[2] not in rows], created)
+            self._commit_small(small, created)
+        finally:
+            for i, st, _ in [*files, *small]:
+                if not created[i]:
+                    st.abort()
+        return created
+
+    def _commit_small(self, small: list[tuple[int, _SmallStaging, str]], created: list[bool]
+                      ) -> None:
+        """Store in-memory stagings as rows, in one transaction (a key stored as a file stays)."""
+        rows: list[tuple[int, str, bytes]] = []
+        for i, st, key in small:
+            if st.data is not None and not os.path.lexists(f"{self._root}/{validate_key(key)}"):
+                rows.append((i, key, bytes(st.data)))
+        try:
+            made = self.small.insert_new([(key, data) for _, key, data in rows])
+        except OSError as e:
+            raise self.error("store an upload's bytes", e) from None
+        for (i, _, _), new in zip(rows, made, strict=True):
+            created[i] = new
+        for i, st, _ in small:
+            if created[i]:
+                st.data = None  # stored: the memory goes
+
+    def _commit_files(self, staged: list[tuple[int, _FsStaging, str]], created: list[bool]
+                      ) -> None:
         try:
             try:
                 if self.sync == "fsync":
@@ -226,7 +324,6 @@ class FsBackend(ObjectBackend):
             for i, s, _ in staged:
                 if not created[i]:
                     s.abort()
-        return created
 
     def _sync_dirs(self, directories: set[Path]) -> None:
         if directories and self.sync == "syncfs":
@@ -255,7 +352,7 @@ class FsBackend(ObjectBackend):
                     expected_version is not None
                     and (current.version if current else "") != expected_version):
                 return PutResult(True, current.version if current else "")
-            staging = self.stage()
+            staging = _FsStaging(self)  # a put may replace: always a file (zarr reads it)
             try:
                 staging.write(data)
                 staging.flush(sync=self.sync == "fsync")
@@ -268,12 +365,23 @@ class FsBackend(ObjectBackend):
             except OSError as e:
                 staging.abort()
                 raise self.error(f"write {key}", e) from None
+            if current is not None and self._is_row(current):
+                try:  # the file replaces the row (which reads saw until now)
+                    self.small.delete(key)
+                except OSError as e:
+                    raise self.error(f"write {key}", e) from None
             now = self.stat(key)
             assert now is not None
             return PutResult(False, now.version)
 
     def delete(self, key: str, *, expected_version: str | None = None) -> tuple[PutResult, int]:
         path = self._checked_path(key)
+        try:
+            row = self.small.delete(key, expected_version)
+        except OSError as e:
+            raise self.error(f"delete {key}", e) from None
+        if row is not None:
+            return row
         with self._key_lock(key):
             current = self.stat(key)
             if current is None:
@@ -306,7 +414,8 @@ class FsBackend(ObjectBackend):
 
     def touch(self, key: str) -> None:
         with contextlib.suppress(OSError, FailedPrecondition):
-            os.utime(self._checked_path(key), follow_symlinks=False)
+            if not self.small.touch(validate_key(key)):
+                os.utime(self._checked_path(key), follow_symlinks=False)
 
     # -- reads ----------------------------------------------------------------------
     def _open_fd(self, key: str) -> int:
@@ -320,7 +429,23 @@ class FsBackend(ObjectBackend):
                                      "permission problem in the data directory",
                                      reason="OBJECT_CORRUPT") from None
 
+    @staticmethod
+    def _is_row(st: ObjectStat) -> bool:
+        """Whether a stat is of a small object (a row), not a file."""
+        return st.version.startswith(ROW_VERSION_PREFIX)
+
+    def _row(self, key: str, offset: int = 0, length: int = -1
+             ) -> tuple[bytes, ObjectStat] | None:
+        """The key's row (a slice of it), or None if it is not a small object."""
+        try:
+            return self.small.read(validate_key(key), offset, length)
+        except OSError as e:
+            raise self.error(f"read {key}", e) from None
+
     def read(self, key: str, offset: int = 0, length: int = -1) -> bytes:
+        row = self._row(key, offset, length)
+        if row is not None:
+            return row[0]
         fd = self._open_fd(key)
         try:
             if length < 0:
@@ -331,6 +456,9 @@ class FsBackend(ObjectBackend):
 
     def read_versioned(self, key: str, offset: int = 0, length: int = -1
                        ) -> tuple[bytes, ObjectStat] | None:
+        row = self._row(key, offset, length)
+        if row is not None:
+            return row
         # one open file is one version: a rename replaces the name, not the file
         try:
             fd = self._open_fd(key)
@@ -344,15 +472,42 @@ class FsBackend(ObjectBackend):
         finally:
             os.close(fd)
 
+    def read_many(self, reads: Sequence[tuple[str, int, int]], versions: bool = True
+                  ) -> list[tuple[bytes, ObjectStat] | None]:
+        """Small objects in one query per few hundred keys; files one by one."""
+        try:
+            rows = self.small.read_many([validate_key(key) for key, _, _ in reads])
+        except OSError as e:
+            raise self.error("read small objects", e) from None
+        got: list[tuple[bytes, ObjectStat] | None] = []
+        for key, offset, length in reads:
+            row = rows.get(key)
+            if row is None:
+                got.append(self.read_versioned(key, offset, length))
+            else:
+                data, st = row
+                got.append((data[offset:offset + length] if length >= 0 else data[offset:], st))
+        return got
+
     def stat(self, key: str) -> ObjectStat | None:
         try:
-            st = self.path_for(validate_key(key)).lstat()
+            row = self.small.stats([validate_key(key)]).get(key)
+        except OSError as e:
+            raise self.error(f"look up {key}", e) from None
+        if row is not None:
+            return row
+        try:
+            st = self.path_for(key).lstat()
         except (FileNotFoundError, NotADirectoryError):
             return None
         return _stat(key, st) if stat.S_ISREG(st.st_mode) else None
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
-        return [self._is_file(f"{self._root}/{validate_key(k)}") for k in keys]
+        try:
+            rows = self.small.stats([validate_key(k) for k in keys])
+        except OSError as e:
+            raise self.error("look up objects", e) from None
+        return [k in rows or self._is_file(f"{self._root}/{k}") for k in keys]
 
     @staticmethod
     def _is_file(path: str) -> bool:
@@ -372,7 +527,16 @@ class FsBackend(ObjectBackend):
         """
         base, _, _ = prefix.rpartition("/")
         start = self.root / base if base else self.root
-        yield from self._walk(start, f"{base}/" if base else "", prefix, start_after, fix_modes)
+        files = self._walk(start, f"{base}/" if base else "", prefix, start_after, fix_modes)
+        last = None
+        try:
+            for st in heapq.merge(files, self.small.list_objects(prefix, start_after),
+                                  key=lambda st: st.key):
+                if st.key != last:  # a key both a row and a file (an older copy) once
+                    yield st
+                last = st.key
+        except OSError as e:
+            raise self.error(f"list {prefix or 'the store'}", e) from None
 
     def _walk(self, directory: Path, base: str, prefix: str, start_after: str, fix_modes: bool
               ) -> Iterator[ObjectStat]:
@@ -404,6 +568,12 @@ class FsBackend(ObjectBackend):
 
     # -- upkeep ---------------------------------------------------------------------
     def remove_temporaries(self, older_than: float, dry_run: bool = False) -> tuple[int, int]:
+        """Remove abandoned staging files (and give deleted rows' pages back to the volume)."""
+        if not dry_run:
+            try:
+                self.small.reclaim()
+            except OSError as e:
+                raise self.error("shrink the small-object database", e) from None
         count = freed = 0
         for entry in _entries(self.tmp_dir, fix_modes=False):
             if entry.name in self.active_temporaries:
@@ -419,6 +589,9 @@ class FsBackend(ObjectBackend):
             count += 1
             freed += st.st_size
         return count, freed
+
+    def close(self) -> None:
+        self.small.close()
 
     def _syncfs(self) -> None:
         call = _syncfs_call()
@@ -508,7 +681,9 @@ def _entries(directory: Path, fix_modes: bool) -> list[os.DirEntry[str]]:
 
 
 def _open(config: StoreConfig, root: Path) -> FsBackend:
-    return FsBackend(root, config.sync_method)
+    backend = config.backend
+    inline = backend.inline_max_bytes if isinstance(backend, FsBackendConfig) else 0
+    return FsBackend(root, config.sync_method, inline)
 
 
 register_backend("fs", _open)
