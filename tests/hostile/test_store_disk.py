@@ -149,10 +149,13 @@ def test_upload_to_a_full_disk_is_resource_exhausted(full_server: Running,
     stub = full_server.store()
     stub.CreateDataset(store_pb2.CreateDatasetRequest(name="d"))
     filler = fill(volume)
-    # a file per blob, and a small blob (a row of small-objects.sqlite); declared or not
-    for size, declare in ((300_000, True), (300_000, False), (2_000, True), (2_000, False)):
+    # a file per blob, and small blobs (rows of small-objects.sqlite: 5 MB of them, more
+    # than the room SQLite's write-ahead log keeps); declared or not
+    for size, count, declare in ((300_000, 1, True), (300_000, 1, False),
+                                 (10_000, 500, True), (10_000, 500, False)):
         with pytest.raises(grpc.RpcError) as info:
-            stub.PutFiles(put("d", [("new.bin", os.urandom(size))], declare=declare))
+            stub.PutFiles(put("d", [(f"new{i}.bin", os.urandom(size)) for i in range(count)],
+                              declare=declare))
         err = info.value
         details = err.details() or ""
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, details
@@ -196,6 +199,41 @@ def test_deduplicated_uploads_succeed_on_a_full_disk(full_server: Running, volum
 
 
 # failed uploads leave nothing ----------------------------------------------
+def test_small_blobs_are_deleted_and_collected_on_a_full_disk(volume: Path) -> None:
+    """Deleting a row writes before it frees: a full volume neither fails the delete
+    nor keeps the space once gc ran (with a disk reserve that covers SQLite's log)."""
+    running = start_in_process(volume / "data", store={"disk_reserve_bytes": 2 << 20})
+    try:
+        _rows_on_a_full_disk(running, volume)
+    finally:
+        assert running.server is not None
+        running.server.stop(0)
+
+
+def _rows_on_a_full_disk(running: Running, volume: Path) -> None:
+    stub = running.store()
+    data_dir = running.config.data_dir
+    for name in ("a", "b"):
+        stub.CreateDataset(store_pb2.CreateDatasetRequest(name=name))
+    small = [(f"s{i:03d}.bin", os.urandom(3000 + i)) for i in range(300)]  # ~1 MB of rows
+    stub.PutFiles(put("a", small))
+    stub.PutFiles(put("b", [("large.bin", os.urandom(300_000))]))
+    assert len(small_rows(data_dir)) == 300 and len(blob_files(data_dir)) == 1
+    filler = fill(volume)
+    # the datasets go (the catalog uses its reserve); blobs it cannot delete wait for gc
+    stub.DeleteDataset(store_pb2.DeleteDatasetRequest(name="a"))
+    stub.DeleteDataset(store_pb2.DeleteDatasetRequest(name="b"))
+    assert not stub.ListDatasets(store_pb2.ListDatasetsRequest()).datasets
+    report = local_store(running).collect_garbage(0)
+    assert report.left_full == 0
+    assert small_rows(data_dir) == {} and blob_files(data_dir) == {}
+    st = os.statvfs(volume)
+    assert st.f_bavail * st.f_frsize > 1_000_000  # the rows' pages went back to the volume
+    filler.unlink()
+    stub.CreateDataset(store_pb2.CreateDatasetRequest(name="a"))
+    assert stub.PutFiles(put("a", small[:10])).blobs_created == 10
+
+
 def test_failed_uploads_leave_no_staging_files_or_blobs(server: Running) -> None:
     stub = server.store()
     stub.CreateDataset(store_pb2.CreateDatasetRequest(name="d"))
@@ -364,7 +402,7 @@ def test_gc_does_not_break_uploads_in_flight(server: Running, tmp_path: Path) ->
     stub = server.store()
     stub.CreateDataset(store_pb2.CreateDatasetRequest(name="d"))
     store = local_store(server)
-    # over store.backend.inline_max_bytes: files (rows: test_gc_of_small_objects)
+    # over store.backend.inline_max_bytes: files (rows: test_small_blobs_kept_as_rows_...)
     fresh, stale = b"fresh" * 4000, b"stale" * 4000
     # an unreferenced blob from long ago (a crash), which an upload is about to reuse
     old = store.blobs.backend.path_for(blob_key(sha(stale)))  # type: ignore[attr-defined]

@@ -26,6 +26,7 @@ from gristmill.store.ceph import CephBackend
 from gristmill.store.config import CephBackendConfig
 from gristmill.store.fsobjects import SMALL_OBJECTS, FsBackend
 from gristmill.store.objects import ObjectBackend, ObjectMissing, PutResult, validate_key
+from gristmill.store.smallobjects import WAL_KEPT_BYTES
 from tests.ceph import CephCluster
 
 PIECE = 64 * 1024  # small pieces, so that multi-piece values are cheap to test
@@ -425,7 +426,45 @@ class TestFsBackendWithRows(BackendTests):
         assert backend.delete("blobs/old", expected_version=before.version)[0].conflict
         assert backend.delete("blobs/old") == (PutResult(False, ""), 3)
         assert backend.stat("blobs/old") is None and self.rows(backend) == {}
-        assert backend.remove_temporaries(time.time() - 60) == (0, 0)  # also shrinks the file
+        with pytest.raises(Internal, match="negative offset"):
+            backend.read("blobs/other", -1)
+
+    def test_deleted_rows_give_their_space_back(self, backend: ObjectBackend) -> None:
+        assert isinstance(backend, FsBackend)
+        keys = [f"blobs/{i:04d}" for i in range(2000)]
+        for i in range(0, len(keys), 500):
+            stagings = [(backend.stage(), key) for key in keys[i:i + 500]]
+            for st, _ in stagings:
+                st.write(os.urandom(8000))
+            backend.commit(stagings)
+        path = backend.root / SMALL_OBJECTS
+        full = path.stat().st_size
+        for key in keys[::2]:
+            backend.delete(key)
+        assert backend.reclaim() > 6_000_000
+        assert path.stat().st_size < full * 0.6
+        wal = path.with_name(path.name + "-wal")
+        assert wal.stat().st_size <= WAL_KEPT_BYTES
+        assert backend.read(keys[1]) and backend.stat(keys[0]) is None
+        assert backend.reclaim() == 0
+
+    def test_a_key_both_row_and_file_reads_lists_and_deletes_as_one(
+            self, backend: ObjectBackend) -> None:
+        """What a put that died between its rename and its row delete leaves."""
+        assert isinstance(backend, FsBackend)
+        s = backend.stage()
+        s.write(b"the row")
+        backend.commit([(s, "k/v")])
+        (backend.root / "k").mkdir()
+        (backend.root / "k" / "v").write_bytes(b"a file")
+        row = backend.stat("k/v")
+        assert row is not None and row.version.startswith("row")
+        assert backend.read("k/v") == b"the row"
+        assert [(st.key, st.version) for st in backend.list_objects("k/")] == [("k/v",
+                                                                               row.version)]
+        assert backend.delete("k/v") == (PutResult(False, ""), 7)
+        assert backend.stat("k/v") is None and list(backend.list_objects("k/")) == []
+        assert not (backend.root / "k" / "v").exists()
 
     def test_close_waits_for_calls_in_flight_and_refuses_later_ones(
             self, backend: ObjectBackend) -> None:

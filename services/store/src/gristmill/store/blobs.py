@@ -250,6 +250,10 @@ class BlobStore:
         """Remove stagings not written since ``older_than`` (epoch seconds); (objects, bytes)."""
         return self.backend.remove_temporaries(older_than, dry_run)
 
+    def reclaim(self) -> int:
+        """Give the space of deleted blobs kept inside the backend's files back; bytes."""
+        return self.backend.reclaim()
+
     def close(self) -> None:
         """Release the backend."""
         self.backend.close()

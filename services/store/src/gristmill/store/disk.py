@@ -3,7 +3,8 @@
 Every file and directory the store creates is private to the server's user
 (0600/0700). An ``OSError`` from the volume becomes a domain error naming the
 operation: ENOSPC and EDQUOT are RESOURCE_EXHAUSTED with reason ``DISK_FULL``,
-anything else INTERNAL with reason ``STORAGE_ERROR``.
+EBUSY (a database locked by another process) UNAVAILABLE, anything else
+INTERNAL with reason ``STORAGE_ERROR``.
 
 :class:`DiskReserve` keeps a few MiB allocated in a file of its own. When the
 catalog cannot write because the volume is full, the reserve is released so
@@ -18,7 +19,7 @@ import logging
 import os
 from pathlib import Path
 
-from gristmill.client.errors import GristmillError, Internal, ResourceExhausted
+from gristmill.client.errors import GristmillError, Internal, ResourceExhausted, Unavailable
 from gristmill.client.private import DIR_MODE, FILE_MODE, private_dir
 
 __all__ = [
@@ -54,6 +55,10 @@ def storage_error(operation: str, error: OSError, directory: Path | str) -> Gris
     """A domain error for an ``OSError`` raised while the store ``operation`` ran."""
     if is_disk_full(error):
         return disk_full(f"cannot {operation}", directory)
+    if error.errno == errno.EBUSY:  # a database another process holds locked
+        return Unavailable(f"the store cannot {operation} now: {error.strerror or error}; "
+                           "another process (`gristmill store gc`?) holds it, retry in a "
+                           "moment", reason="STORAGE_BUSY")
     name = errno.errorcode.get(error.errno or 0, "")
     why = f"{error.strerror or error}" + (f" ({name})" if name else "")
     return Internal(f"the store cannot {operation}: {why}; check the store's volume "

@@ -271,10 +271,10 @@ class FsBackend(ObjectBackend):
     def _commit_small(self, small: list[tuple[int, _SmallStaging, str]], created: list[bool]
                       ) -> None:
         """Store in-memory stagings as rows, in one transaction (a key stored as a file stays)."""
-        rows: list[tuple[int, str, bytes]] = []
+        rows: list[tuple[int, str, bytearray]] = []
         for i, st, key in small:
             if st.data is not None and not os.path.lexists(f"{self._root}/{validate_key(key)}"):
-                rows.append((i, key, bytes(st.data)))
+                rows.append((i, key, st.data))
         try:
             made = self.small.insert_new([(key, data) for _, key, data in rows])
         except OSError as e:
@@ -381,6 +381,9 @@ class FsBackend(ObjectBackend):
         except OSError as e:
             raise self.error(f"delete {key}", e) from None
         if row is not None:
+            if not row[0].conflict:  # a file of the key too (a put that died midway) goes
+                with contextlib.suppress(FileNotFoundError), self._key_lock(key):
+                    path.unlink()
             return row
         with self._key_lock(key):
             current = self.stat(key)
@@ -413,9 +416,13 @@ class FsBackend(ObjectBackend):
             parts.pop()
 
     def touch(self, key: str) -> None:
+        try:
+            if self.small.touch(validate_key(key)):
+                return
+        except OSError:
+            pass  # the database busy or the volume full: the file (if any) still counts
         with contextlib.suppress(OSError, FailedPrecondition):
-            if not self.small.touch(validate_key(key)):
-                os.utime(self._checked_path(key), follow_symlinks=False)
+            os.utime(self._checked_path(key), follow_symlinks=False)
 
     # -- reads ----------------------------------------------------------------------
     def _open_fd(self, key: str) -> int:
@@ -530,9 +537,11 @@ class FsBackend(ObjectBackend):
         files = self._walk(start, f"{base}/" if base else "", prefix, start_after, fix_modes)
         last = None
         try:
-            for st in heapq.merge(files, self.small.list_objects(prefix, start_after),
+            # rows first: of a key both a row and a file (a put that died midway), the
+            # row is what stat and read see, so the listing shows it too
+            for st in heapq.merge(self.small.list_objects(prefix, start_after), files,
                                   key=lambda st: st.key):
-                if st.key != last:  # a key both a row and a file (an older copy) once
+                if st.key != last:
                     yield st
                 last = st.key
         except OSError as e:
@@ -567,13 +576,14 @@ class FsBackend(ObjectBackend):
                 yield _stat(key, st)
 
     # -- upkeep ---------------------------------------------------------------------
+    def reclaim(self) -> int:
+        """Give the space of deleted small objects (rows) back to the volume."""
+        try:
+            return self.small.reclaim()
+        except OSError as e:
+            raise self.error("shrink the small-object database", e) from None
+
     def remove_temporaries(self, older_than: float, dry_run: bool = False) -> tuple[int, int]:
-        """Remove abandoned staging files (and give deleted rows' pages back to the volume)."""
-        if not dry_run:
-            try:
-                self.small.reclaim()
-            except OSError as e:
-                raise self.error("shrink the small-object database", e) from None
         count = freed = 0
         for entry in _entries(self.tmp_dir, fix_modes=False):
             if entry.name in self.active_temporaries:

@@ -20,8 +20,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from gristmill.client.errors import ResourceExhausted
 from gristmill.store.blobs import StoredBlob
 from gristmill.store.catalog import Catalog
+from gristmill.store.disk import DISK_FULL, log
 
 if TYPE_CHECKING:
     from gristmill.store.store import Store
@@ -45,15 +47,24 @@ class GcReport:
     pinned: int = 0
     #: Unreferenced blobs kept because they were written or used within the grace period.
     recent: int = 0
+    #: Unreferenced blobs left because the volume was too full to delete them
+    #: (a small blob's row: SQLite writes before it frees); a later run takes them.
+    left_full: int = 0
+    #: Bytes of deleted rows given back to the volume (``small-objects.sqlite`` shrunk).
+    reclaimed_bytes: int = 0
     dry_run: bool = False
 
     def summary(self) -> str:
         """One line for people."""
         verb = "would remove" if self.dry_run else "removed"
-        return (f"{verb} {self.blobs_deleted} unreferenced blob(s), {self.bytes_freed} bytes, "
+        text = (f"{verb} {self.blobs_deleted} unreferenced blob(s), {self.bytes_freed} bytes, "
                 f"and {self.temporaries_deleted} staging file(s), "
                 f"{self.temporary_bytes_freed} bytes; kept {self.referenced} referenced, "
                 f"{self.pinned} pinned by uploads and {self.recent} recent unreferenced blob(s)")
+        if self.left_full:
+            text += (f"; {self.left_full} left because the volume is full: free some space "
+                     "and run `gristmill store gc` again")
+        return text
 
 
 def collect_garbage(store: Store, grace_seconds: float = 0.0, *, dry_run: bool = False,
@@ -70,24 +81,55 @@ def collect_garbage(store: Store, grace_seconds: float = 0.0, *, dry_run: bool =
     report.temporaries_deleted, report.temporary_bytes_freed = (
         store.blobs.remove_temporaries(cutoff, dry_run))
     batch: list[StoredBlob] = []
+    full: list[StoredBlob] = []  # not deleted for lack of space: once more at the end
     for blob in store.blobs.stored_blobs(fix_modes):
         batch.append(blob)
         if len(batch) >= _BATCH:
-            _sweep(store, batch, cutoff, report)
+            full += _sweep(store, batch, cutoff, report)
             batch = []
     if batch:
-        _sweep(store, batch, cutoff, report)
-    if not dry_run and store.reserve is not None:
-        store.reserve.ensure()
+        full += _sweep(store, batch, cutoff, report)
+    if full:
+        # the files deleted since may have made room; else the reserve makes it
+        if store.reserve is not None:
+            store.reserve.release()
+        report.left_full = len(_sweep(store, full, cutoff, report))
+    if not dry_run:
+        report.reclaimed_bytes = _reclaim(store)
+        if store.reserve is not None:
+            store.reserve.ensure()
     return report
 
 
-def _sweep(store: Store, batch: list[StoredBlob], cutoff: float, report: GcReport) -> None:
-    """Decide and delete one batch while nothing can start referring to its blobs."""
+def _reclaim(store: Store) -> int:
+    """Shrink the backend's files after deletes; on a full volume with the reserve's room.
+
+    It writes before it frees (SQLite's log): without room it is left for a
+    later run, which the summary's figures show.
+    """
+    for attempt in range(2):
+        try:
+            return store.blobs.reclaim()
+        except ResourceExhausted as e:
+            if e.reason != DISK_FULL or attempt or store.reserve is None:
+                log.warning("cannot shrink the store's files now (%s); a later "
+                            "`gristmill store gc` will", e.message)
+                return 0
+            store.reserve.release()
+    return 0
+
+
+def _sweep(store: Store, batch: list[StoredBlob], cutoff: float, report: GcReport
+           ) -> list[StoredBlob]:
+    """Decide and delete one batch while nothing can start referring to its blobs.
+
+    Returns the blobs the volume was too full to delete.
+    """
     candidates = [b for b in batch if b.mtime < cutoff]
     report.recent += len(batch) - len(candidates)
+    full: list[StoredBlob] = []
     if not candidates:
-        return
+        return full
     shas = [b.sha256 for b in candidates]
     with store.catalog.transaction("collect garbage") as conn, store.pins_held() as pinned:
         used = Catalog.referenced_blobs(conn, shas)
@@ -106,9 +148,16 @@ def _sweep(store: Store, batch: list[StoredBlob], cutoff: float, report: GcRepor
                 report.recent += 1
                 continue
             if not report.dry_run:
-                store.blobs.delete(blob.sha256)
+                try:
+                    store.blobs.delete(blob.sha256)
+                except ResourceExhausted as e:
+                    if e.reason != DISK_FULL:
+                        raise
+                    full.append(blob)
+                    continue
             report.blobs_deleted += 1
             report.bytes_freed += now.size
             gone.append(blob.sha256)
         if gone and not report.dry_run:
             Catalog.forget_blobs(conn, gone)
+    return full

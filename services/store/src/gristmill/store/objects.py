@@ -181,6 +181,10 @@ class ObjectBackend(abc.ABC):
         """Remove stagings abandoned before ``older_than``; returns (objects, bytes)."""
         return 0, 0
 
+    def reclaim(self) -> int:
+        """Give space that deletes left inside the backend's files back; returns bytes."""
+        return 0
+
     def check_health(self) -> None:  # noqa: B027 (optional)
         """Raise :class:`gristmill.client.errors.Unavailable` if the backend cannot serve."""
 

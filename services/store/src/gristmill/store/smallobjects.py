@@ -17,6 +17,7 @@ the filesystem backend, which turns them into the store's domain errors.
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 import threading
 import time
@@ -34,6 +35,16 @@ __all__ = ["ROW_VERSION_PREFIX", "SmallObjects"]
 _BATCH = 500
 #: Rows per page of a listing (a listing holds no read transaction between pages).
 _PAGE = 1000
+#: The write-ahead log is cut back to this size when it restarts. It keeps room
+#: for deletes on a full volume (a delete appends to the log before it frees).
+WAL_KEPT_BYTES = 4 << 20
+#: Pages in the log after which a commit copies it into the database: what the
+#: database file may still have to grow by on a full volume (1 MiB; the store's
+#: disk reserve, 16 MiB by default, covers it when deletes need it).
+_AUTOCHECKPOINT_PAGES = 256
+#: Free pages given back per transaction by :meth:`SmallObjects.reclaim`
+#: (short transactions: writers wait at most one of them).
+_RECLAIM_PAGES = 2048
 
 
 #: How a row's version token starts (a file's starts with its inode, in hex digits).
@@ -70,6 +81,8 @@ class SmallObjects:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("CREATE TABLE IF NOT EXISTS objects (key TEXT PRIMARY KEY NOT NULL, "
                          "data BLOB NOT NULL, mtime_ns INTEGER NOT NULL)")
+            conn.execute("CREATE TABLE IF NOT EXISTS upkeep (name TEXT PRIMARY KEY NOT NULL, "
+                         "value INTEGER NOT NULL)")
 
     @contextmanager
     def _use(self, operation: str) -> Iterator[sqlite3.Connection]:
@@ -91,16 +104,35 @@ class SmallObjects:
                     self._connections.append(conn)
                 conn.execute("PRAGMA busy_timeout=10000")
                 conn.execute("PRAGMA synchronous=FULL")
+                conn.execute(f"PRAGMA journal_size_limit={WAL_KEPT_BYTES}")
+                conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
                 self._local.conn = conn
             yield conn
         except sqlite3.Error as e:
-            code = getattr(e, "sqlite_errorcode", -1) & 0xFF
-            number = errno.ENOSPC if code == sqlite3.SQLITE_FULL else errno.EIO
-            raise OSError(number, f"cannot {operation} ({self.path}): {e}") from e
+            raise OSError(self._errno(e), f"cannot {operation} ({self.path}): {e}") from e
         finally:
             with self._lock:
                 self._busy -= 1
                 self._lock.notify_all()
+
+    def _errno(self, error: sqlite3.Error) -> int:
+        """The errno a database error stands for.
+
+        SQLite says SQLITE_FULL only for ENOSPC; a write refused otherwise (a
+        quota, EDQUOT) is an I/O error, told apart here by the volume's free space.
+        """
+        code = getattr(error, "sqlite_errorcode", -1) & 0xFF
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return errno.EBUSY
+        if code == sqlite3.SQLITE_FULL:
+            return errno.ENOSPC
+        if code == sqlite3.SQLITE_IOERR:
+            try:
+                if os.statvfs(self.path.parent).f_bavail == 0:
+                    return errno.ENOSPC
+            except OSError:
+                pass
+        return errno.EIO
 
     # -- reads ----------------------------------------------------------------------
     def stats(self, keys: Sequence[str]) -> dict[str, ObjectStat]:
@@ -134,6 +166,8 @@ class SmallObjects:
     def read(self, key: str, offset: int = 0, length: int = -1
              ) -> tuple[bytes, ObjectStat] | None:
         """Bytes ``offset`` to ``offset + length`` (-1: to the end) and the stat, or None."""
+        if offset < 0:
+            raise OSError(errno.EINVAL, f"negative offset {offset} reading {key}")
         with self._use("read the small-object database") as conn:
             part, params = ("substr(data, ?, ?)", [offset + 1, length]) if length >= 0 else (
                 "substr(data, ?)", [offset + 1])
@@ -146,10 +180,11 @@ class SmallObjects:
 
     def list_objects(self, prefix: str, start_after: str = "") -> Iterator[ObjectStat]:
         """Stored keys starting with ``prefix`` after ``start_after``, in byte order, paged."""
-        after = max(start_after, prefix[:-1] if prefix else "")
         end = prefix_end(prefix) if prefix else None
+        # the first page from the prefix itself (or after start_after), then after the last
+        bound, after = (">", start_after) if start_after >= prefix else (">=", prefix)
         while True:
-            sql = "SELECT key, length(data), mtime_ns, rowid FROM objects WHERE key > ?"
+            sql = f"SELECT key, length(data), mtime_ns, rowid FROM objects WHERE key {bound} ?"
             params: list[object] = [after]
             if end is not None:
                 sql += " AND key < ?"
@@ -162,10 +197,10 @@ class SmallObjects:
                     yield _stat(key, size, mtime_ns, rowid)
             if len(rows) < _PAGE:
                 return
-            after = rows[-1][0]
+            bound, after = ">", rows[-1][0]
 
     # -- writes ---------------------------------------------------------------------
-    def insert_new(self, rows: Sequence[tuple[str, bytes]]) -> list[bool]:
+    def insert_new(self, rows: Sequence[tuple[str, bytes | bytearray]]) -> list[bool]:
         """Store each ``(key, data)`` whose key is not stored yet, all in one transaction.
 
         Durable when this returns. Per row: whether it was stored now (a key
@@ -175,6 +210,7 @@ class SmallObjects:
             return []
         now = time.time_ns()
         with self._use("store small objects") as conn:
+            conn.execute("PRAGMA synchronous=FULL")  # durable when this returns
             conn.execute("BEGIN IMMEDIATE")
             try:
                 seen = set(self._present(conn, [key for key, _ in rows]))
@@ -187,11 +223,11 @@ class SmallObjects:
                         fresh.append((key, data, now))
                 conn.executemany("INSERT INTO objects (key, data, mtime_ns) VALUES (?, ?, ?)",
                                  fresh)
+                conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
         return created
 
     @staticmethod
@@ -204,25 +240,44 @@ class SmallObjects:
 
     def delete(self, key: str, expected_version: str | None = None
                ) -> tuple[PutResult, int] | None:
-        """Remove a row (only at ``expected_version``); None if the key is not a row."""
+        """Remove a row (only at ``expected_version``); None if the key is not a row.
+
+        A delete appends to SQLite's log before it frees anything: on a full
+        volume the log is first copied into the database and restarted (its
+        space reused, as the catalog does), then the delete is tried again.
+        """
         with self._use("delete from the small-object database") as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT length(data), mtime_ns, rowid FROM objects "
-                                   "WHERE key = ?", [key]).fetchone()
-                if row is None:
-                    result = None
-                elif expected_version is not None and expected_version != _version(row[2],
-                                                                                    row[1]):
-                    result = PutResult(True, _version(row[2], row[1])), 0
-                else:
-                    conn.execute("DELETE FROM objects WHERE key = ?", [key])
-                    result = PutResult(False, ""), int(row[0])
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            if conn.execute("SELECT 1 FROM objects WHERE key = ?", [key]).fetchone() is None:
+                return None  # not a row: no write transaction
+            for attempt in range(2):
+                try:
+                    return self._delete(conn, key, expected_version)
+                except sqlite3.Error as e:
+                    if attempt or self._errno(e) != errno.ENOSPC:
+                        raise
+                    conn.execute("PRAGMA wal_checkpoint(RESTART)")
+        return None  # not reached
+
+    @staticmethod
+    def _delete(conn: sqlite3.Connection, key: str, expected_version: str | None
+                ) -> tuple[PutResult, int] | None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT length(data), mtime_ns, rowid FROM objects "
+                               "WHERE key = ?", [key]).fetchone()
+            result: tuple[PutResult, int] | None
+            if row is None:
+                result = None
+            elif expected_version is not None and expected_version != _version(row[2], row[1]):
+                result = PutResult(True, _version(row[2], row[1])), 0
+            else:
+                conn.execute("DELETE FROM objects WHERE key = ?", [key])
+                result = PutResult(False, ""), int(row[0])
             conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         return result
 
     def touch(self, key: str) -> bool:
@@ -240,10 +295,28 @@ class SmallObjects:
                 conn.execute("PRAGMA synchronous=FULL")
         return cur.rowcount > 0
 
-    def reclaim(self) -> None:
-        """Give the pages of deleted rows back to the volume."""
+    def reclaim(self) -> int:
+        """Give the pages of deleted rows back to the volume; returns the bytes given back.
+
+        Free pages are cut from the file's end in short transactions, then the
+        write-ahead log is copied in and restarts (cut back to :data:`WAL_KEPT_BYTES`).
+        """
         with self._use("shrink the small-object database") as conn:
-            conn.execute("PRAGMA incremental_vacuum").fetchall()  # a step per page
+            page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            freed = 0
+            while (free := int(conn.execute("PRAGMA freelist_count").fetchone()[0])) > 0:
+                # executescript steps the pragma to its end (execute would free one page)
+                conn.executescript(f"PRAGMA incremental_vacuum({_RECLAIM_PAGES})")
+                left = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+                if left >= free:
+                    break  # the file does not use incremental vacuum (made elsewhere)
+                freed += (free - left) * page
+            conn.execute("PRAGMA wal_checkpoint(RESTART)")
+            conn.execute("PRAGMA synchronous=FULL")
+            # the first write after a whole checkpoint restarts the log, cut back to the limit
+            conn.execute("INSERT OR REPLACE INTO upkeep (name, value) VALUES ('reclaimed', ?)",
+                         [time.time_ns()])
+        return freed
 
     def close(self) -> None:
         """Refuse new calls, wait for those running, and close every thread's connection."""

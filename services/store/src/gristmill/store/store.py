@@ -21,13 +21,14 @@ from gristmill.client.errors import (
     GristmillError,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from gristmill.client.names import nfc, validate_dataset_name, validate_path, validate_sha256
 from gristmill.store import metrics as store_metrics
 from gristmill.store.blobs import BlobStore, BlobWriter
 from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
-from gristmill.store.disk import DiskReserve, storage_error
+from gristmill.store.disk import DISK_FULL, DiskReserve, storage_error
 from gristmill.store.gc import GcReport, collect_garbage
 from gristmill.store.images import sniff
 from gristmill.store.manifests import ManifestFiles, read_pieces, write_manifest
@@ -160,12 +161,24 @@ class Store:
         return self._collect(unreferenced)
 
     def _collect(self, unreferenced: list[tuple[str, int]]) -> tuple[int, int]:
+        """Delete blobs the catalog no longer refers to (the catalog change is committed).
+
+        A blob the volume is too full to delete (a small blob's row: SQLite
+        writes before it frees) is left to garbage collection: the call that
+        unreferenced it succeeded and must say so.
+        """
         deleted = freed = 0
         with self._pin_lock:
             for sha, _size in unreferenced:
                 if self._pinned[sha]:
                     continue
-                freed += self.blobs.delete(sha)
+                try:
+                    freed += self.blobs.delete(sha)
+                except ResourceExhausted as e:
+                    if e.reason != DISK_FULL:
+                        raise
+                    log.warning("volume full: blob %s stays until `gristmill store gc`", sha)
+                    continue
                 deleted += 1
         return deleted, freed
 
