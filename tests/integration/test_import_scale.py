@@ -161,7 +161,15 @@ def test_small_blobs_of_a_message_are_rows_of_one_transaction_not_files(
             created.append(str(path))
         return real_open(path, flags, *args, **kwargs)
 
+    lookups: list[int] = []
+    real_stats = SmallObjects.stats
+
+    def counting_stats(self: SmallObjects, keys: Any) -> Any:
+        lookups.append(len(keys))
+        return real_stats(self, keys)
+
     fsyncs: list[int] = []
+    monkeypatch.setattr(SmallObjects, "stats", counting_stats)
     monkeypatch.setattr(SmallObjects, "insert_new", counting_insert)
     monkeypatch.setattr(os, "open", counting_open)
     monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd))
@@ -173,6 +181,7 @@ def test_small_blobs_of_a_message_are_rows_of_one_transaction_not_files(
         _, result = store.put_files(one_message("d", files))
         assert result.blobs_created == n
         assert transactions == [n] and created == [] and fsyncs == []
+        assert lookups == []  # staged in memory: no lookup per file (the commit checks)
     assert not [p for p in root.rglob("*") if p.is_file() and "blobs" in p.parts]
     # over the limit: a staging file, renamed into blobs/
     _, result = store.put_files(one_message("d", {"large.bin": b"L" * 5000}))

@@ -191,6 +191,10 @@ class BlobStore:
                 if not w._created:
                     w._digest = None
 
+    def stages_in_memory(self, size: int) -> bool:
+        """Whether staging a blob of ``size`` bytes costs only memory until it is stored."""
+        return self.backend.stages_in_memory(size)
+
     def exists(self, sha256: str) -> bool:
         """Whether the blob is stored."""
         return self.backend.exists_many([blob_key(sha256)])[0]

@@ -206,6 +206,9 @@ class FsBackend(ObjectBackend):
         return f"{self._root}/{key}", len(parts) - 1
 
     # -- writes ---------------------------------------------------------------------
+    def stages_in_memory(self, size: int) -> bool:
+        return 0 <= size <= self.inline_max_bytes
+
     def stage(self) -> Staging:
         return _SmallStaging(self) if self.inline_max_bytes > 0 else _FsStaging(self)
 

@@ -100,6 +100,10 @@ class ObjectBackend(abc.ABC):
     def stage(self) -> Staging:
         """A new staged object, to be written and then committed under a key."""
 
+    def stages_in_memory(self, size: int) -> bool:
+        """Whether a staging of ``size`` bytes costs only memory (no storage until commit)."""
+        return False
+
     @abc.abstractmethod
     def commit(self, items: Sequence[tuple[Staging, str]]) -> list[bool]:
         """Make staged objects durable under their keys, all before any is visible.

@@ -459,8 +459,10 @@ class Store:
             self._pin(chunk.sha256, 1)
             pinned.append(chunk.sha256)
         if not chunk.reuse_blob:
-            # a blob stored already needs no staging space: its bytes are only hashed
-            stored = bool(chunk.sha256) and self.blobs.exists(chunk.sha256)
+            # a blob stored already needs no staging space: its bytes are only hashed; a
+            # small one staged in memory is not looked up (its commit finds it stored)
+            stored = (bool(chunk.sha256) and not self.blobs.stages_in_memory(chunk.size)
+                      and self.blobs.exists(chunk.sha256))
             if stored:
                 self.blobs.touch(chunk.sha256)
             return _Upload(path, chunk.size, chunk.sha256,
