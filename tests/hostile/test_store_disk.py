@@ -304,20 +304,35 @@ def _kill_mid_upload(running: Running, orphan: bytes,
         future.result(timeout=10)
 
 
-def test_orphans_of_a_killed_server_are_collected_by_gc_and_restart(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data_dir = tmp_path / "data"
+def _kept_by_a_version_then_killed(data_dir: Path, kept: bytes, orphan: bytes,
+                                   stored: Callable[[Path], Iterable[str]]) -> None:
+    """A server stores ``kept`` only in a version, then dies mid-upload leaving ``orphan``."""
     running = spawn_server(data_dir)
-    kept = b"kept" * 5000  # over store.backend.inline_max_bytes: blobs here are files
     try:
         stub = running.store()
         stub.CreateDataset(store_pb2.CreateDatasetRequest(name="d"))
         stub.PutFiles(put("d", [("kept.bin", kept)]))
         stub.CommitVersion(store_pb2.CommitVersionRequest(dataset="d"))
         stub.DeleteFiles(store_pb2.DeleteFilesRequest(dataset="d", paths=["kept.bin"]))
-        _kill_mid_upload(running, b"orphan-1" * 5000)
+        _kill_mid_upload(running, orphan, stored)
     finally:
         stop_process(running, signal.SIGKILL)
+
+
+def _read_from_the_version(running: Running, path: str) -> bytes:
+    """A file's bytes in dataset d's (only) version."""
+    version = running.store().ListVersions(
+        store_pb2.ListVersionsRequest(dataset="d")).versions[0].id
+    return b"".join(piece.data for resp in running.store().ReadFiles(
+        store_pb2.ReadFilesRequest(dataset="d", version=version, paths=[path]))
+        for piece in resp.files)
+
+
+def test_orphans_of_a_killed_server_are_collected_by_gc_and_restart(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data_dir = tmp_path / "data"
+    kept = b"kept" * 5000  # over store.backend.inline_max_bytes: blobs here are files
+    _kept_by_a_version_then_killed(data_dir, kept, b"orphan-1" * 5000, blob_files)
     assert set(blob_files(data_dir)) == {sha(kept), sha(b"orphan-1" * 5000)}
     assert any((data_dir / "store" / "tmp").iterdir())
 
@@ -350,12 +365,7 @@ def test_orphans_of_a_killed_server_are_collected_by_gc_and_restart(
         assert not any((data_dir / "store" / "tmp").iterdir())
         assert stat.S_IMODE(blob_files(data_dir)[sha(kept)].stat().st_mode) == 0o600
         assert stat.S_IMODE((data_dir / "store" / "blobs").stat().st_mode) == 0o700
-        version = running.store().ListVersions(
-            store_pb2.ListVersionsRequest(dataset="d")).versions[0].id
-        got = b"".join(piece.data for resp in running.store().ReadFiles(
-            store_pb2.ReadFilesRequest(dataset="d", version=version, paths=["kept.bin"]))
-            for piece in resp.files)
-        assert got == kept
+        assert _read_from_the_version(running, "kept.bin") == kept
     finally:
         stop_process(running)
 
@@ -364,17 +374,8 @@ def test_small_blobs_kept_as_rows_are_collected_like_files(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Rows (blobs under store.backend.inline_max_bytes) of a killed server: gc and restart."""
     data_dir = tmp_path / "data"
-    running = spawn_server(data_dir)
     kept, orphan = b"kept" * 100, b"orphan" * 100
-    try:
-        stub = running.store()
-        stub.CreateDataset(store_pb2.CreateDatasetRequest(name="d"))
-        stub.PutFiles(put("d", [("kept.bin", kept)]))
-        stub.CommitVersion(store_pb2.CommitVersionRequest(dataset="d"))
-        stub.DeleteFiles(store_pb2.DeleteFilesRequest(dataset="d", paths=["kept.bin"]))
-        _kill_mid_upload(running, orphan, small_rows)
-    finally:
-        stop_process(running, signal.SIGKILL)
+    _kept_by_a_version_then_killed(data_dir, kept, orphan, small_rows)
     assert small_rows(data_dir) == {sha(kept): 400, sha(orphan): 600}
     assert blob_files(data_dir) == {}
 
@@ -388,12 +389,7 @@ def test_small_blobs_kept_as_rows_are_collected_like_files(
 
     running = spawn_server(data_dir)
     try:
-        version = running.store().ListVersions(
-            store_pb2.ListVersionsRequest(dataset="d")).versions[0].id
-        got = b"".join(piece.data for resp in running.store().ReadFiles(
-            store_pb2.ReadFilesRequest(dataset="d", version=version, paths=["kept.bin"]))
-            for piece in resp.files)
-        assert got == kept
+        assert _read_from_the_version(running, "kept.bin") == kept
     finally:
         stop_process(running)
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from gristmill.client.private import private_database
 from gristmill.store.catalog import prefix_end
@@ -135,33 +136,27 @@ class SmallObjects:
         return errno.EIO
 
     # -- reads ----------------------------------------------------------------------
-    def stats(self, keys: Sequence[str]) -> dict[str, ObjectStat]:
-        """The stored ones among ``keys``."""
-        found: dict[str, ObjectStat] = {}
+    def _rows_of(self, column: str, keys: Sequence[str]) -> list[tuple[Any, ...]]:
+        """(key, ``column``, mtime_ns, rowid) of the stored ones among ``keys``."""
+        rows: list[tuple[Any, ...]] = []
         unique = list(dict.fromkeys(keys))
         with self._use("read the small-object database") as conn:
             for i in range(0, len(unique), _BATCH):
                 part = unique[i:i + _BATCH]
                 marks = ",".join("?" * len(part))
-                for key, size, mtime_ns, rowid in conn.execute(
-                        "SELECT key, length(data), mtime_ns, rowid FROM objects "
-                        f"WHERE key IN ({marks})", part):
-                    found[key] = _stat(key, size, mtime_ns, rowid)
-        return found
+                rows += conn.execute(f"SELECT key, {column}, mtime_ns, rowid FROM objects "
+                                     f"WHERE key IN ({marks})", part).fetchall()
+        return rows
+
+    def stats(self, keys: Sequence[str]) -> dict[str, ObjectStat]:
+        """The stored ones among ``keys``."""
+        return {key: _stat(key, size, mtime_ns, rowid)
+                for key, size, mtime_ns, rowid in self._rows_of("length(data)", keys)}
 
     def read_many(self, keys: Sequence[str]) -> dict[str, tuple[bytes, ObjectStat]]:
         """Whole values of the stored ones among ``keys``, with their stats."""
-        found: dict[str, tuple[bytes, ObjectStat]] = {}
-        unique = list(dict.fromkeys(keys))
-        with self._use("read the small-object database") as conn:
-            for i in range(0, len(unique), _BATCH):
-                part = unique[i:i + _BATCH]
-                marks = ",".join("?" * len(part))
-                for key, data, mtime_ns, rowid in conn.execute(
-                        "SELECT key, data, mtime_ns, rowid FROM objects "
-                        f"WHERE key IN ({marks})", part):
-                    found[key] = (bytes(data), _stat(key, len(data), mtime_ns, rowid))
-        return found
+        return {key: (bytes(data), _stat(key, len(data), mtime_ns, rowid))
+                for key, data, mtime_ns, rowid in self._rows_of("data", keys)}
 
     def read(self, key: str, offset: int = 0, length: int = -1
              ) -> tuple[bytes, ObjectStat] | None:
