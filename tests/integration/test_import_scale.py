@@ -215,6 +215,32 @@ def test_the_walk_streams_files_in_path_order(tmp_path: Path) -> None:
     assert ".git/" in scan.ignored and not scan.files
 
 
+def test_the_walk_stats_only_what_the_listing_does_not_say_is_a_regular_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(40):
+        (tmp_path / "d" / f"f{i:02d}.bin").parent.mkdir(exist_ok=True)
+        (tmp_path / "d" / f"f{i:02d}.bin").write_bytes(b"x")
+    (tmp_path / "link.bin").symlink_to(tmp_path / "d" / "f00.bin")
+    os.mkfifo(tmp_path / "pipe")
+    looked: list[str] = []
+
+    def counting(real: Any) -> Any:
+        def call(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            looked.append(os.fspath(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "lstat", counting(os.lstat))  # Path.lstat is os.stat's
+    monkeypatch.setattr(os, "stat", counting(os.stat))
+    scan = FolderScan()
+    walked = [f.path for f in walk_folder(tmp_path, (), (), scan)]
+    assert len(walked) == 41 and "link.bin" in walked  # a link inside the folder is followed
+    # 40 regular files, no lstat each (f00.bin only as the link's target, resolving it)
+    assert [p for p in looked if "/d/" in p and not p.endswith("f00.bin")] == []
+    assert any(p.endswith("link.bin") for p in looked)
+    assert [rel for rel, _ in scan.failed] == ["pipe"]
+
+
 # concurrent and incremental import ----------------------------------------------
 @pytest.mark.parametrize("large", [0, hub_module.IMPORT_LARGE_FILE_BYTES],
                          ids=["side-by-side", "small-one-at-a-time"])

@@ -126,9 +126,10 @@ def walk_folder(root: Path | str, include: Sequence[str], exclude: Sequence[str]
 def _walk(base: Path, includes: Sequence[str], excludes: Sequence[str], scan: FolderScan
           ) -> Iterator[LocalSource]:
     odd: dict[str, str] = {}  # NFC path -> the other spelling taken for it
-    stack = [("", iter(_children(scan, base, "")))]
+    names, others = _children(scan, base, "")
+    stack = [("", iter(names), others)]
     while stack:
-        rel, children = stack[-1]
+        rel, children, others = stack[-1]
         item = next(children, None)
         if item is None:
             stack.pop()
@@ -136,40 +137,54 @@ def _walk(base: Path, includes: Sequence[str], excludes: Sequence[str], scan: Fo
         is_dir = item.endswith("/")
         name = item[:-1] if is_dir else item
         child = f"{rel}/{name}" if rel else name
-        taken = _visit(scan, base, child, name, is_dir, includes, excludes)
+        taken = _visit(scan, base, child, name, is_dir, includes, excludes,
+                       regular=not is_dir and name not in others)
         if taken is True:
-            stack.append((child, iter(_children(scan, base, child))))
+            names, inner = _children(scan, base, child)
+            stack.append((child, iter(names), inner))
         elif isinstance(taken, tuple):
             found = _take(scan, odd, base, child, *taken)
             if found is not None:
                 yield found
 
 
-def _children(scan: FolderScan, base: Path, rel: str) -> list[str]:
+def _children(scan: FolderScan, base: Path, rel: str) -> tuple[list[str], set[str]]:
     """A directory's entry names, directories with a "/" after, in the order their paths sort.
 
     A directory sorts as its paths do: ``a/...`` after ``a.txt`` and before
-    ``a0``. Only names are kept (a few dozen bytes each).
+    ``a0``. Only names are kept (a few dozen bytes each), and apart the names
+    that are neither directories nor known regular files (links, pipes, or a
+    type the directory listing did not say), which :func:`_visit` looks at.
     """
     out: list[str] = []
+    others: set[str] = set()
     try:
         with os.scandir(base / rel if rel else base) as it:
             for entry in it:
                 try:
                     is_dir = entry.is_dir(follow_symlinks=False)
+                    # the listing's file type: no stat unless the filesystem gives none
+                    if not is_dir and not entry.is_file(follow_symlinks=False):
+                        others.add(entry.name)
                 except OSError:
                     is_dir = False  # _visit reports it
+                    others.add(entry.name)
                 out.append(f"{entry.name}/" if is_dir else entry.name)
     except OSError as e:
         scan.failed.append((f"{rel}/" if rel else ".", f"unreadable directory: {e.strerror or e}"))
-        return []
+        return [], set()
     out.sort()
-    return out
+    return out, others
 
 
 def _visit(scan: FolderScan, base: Path, rel: str, name: str, is_dir: bool,
-           includes: Sequence[str], excludes: Sequence[str]) -> tuple[Path, bool] | bool:
-    """(source, via link) of a file to take, True for a directory to walk, else False."""
+           includes: Sequence[str], excludes: Sequence[str], regular: bool = False
+           ) -> tuple[Path, bool] | bool:
+    """(source, via link) of a file to take, True for a directory to walk, else False.
+
+    ``regular``: the directory listing said it is a regular file (no lstat
+    then; a link put in its place later is refused when it is opened).
+    """
     if is_skipped_name(name):
         scan.ignored.append(f"{rel}/" if is_dir else rel)
         return False
@@ -182,6 +197,8 @@ def _visit(scan: FolderScan, base: Path, rel: str, name: str, is_dir: bool,
         scan.ignored.append(rel)
         return False
     source = base / rel
+    if regular:
+        return source, False
     try:
         mode = source.lstat().st_mode
     except OSError as e:
