@@ -12,7 +12,7 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +224,7 @@ def test_the_walk_stats_only_what_the_listing_does_not_say_is_a_regular_file(
     os.mkfifo(tmp_path / "pipe")
     looked: list[str] = []
 
-    def counting(real: Any) -> Any:
+    def counting(real: Callable[..., os.stat_result]) -> Callable[..., os.stat_result]:
         def call(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
             looked.append(os.fspath(path))
             return real(path, *args, **kwargs)
