@@ -282,6 +282,8 @@ class SmallObjects:
         durable write syncs it), so a touch per deduplicated upload costs no fsync.
         """
         with self._use("update the small-object database") as conn:
+            if conn.execute("SELECT 1 FROM objects WHERE key = ?", [key]).fetchone() is None:
+                return False  # a file's key: no write lock taken
             conn.execute("PRAGMA synchronous=NORMAL")
             try:
                 cur = conn.execute("UPDATE objects SET mtime_ns = ? WHERE key = ?",
