@@ -15,8 +15,13 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from gristmill.client.errors import DataLoss, FailedPrecondition, InvalidArgument
-from gristmill.store.disk import disk_full, is_disk_full
+from gristmill.client.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
+from gristmill.store.disk import DISK_FULL, disk_full, is_disk_full
 from gristmill.store.objects import ObjectBackend, ObjectMissing, Staging
 
 __all__ = ["BlobStore", "BlobWriter", "StoredBlob", "blob_key"]
@@ -238,6 +243,18 @@ class BlobStore:
     def delete(self, sha256: str) -> int:
         """Remove the blob; returns the bytes freed (0 if it was absent)."""
         return self.backend.delete(blob_key(sha256))[1]
+
+    def delete_unless_full(self, sha256: str) -> int | None:
+        """:meth:`delete`, or None if the volume is too full to delete it now.
+
+        (A small blob's row: SQLite writes its log before it frees a page.)
+        """
+        try:
+            return self.delete(sha256)
+        except ResourceExhausted as e:
+            if e.reason != DISK_FULL:
+                raise
+            return None
 
     def stored_blobs(self, fix_modes: bool = False) -> Iterator[StoredBlob]:
         """Every stored blob, for garbage collection (other objects are left alone).

@@ -176,6 +176,14 @@ class FsBackend(ObjectBackend):
     def describe(self) -> str:
         return f"directory {self.root}"
 
+    @contextlib.contextmanager
+    def _rows(self, operation: str) -> Iterator[SmallObjects]:
+        """The small objects, their ``OSError`` made this backend's error for ``operation``."""
+        try:
+            yield self.small
+        except OSError as e:
+            raise self.error(operation, e) from None
+
     def path_for(self, key: str) -> Path:
         """Where the object lives (no check that it exists)."""
         return self.root / key
@@ -259,10 +267,8 @@ class FsBackend(ObjectBackend):
                 files.append((i, s, key))
         try:
             if files:
-                try:
-                    rows = self.small.stats([key for _, _, key in files])
-                except OSError as e:
-                    raise self.error("store an upload's bytes", e) from None
+                with self._rows("store an upload's bytes") as db:
+                    rows = db.stats([key for _, _, key in files])
                 self._commit_files([f for f in files if f[2] not in rows], created)
             self._commit_small(small, created)
         finally:
@@ -278,10 +284,8 @@ class FsBackend(ObjectBackend):
         for i, st, key in small:
             if st.data is not None and not os.path.lexists(f"{self._root}/{validate_key(key)}"):
                 rows.append((i, key, st.data))
-        try:
-            made = self.small.insert_new([(key, data) for _, key, data in rows])
-        except OSError as e:
-            raise self.error("store an upload's bytes", e) from None
+        with self._rows("store an upload's bytes") as db:
+            made = db.insert_new([(key, data) for _, key, data in rows])
         for (i, _, _), new in zip(rows, made, strict=True):
             created[i] = new
         for i, st, _ in small:
@@ -369,20 +373,16 @@ class FsBackend(ObjectBackend):
                 staging.abort()
                 raise self.error(f"write {key}", e) from None
             if current is not None and self._is_row(current):
-                try:  # the file replaces the row (which reads saw until now)
-                    self.small.delete(key)
-                except OSError as e:
-                    raise self.error(f"write {key}", e) from None
+                with self._rows(f"write {key}") as db:  # the file replaces the row
+                    db.delete(key)
             now = self.stat(key)
             assert now is not None
             return PutResult(False, now.version)
 
     def delete(self, key: str, *, expected_version: str | None = None) -> tuple[PutResult, int]:
         path = self._checked_path(key)
-        try:
-            row = self.small.delete(key, expected_version)
-        except OSError as e:
-            raise self.error(f"delete {key}", e) from None
+        with self._rows(f"delete {key}") as db:
+            row = db.delete(key, expected_version)
         if row is not None:
             if not row[0].conflict:  # a file of the key too (a put that died midway) goes
                 with contextlib.suppress(FileNotFoundError), self._key_lock(key):
@@ -447,10 +447,8 @@ class FsBackend(ObjectBackend):
     def _row(self, key: str, offset: int = 0, length: int = -1
              ) -> tuple[bytes, ObjectStat] | None:
         """The key's row (a slice of it), or None if it is not a small object."""
-        try:
-            return self.small.read(validate_key(key), offset, length)
-        except OSError as e:
-            raise self.error(f"read {key}", e) from None
+        with self._rows(f"read {key}") as db:
+            return db.read(validate_key(key), offset, length)
 
     def read(self, key: str, offset: int = 0, length: int = -1) -> bytes:
         row = self._row(key, offset, length)
@@ -485,10 +483,8 @@ class FsBackend(ObjectBackend):
     def read_many(self, reads: Sequence[tuple[str, int, int]], versions: bool = True
                   ) -> list[tuple[bytes, ObjectStat] | None]:
         """Small objects in one query per few hundred keys; files one by one."""
-        try:
-            rows = self.small.read_many([validate_key(key) for key, _, _ in reads])
-        except OSError as e:
-            raise self.error("read small objects", e) from None
+        with self._rows("read small objects") as db:
+            rows = db.read_many([validate_key(key) for key, _, _ in reads])
         got: list[tuple[bytes, ObjectStat] | None] = []
         for key, offset, length in reads:
             row = rows.get(key)
@@ -500,10 +496,8 @@ class FsBackend(ObjectBackend):
         return got
 
     def stat(self, key: str) -> ObjectStat | None:
-        try:
-            row = self.small.stats([validate_key(key)]).get(key)
-        except OSError as e:
-            raise self.error(f"look up {key}", e) from None
+        with self._rows(f"look up {key}") as db:
+            row = db.stats([validate_key(key)]).get(key)
         if row is not None:
             return row
         try:
@@ -513,10 +507,8 @@ class FsBackend(ObjectBackend):
         return _stat(key, st) if stat.S_ISREG(st.st_mode) else None
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
-        try:
-            rows = self.small.stats([validate_key(k) for k in keys])
-        except OSError as e:
-            raise self.error("look up objects", e) from None
+        with self._rows("look up objects") as db:
+            rows = db.stats([validate_key(k) for k in keys])
         return [k in rows or self._is_file(f"{self._root}/{k}") for k in keys]
 
     @staticmethod
@@ -581,10 +573,8 @@ class FsBackend(ObjectBackend):
     # -- upkeep ---------------------------------------------------------------------
     def reclaim(self) -> int:
         """Give the space of deleted small objects (rows) back to the volume."""
-        try:
-            return self.small.reclaim()
-        except OSError as e:
-            raise self.error("shrink the small-object database", e) from None
+        with self._rows("shrink the small-object database") as db:
+            return db.reclaim()
 
     def remove_temporaries(self, older_than: float, dry_run: bool = False) -> tuple[int, int]:
         count = freed = 0

@@ -147,14 +147,9 @@ def _sweep(store: Store, batch: list[StoredBlob], cutoff: float, report: GcRepor
             if now.mtime >= cutoff:
                 report.recent += 1
                 continue
-            if not report.dry_run:
-                try:
-                    store.blobs.delete(blob.sha256)
-                except ResourceExhausted as e:
-                    if e.reason != DISK_FULL:
-                        raise
-                    full.append(blob)
-                    continue
+            if not report.dry_run and store.blobs.delete_unless_full(blob.sha256) is None:
+                full.append(blob)
+                continue
             report.blobs_deleted += 1
             report.bytes_freed += now.size
             gone.append(blob.sha256)

@@ -21,14 +21,13 @@ from gristmill.client.errors import (
     GristmillError,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     Unavailable,
 )
 from gristmill.client.names import nfc, validate_dataset_name, validate_path, validate_sha256
 from gristmill.store import metrics as store_metrics
 from gristmill.store.blobs import BlobStore, BlobWriter
 from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
-from gristmill.store.disk import DISK_FULL, DiskReserve, storage_error
+from gristmill.store.disk import DiskReserve, storage_error
 from gristmill.store.gc import GcReport, collect_garbage
 from gristmill.store.images import sniff
 from gristmill.store.manifests import ManifestFiles, read_pieces, write_manifest
@@ -172,13 +171,11 @@ class Store:
             for sha, _size in unreferenced:
                 if self._pinned[sha]:
                     continue
-                try:
-                    freed += self.blobs.delete(sha)
-                except ResourceExhausted as e:
-                    if e.reason != DISK_FULL:
-                        raise
+                gone = self.blobs.delete_unless_full(sha)
+                if gone is None:
                     log.warning("volume full: blob %s stays until `gristmill store gc`", sha)
                     continue
+                freed += gone
                 deleted += 1
         return deleted, freed
 
