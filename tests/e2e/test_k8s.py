@@ -160,10 +160,15 @@ def test_store_ceph_files_are_mounted_where_the_config_says() -> None:
     [keyring] = [yaml.safe_load(p.read_text()) for p in SECRETS if "ceph" in p.name]
     assert keyring["metadata"]["name"] == "gristmill-ceph-keyring"
     assert f"[{cfg['client']}]" in keyring["stringData"]["keyring"]
-    # the catalog stays on the store's volume: one replica, recreated on update
-    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "gristmill-store-data"
+    # the catalog is in the pool: DATA_DIR is a cache, no volume is claimed, and the
+    # replicas share the store (rolled one at a time)
+    assert cfg.get("catalog", "pool") == "pool"
+    assert "emptyDir" in volumes["data"] and "persistentVolumeClaim" not in volumes["data"]
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"
+                and d["metadata"]["name"] == "gristmill-store-data"]
     store = one(docs, "Deployment", "gristmill-store")
-    assert store["spec"]["replicas"] == 1 and store["spec"]["strategy"]["type"] == "Recreate"
+    assert store["spec"]["replicas"] >= 2
+    assert store["spec"]["strategy"]["type"] == "RollingUpdate"
 
 
 def test_every_referenced_secret_key_has_a_placeholder() -> None:
@@ -221,8 +226,8 @@ def test_shape_of_each_overlay(name: str) -> None:
         assert store["spec"]["replicas"] == 1 and store["spec"]["strategy"]["type"] == "Recreate"
     else:
         assert all(h["minReplicas"] >= 2 for h in hpas.values())
-        # one store per catalog (docs/storage.md): reads scale with decode and ingest
-        assert store["spec"]["replicas"] == 1 and store["spec"]["strategy"]["type"] == "Recreate"
+        # the catalog is in the pool (docs/storage.md): store replicas share it
+        assert store["spec"]["replicas"] >= 2
         for deployment in [d for d in docs if d["kind"] == "Deployment"]:
             assert "podAntiAffinity" in deployment["spec"]["template"]["spec"]["affinity"]
     for d in docs:

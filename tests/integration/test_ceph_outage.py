@@ -72,8 +72,13 @@ def test_cluster_down_gives_unavailable_then_resumes(tmp_path: Path,
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         wait_for(lambda: health(channel) == not_serving, 4 * TIMEOUT + 5)
         assert health(channel, "gristmill.v1.StoreService") == not_serving
-        # calls that need only the local catalog still answer
-        assert stub.GetDataset(store_pb2.GetDatasetRequest(name="d")).dataset.file_count == 1
+        # the catalog is in the pool too: its calls fail as fast, naming the cluster
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetDataset(store_pb2.GetDatasetRequest(name="d"), timeout=60)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        assert "Ceph pool" in (info.value.details() or "")
+        assert time.monotonic() - t0 < 3 * TIMEOUT + 5
     finally:
         ceph_cluster.start()
     # the same server resumes by itself; what was acknowledged is there
@@ -98,12 +103,8 @@ def test_misconfigured_cluster_is_named_with_the_fix(tmp_path: Path,
         running = start_in_process(tmp_path / f"data-{expect[:4]}", store={"backend": backend})
         assert running.server is not None
         stub = running.store()
-        stub.CreateDataset(store_pb2.CreateDatasetRequest(name="d"))
-        data = b"x" * 100
-        with pytest.raises(grpc.RpcError) as info:
-            stub.PutFiles(iter([store_pb2.PutFilesRequest(dataset="d", chunks=[
-                store_pb2.FileChunk(path="a.bin", size=len(data), data=data, last=True)])]),
-                timeout=30)
+        with pytest.raises(grpc.RpcError) as info:  # the catalog is in the pool
+            stub.CreateDataset(store_pb2.CreateDatasetRequest(name="d"), timeout=30)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert expect in (info.value.details() or "")
         assert not running.server.probe_health()

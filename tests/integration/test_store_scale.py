@@ -41,6 +41,12 @@ def open_store(root: Path) -> Store:
                  read_message_bytes=4 << 20, read_chunk_bytes=1 << 20)
 
 
+def sql(store: Store) -> Catalog:
+    """The SQLite catalog of a store these tests opened."""
+    assert isinstance(store.catalog, Catalog)
+    return store.catalog
+
+
 def row(dataset: str, i: int, folder: str = "img") -> tuple[Any, ...]:
     return (dataset, f"{folder}/{i:08d}.jpg", f"{i:064x}", 1000 + i, "image/jpeg",
             300 + i % 7, 200 + i % 5, "JPEG", 1)
@@ -50,7 +56,7 @@ def fill(store: Store, dataset: str, n: int, folder: str = "img") -> None:
     """A dataset of ``n`` rows written straight into the catalog (no blobs: not read here)."""
     if not store.catalog.exists(dataset):
         store.create_dataset(dataset)
-    with store.catalog.transaction() as conn:
+    with sql(store).transaction() as conn:
         conn.executemany("INSERT INTO files(dataset, path, sha256, size, media_type, width, "
                          "height, format, orientation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          [row(dataset, i, folder) for i in range(n)])
@@ -84,7 +90,7 @@ def counting(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[Work]:
 
     with monkeypatch.context() as m:
         m.setattr(sqlite3, "connect", connect)
-        main = watch(store.catalog.db.conn)
+        main = watch(sql(store).db.conn)
         try:
             yield work
         finally:
@@ -123,7 +129,7 @@ def test_counters_follow_every_change_in_the_same_transaction(tmp_path: Path) ->
     fill(store, "other", 3)
 
     def truth(name: str) -> tuple[int, int]:
-        n, total = store.catalog.query("SELECT count(*), coalesce(sum(size), 0) FROM files "
+        n, total = sql(store).query("SELECT count(*), coalesce(sum(size), 0) FROM files "
                                        "WHERE dataset = ?", [name])[0]
         return n, total
 
@@ -141,7 +147,7 @@ def test_counters_follow_every_change_in_the_same_transaction(tmp_path: Path) ->
     assert store.delete_files("ds", ["img/00000002.jpg", "missing.jpg"]) == 1
     assert counters("ds") == truth("ds")
     # a failed transaction leaves the counters as the files: both rolled back
-    with pytest.raises(RuntimeError), store.catalog.transaction() as conn:
+    with pytest.raises(RuntimeError), sql(store).transaction() as conn:
         conn.execute("DELETE FROM files WHERE dataset = 'ds'")
         raise RuntimeError("abort")
     assert counters("ds") == truth("ds") and counters("ds")[0] == 10
@@ -178,7 +184,7 @@ def test_older_catalog_is_counted_once_when_opened(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     row = store.get_dataset("ds")
     assert (row.file_count, row.total_bytes) == (26, sum(1000 + i for i in range(25)) + 5)
-    assert store.catalog.query("SELECT value FROM store_info WHERE key = 'schema_version'"
+    assert sql(store).query("SELECT value FROM store_info WHERE key = 'schema_version'"
                                ) == [(str(SCHEMA_VERSION),)]
     store.catalog.add_files("ds", [store_pb2.FileEntry(path="more.txt", sha256="b" * 64,
                                                        size=1, media_type="text/plain")])
@@ -215,13 +221,13 @@ def test_a_schema_2_catalog_gets_the_head_revision(tmp_path: Path) -> None:
         conn.execute("UPDATE store_info SET value = '2' WHERE key = 'schema_version'")
     conn.close()
     store = open_store(tmp_path)
-    with store.catalog.snapshot() as snap:
-        before = store.catalog.head_key(snap, "ds")
+    with sql(store).snapshot() as snap:
+        before = sql(store).head_key(snap, "ds")
     assert before is not None and before[2] == 5
     store.catalog.add_files("ds", [store_pb2.FileEntry(path="z.txt", sha256="c" * 64, size=1,
                                                        media_type="text/plain")])
-    with store.catalog.snapshot() as snap:
-        after = store.catalog.head_key(snap, "ds")
+    with sql(store).snapshot() as snap:
+        after = sql(store).head_key(snap, "ds")
     assert after is not None and after[1] > before[1] and after[2] == 6
     store.close()
 
@@ -231,13 +237,13 @@ def test_an_unchanged_head_manifest_is_built_once_and_follows_every_change(
     store = open_store(tmp_path)
     fill(store, "ds", 300)
     builds = []
-    real_pages = store.catalog.entry_pages
+    real_pages = sql(store).entry_pages
 
     def pages(*args: Any, **kwargs: Any) -> Iterator[list[tuple[Any, ...]]]:
         builds.append(args)
         return real_pages(*args, **kwargs)
 
-    monkeypatch.setattr(store.catalog, "entry_pages", pages)
+    monkeypatch.setattr(sql(store), "entry_pages", pages)
 
     def latest() -> store_pb2.Manifest:
         manifest = unpack(list(store.manifest_chunks("ds", "latest", chunk=1000)))
@@ -256,7 +262,7 @@ def test_an_unchanged_head_manifest_is_built_once_and_follows_every_change(
         lambda: store.delete_files("ds", ["img/00000003.jpg"]),  # one removed
         lambda: store.catalog.add_files("ds", [store_pb2.FileEntry(  # replaced, same size
             path="img/00000004.jpg", sha256="d" * 64, size=1004, media_type="image/jpeg")]),
-        lambda: store.catalog.query("SELECT 1"),  # no change: no build
+        lambda: sql(store).query("SELECT 1"),  # no change: no build
         lambda: remake(7),  # deleted, and made again under the same name
     ]
     seen = first

@@ -32,6 +32,7 @@ the catalog's write lock. Use --grace-minutes 0 only when no server is running.
 
 
 def _gc(args: argparse.Namespace) -> int:
+    from gristmill.store.config import StoreConfig
     from gristmill.store.service import open_store
 
     os.umask(0o077)
@@ -44,7 +45,8 @@ def _gc(args: argparse.Namespace) -> int:
         print("error: --grace-minutes must not be negative", file=sys.stderr)
         return 2
     catalog = config.data_dir / "store" / "catalog.sqlite"
-    if not catalog.is_file():
+    in_pool = (getattr(StoreConfig.of(config).backend, "catalog", "local") == "pool")
+    if not in_pool and not catalog.is_file():
         print(f"error: {config.data_dir} holds no store (no {catalog}); pass the server's "
               "--data directory", file=sys.stderr)
         return 2

@@ -41,6 +41,8 @@ class StoredBlob:
     sha256: str
     size: int
     mtime: float
+    #: The backend's version token ("" where unknown): deletes can be guarded by it.
+    version: str = ""
 
 
 #: Bytes of each upload kept in memory until it is stored, so that its header
@@ -208,14 +210,18 @@ class BlobStore:
         """Whether each blob is stored (one batched backend call)."""
         return self.backend.exists_many([blob_key(s) for s in shas])
 
-    def touch(self, sha256: str) -> None:
-        """Mark the blob as just used, so that a collector's grace period protects it."""
-        self.backend.touch(blob_key(sha256))
+    def touch(self, sha256: str) -> bool:
+        """Mark the blob as just used, so that a collector's grace period protects it.
+
+        False if it is not stored (a collector removed it meanwhile): the
+        caller must not refer to it.
+        """
+        return self.backend.touch(blob_key(sha256))
 
     def stat(self, sha256: str) -> StoredBlob | None:
         """Size and mtime of a stored blob, or None."""
         st = self.backend.stat(blob_key(sha256))
-        return None if st is None else StoredBlob(sha256, st.size, st.mtime)
+        return None if st is None else StoredBlob(sha256, st.size, st.mtime, st.version)
 
     def size(self, sha256: str) -> int:
         """Stored size in bytes (FailedPrecondition if missing)."""
@@ -244,12 +250,17 @@ class BlobStore:
         """Remove the blob; returns the bytes freed (0 if it was absent)."""
         return self.backend.delete(blob_key(sha256))[1]
 
-    def delete_unless_full(self, sha256: str) -> int | None:
+    def delete_unless_full(self, sha256: str, version: str | None = None) -> int | None:
         """:meth:`delete`, or None if the volume is too full to delete it now.
 
         (A small blob's row: SQLite writes its log before it frees a page.)
+        With ``version``, only at that version: -1 if the blob changed
+        (was used again) since, and it is kept.
         """
         try:
+            if version is not None:
+                result, freed = self.backend.delete(blob_key(sha256), expected_version=version)
+                return -1 if result.conflict else freed
             return self.delete(sha256)
         except ResourceExhausted as e:
             if e.reason != DISK_FULL:

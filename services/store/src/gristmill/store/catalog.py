@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import sqlite_utils
 
@@ -27,7 +27,8 @@ from gristmill.client.private import private_database
 from gristmill.store.disk import DISK_FULL, disk_full
 from gristmill.v1 import store_pb2
 
-__all__ = ["SCHEMA_VERSION", "Catalog", "DatasetRow", "VersionRow", "entry_from_row", "prefix_end"]
+__all__ = ["SCHEMA_VERSION", "BlobGuard", "Catalog", "CatalogApi", "DatasetRow", "HeadKey",
+           "VersionRow", "entry_from_row", "prefix_end"]
 
 T = TypeVar("T")
 
@@ -59,6 +60,22 @@ _TRIGGER_NAMES = ("files_counted_insert", "files_counted_delete", "files_counted
                   "files_revised_update")
 
 
+#: What identifies a head's content: (dataset incarnation, revision, file count, bytes).
+HeadKey = tuple[str, int, int, int]
+#: Rows of ``_ENTRY_COLS``: (path, sha256, size, media type, width, height, format, orientation).
+EntryRow = tuple[Any, ...]
+
+
+class BlobGuard(Protocol):
+    """While held, no upload can start referring to a blob (garbage collection's view)."""
+
+    def referenced(self, shas: list[str]) -> set[str]:
+        """The subset of ``shas`` that a dataset head or a version refers to."""
+
+    def forget(self, shas: list[str]) -> None:
+        """Drop registrations of blobs no longer stored."""
+
+
 @dataclass(frozen=True)
 class DatasetRow:
     """A dataset's summary."""
@@ -80,6 +97,107 @@ class VersionRow:
     created: str
     file_count: int
     total_bytes: int
+
+
+class CatalogApi(Protocol):
+    """What the store asks of a catalog: SQLite (:class:`Catalog`) or a Ceph pool.
+
+    (:class:`gristmill.store.poolcatalog.PoolCatalog`.) ``shared`` says that
+    other processes write the same catalog, so a blob no longer referenced is
+    left to garbage collection (with its grace period) instead of being
+    deleted at once.
+    """
+
+    path: Path
+    shared: bool
+    on_full: Callable[[], bool] | None
+
+    @property
+    def store_id(self) -> str:
+        """The store's id, made once and kept."""
+
+    def create_dataset(self, name: str, description: str) -> bool:
+        """Record a new dataset; False if the name is taken."""
+
+    def dataset(self, name: str) -> DatasetRow | None:
+        """One dataset's summary, or None."""
+
+    def exists(self, name: str) -> bool:
+        """Whether the dataset exists."""
+
+    def datasets(self, after: str | None, limit: int) -> list[DatasetRow]:
+        """Datasets by name after ``after``."""
+
+    def delete_dataset(self, name: str) -> list[tuple[str, int]]:
+        """Delete a dataset; returns blobs (sha, size) no longer referenced."""
+
+    def add_files(self, dataset: str, entries: list[store_pb2.FileEntry]) -> None:
+        """Add or replace head entries."""
+
+    def delete_files(self, dataset: str, paths: list[str]
+                     ) -> tuple[int, list[tuple[str, int]]]:
+        """Remove head entries; returns (count, blobs no longer referenced)."""
+
+    def blob_known(self, sha256: str) -> int | None:
+        """Size of a known blob, or None."""
+
+    def known_blobs(self, shas: list[str]) -> set[str]:
+        """The known subset of ``shas``."""
+
+    def entries(self, dataset: str, version: str, after: str | None = None,
+                limit: int = -1, prefix: str = "") -> list[store_pb2.FileEntry]:
+        """Entries sorted by path, a page after ``after`` under ``prefix``."""
+
+    def lookup(self, dataset: str, version: str, paths: list[str]
+               ) -> dict[str, store_pb2.FileEntry]:
+        """Entries for the given paths (missing ones absent)."""
+
+    def image_columns(self, dataset: str, version: str, prefix: str = "",
+                      images_only: bool = True) -> list[tuple[str, int, int, int, int]]:
+        """(path, is image, width, height, size) rows sorted by path."""
+
+    def counts_of(self, dataset: str, version: str) -> tuple[int, int] | None:
+        """(file count, total bytes) of the head or a version; None if absent."""
+
+    def head_pages(self, dataset: str
+                   ) -> contextlib.AbstractContextManager[
+                       tuple[HeadKey, Iterator[list[EntryRow]]] | None]:
+        """The head's key and rows in pages; None if there is no dataset."""
+
+    def version_pages(self, dataset: str, version: str
+                      ) -> contextlib.AbstractContextManager[Iterator[list[EntryRow]]]:
+        """A committed version's rows in pages."""
+
+    def guard(self, operation: str) -> contextlib.AbstractContextManager[BlobGuard]:
+        """While held, no upload can start referring to a blob."""
+
+    def collection(self) -> contextlib.AbstractContextManager[None]:
+        """One garbage collection runs inside."""
+
+    def resolve_version(self, dataset: str, version: str) -> str | None:
+        """Full version id for an id or a unique prefix of 8+ characters."""
+
+    def commit_version(self, dataset: str) -> tuple[VersionRow, bool]:
+        """Freeze the head; returns (row, created)."""
+
+    def versions(self, dataset: str, after: str | None, limit: int) -> list[VersionRow]:
+        """Versions newest first."""
+
+    def close(self) -> None:
+        """Release what the catalog holds."""
+
+
+class _SqlGuard:
+    """:class:`BlobGuard` over one write transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def referenced(self, shas: list[str]) -> set[str]:
+        return Catalog.referenced_blobs(self.conn, shas)
+
+    def forget(self, shas: list[str]) -> None:
+        Catalog.forget_blobs(self.conn, shas)
 
 
 def now() -> str:
@@ -111,6 +229,9 @@ class Catalog:
     returns True (it freed space, e.g. the disk reserve), the write is retried
     once. Database errors become domain errors: a full disk is DISK_FULL.
     """
+
+    #: One process writes it (see :class:`CatalogApi`).
+    shared = False
 
     def __init__(self, path: Path, on_full: Callable[[], bool] | None = None) -> None:
         self.path = path
@@ -306,7 +427,8 @@ class Catalog:
         """Whether the dataset exists (one row read)."""
         return bool(self.query("SELECT 1 FROM datasets WHERE name = ?", [name]))
 
-    def datasets(self, after: str | None, limit: int, exact: str | None = None) -> list[DatasetRow]:
+    def datasets(self, after: str | None, limit: int, exact: str | None = None
+                 ) -> list[DatasetRow]:
         """Datasets by name after ``after``: one row each, plus one index probe for the latest."""
         where, params = ("d.name = ?", [exact]) if exact is not None else (
             "d.name > ?", [after or ""])
@@ -444,6 +566,39 @@ class Catalog:
         finally:
             if conn is not None:
                 conn.close()
+
+    def counts_of(self, dataset: str, version: str) -> tuple[int, int] | None:
+        """(file count, total bytes) of the head or a version; None if absent."""
+        with self.snapshot("read the catalog") as conn:
+            return self.counts(conn, dataset, version)
+
+    @contextmanager
+    def head_pages(self, dataset: str
+                   ) -> Iterator[tuple[HeadKey, Iterator[list[EntryRow]]] | None]:
+        """The head's key and its rows in pages, from one snapshot; None if no dataset."""
+        with self.snapshot("read the manifest") as conn:
+            key = self.head_key(conn, dataset)
+
+            def pages() -> Iterator[list[EntryRow]]:  # read only if the caller builds
+                yield from self.entry_pages(conn, dataset, _LATEST)
+            yield None if key is None else (key, pages())
+
+    @contextmanager
+    def version_pages(self, dataset: str, version: str) -> Iterator[Iterator[list[EntryRow]]]:
+        """A committed version's rows in pages (see :meth:`entry_pages`)."""
+        with self.snapshot("read the manifest") as conn:
+            yield self.entry_pages(conn, dataset, version)
+
+    @contextmanager
+    def collection(self) -> Iterator[None]:
+        """One garbage collection (each batch holds its own :meth:`guard`)."""
+        yield
+
+    @contextmanager
+    def guard(self, operation: str) -> Iterator[BlobGuard]:
+        """A write transaction: no upload can record a blob while it is held."""
+        with self.transaction(operation) as conn:
+            yield _SqlGuard(conn)
 
     @staticmethod
     def counts(conn: sqlite3.Connection, dataset: str, version: str) -> tuple[int, int] | None:

@@ -470,21 +470,44 @@ class CephBackend(ObjectBackend):
                 raise self._map(f"list {directory or 'the root'}", e) from None
             return [str(k) for k, _ in it]
 
-    def touch(self, key: str) -> None:
-        def mark(io: Any) -> None:
-            io.stat(key)
-            version = io.get_last_version()
-            op = io.create_write_op()
-            try:
-                op.assert_version(version)  # never creates a missing object
-                op.set_xattr("gm.used", str(_now()).encode())
-                io.operate_write_op(op, key, mtime=_now())  # the new mtime is the point
-            finally:
-                io.release_write_op(op)
+    def touch(self, key: str) -> bool:
+        """Write ``gm.used`` (a new mtime and version) at the version found; False if absent.
+
+        The write is guarded by the version the stat saw, so it never creates
+        a missing object, and a collector's delete guarded by the version it
+        saw fails once the touch is in (and the touch fails once the delete is).
+        """
+        rados = _rados()
+
+        def mark(io: Any) -> bool:
+            for _ in range(8):
+                try:
+                    io.stat(key)
+                except rados.ObjectNotFound:
+                    return False
+                version = io.get_last_version()
+                op = io.create_write_op()
+                try:
+                    op.assert_version(version)
+                    op.set_xattr("gm.used", str(_now()).encode())
+                    try:
+                        io.operate_write_op(op, key, mtime=_now())  # the new mtime is the point
+                        return True
+                    except rados.ObjectNotFound:
+                        return False
+                    except rados.Error as e:
+                        if abs(getattr(e, "errno", 0) or 0) not in (errno.ERANGE,
+                                                                     errno.EOVERFLOW):
+                            raise
+                finally:
+                    io.release_write_op(op)
+            return True  # written by others all along: it is there
         try:
-            self.call(f"touch {key}", mark)
+            return self.call(f"touch {key}", mark)
+        except Unavailable:
+            raise
         except GristmillError:
-            pass
+            return True  # best effort: the mark, not the object, is in doubt
 
     # -- reads ----------------------------------------------------------------------
     def _pieces(self, key: str) -> tuple[str, int, int] | None:

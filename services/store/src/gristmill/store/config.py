@@ -49,6 +49,14 @@ class CephBackendConfig(StrictConfig):
     #: Objects a blob is split into above this size (RADOS works best with
     #: objects of a few MiB).
     piece_bytes: int = Field(default=4 * MiB, ge=64 * 1024, le=64 * MiB)
+    #: Where the catalog (datasets, heads, versions) lives: "pool" (objects of
+    #: this pool and namespace, shared by every store replica that opens them) or
+    #: "local" (SQLite in DATA_DIR/store, one replica only).
+    catalog: Literal["pool", "local"] = "pool"
+    #: Objects each dataset's head (and each version) is spread over in the
+    #: pool catalog, fixed when the dataset is created: a dataset of N files
+    #: keeps about N / shards omap keys per object (Ceph warns above 200,000).
+    catalog_shards: int = Field(default=16, ge=1, le=1024)
 
 
 def _backend_from_name(value: Any) -> Any:

@@ -418,14 +418,19 @@ class FsBackend(ObjectBackend):
                 return
             parts.pop()
 
-    def touch(self, key: str) -> None:
+    def touch(self, key: str) -> bool:
         try:
             if self.small.touch(validate_key(key)):
-                return
+                return True
         except OSError:
             pass  # the database busy or the volume full: the file (if any) still counts
-        with contextlib.suppress(OSError, FailedPrecondition):
+        try:
             os.utime(self._checked_path(key), follow_symlinks=False)
+        except FileNotFoundError:
+            return self.stat(key) is not None  # a row (its touch failed) or nothing
+        except (OSError, FailedPrecondition):
+            pass
+        return True
 
     # -- reads ----------------------------------------------------------------------
     def _open_fd(self, key: str) -> int:

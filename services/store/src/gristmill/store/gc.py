@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 from gristmill.client.errors import ResourceExhausted
 from gristmill.store.blobs import StoredBlob
-from gristmill.store.catalog import Catalog
 from gristmill.store.disk import DISK_FULL, log
 
 if TYPE_CHECKING:
@@ -80,20 +79,21 @@ def collect_garbage(store: Store, grace_seconds: float = 0.0, *, dry_run: bool =
     report = GcReport(dry_run=dry_run)
     report.temporaries_deleted, report.temporary_bytes_freed = (
         store.blobs.remove_temporaries(cutoff, dry_run))
-    batch: list[StoredBlob] = []
-    full: list[StoredBlob] = []  # not deleted for lack of space: once more at the end
-    for blob in store.blobs.stored_blobs(fix_modes):
-        batch.append(blob)
-        if len(batch) >= _BATCH:
+    with store.catalog.collection():
+        batch: list[StoredBlob] = []
+        full: list[StoredBlob] = []  # not deleted for lack of space: once more at the end
+        for blob in store.blobs.stored_blobs(fix_modes):
+            batch.append(blob)
+            if len(batch) >= _BATCH:
+                full += _sweep(store, batch, cutoff, report)
+                batch = []
+        if batch:
             full += _sweep(store, batch, cutoff, report)
-            batch = []
-    if batch:
-        full += _sweep(store, batch, cutoff, report)
-    if full:
-        # the files deleted since may have made room; else the reserve makes it
-        if store.reserve is not None:
-            store.reserve.release()
-        report.left_full = len(_sweep(store, full, cutoff, report))
+        if full:
+            # the files deleted since may have made room; else the reserve makes it
+            if store.reserve is not None:
+                store.reserve.release()
+            report.left_full = len(_sweep(store, full, cutoff, report))
     if not dry_run:
         report.reclaimed_bytes = _reclaim(store)
         if store.reserve is not None:
@@ -131,8 +131,8 @@ def _sweep(store: Store, batch: list[StoredBlob], cutoff: float, report: GcRepor
     if not candidates:
         return full
     shas = [b.sha256 for b in candidates]
-    with store.catalog.transaction("collect garbage") as conn, store.pins_held() as pinned:
-        used = Catalog.referenced_blobs(conn, shas)
+    with store.catalog.guard("collect garbage") as guard, store.pins_held() as pinned:
+        used = guard.referenced(shas)
         gone: list[str] = []
         for blob in candidates:
             if blob.sha256 in used:
@@ -147,12 +147,20 @@ def _sweep(store: Store, batch: list[StoredBlob], cutoff: float, report: GcRepor
             if now.mtime >= cutoff:
                 report.recent += 1
                 continue
-            if not report.dry_run and store.blobs.delete_unless_full(blob.sha256) is None:
-                full.append(blob)
-                continue
+            if not report.dry_run:
+                # a shared catalog: delete only as seen, so that a replica's touch (which
+                # comes before it refers to the blob) and this delete exclude each other
+                seen = now.version if store.catalog.shared else None
+                freed = store.blobs.delete_unless_full(blob.sha256, seen)
+                if freed is None:
+                    full.append(blob)
+                    continue
+                if freed < 0:
+                    report.recent += 1
+                    continue
             report.blobs_deleted += 1
             report.bytes_freed += now.size
             gone.append(blob.sha256)
         if gone and not report.dry_run:
-            Catalog.forget_blobs(conn, gone)
+            guard.forget(gone)
     return full

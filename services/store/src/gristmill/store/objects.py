@@ -128,8 +128,15 @@ class ObjectBackend(abc.ABC):
     def delete(self, key: str, *, expected_version: str | None = None) -> tuple[PutResult, int]:
         """Remove a key (only at ``expected_version`` if given); returns (result, bytes freed)."""
 
-    def touch(self, key: str) -> None:  # noqa: B027 (optional: a no-op where unsupported)
-        """Mark the object as just used (for a collector's grace period); best effort."""
+    def touch(self, key: str) -> bool:
+        """Mark the object as just used (for a collector's grace period); False if absent.
+
+        A store that records a new reference to a stored blob touches it first
+        and refers to it only if the touch found it: a collector deletes only
+        at the version it decided on, so one of the two sees the other. The
+        mark itself is best effort (a failure to write it counts as found).
+        """
+        return self.stat(key) is not None
 
     # -- reads ----------------------------------------------------------------------
     @abc.abstractmethod

@@ -5,20 +5,23 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from gristmill.client.errors import GristmillError
+from gristmill.client.errors import FailedPrecondition, GristmillError
 from gristmill.client.names import validate_dataset_name
 from gristmill.common.auth import Role
 from gristmill.common.paging import decode_page_token, encode_page_token, page_size
 from gristmill.common.service import ServiceContext, ServiceSpec
 from gristmill.store.blobs import BlobStore
-from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
+from gristmill.store.catalog import Catalog, CatalogApi, DatasetRow, VersionRow
+from gristmill.store.ceph import CephBackend
 from gristmill.store.config import StoreConfig
 from gristmill.store.disk import DiskReserve, private_dir
 from gristmill.store.objects import open_backend
+from gristmill.store.poolcatalog import PoolCatalog
 from gristmill.store.store import Store
 from gristmill.v1 import store_pb2, store_pb2_grpc
 
@@ -147,31 +150,66 @@ SERVICE_NAME = "gristmill.v1.StoreService"
 
 
 def open_store(ctx: ServiceContext) -> Store:
-    """The store for a server config: objects on the configured backend, catalog in data_dir.
+    """The store for a server config: objects on the configured backend, and its catalog.
 
-    The catalog (SQLite) and committed manifests stay in ``data_dir/store``
-    on every backend. The data directory and everything the store creates in
-    it are private to the server's user (directories 0700, files 0600).
+    The catalog is SQLite in ``data_dir/store``, or (Ceph with
+    ``store.backend.catalog: pool``, the default there) objects of the pool,
+    shared by every replica. Committed manifests are files in
+    ``data_dir/store/manifests`` either way (on Ceph a cache, built again
+    from the pool when missing). The data directory and everything the store
+    creates in it are private to the server's user (directories 0700, files 0600).
     """
     cfg = ctx.config
     private_dir(cfg.data_dir)
     root = private_dir(cfg.data_dir / "store")
-    reserve = DiskReserve(root / "reserve", StoreConfig.of(cfg).disk_reserve_bytes)
-    backend = open_backend(StoreConfig.of(cfg), root)
-    return Store(Catalog(root / "catalog.sqlite"), BlobStore(backend),
-                 read_message_bytes=StoreConfig.of(cfg).read_message_bytes,
-                 read_chunk_bytes=StoreConfig.of(cfg).read_chunk_bytes, reserve=reserve)
+    config = StoreConfig.of(cfg)
+    reserve = DiskReserve(root / "reserve", config.disk_reserve_bytes)
+    backend = open_backend(config, root)
+    catalog: CatalogApi
+    if isinstance(backend, CephBackend) and config.backend.kind == "ceph" \
+            and config.backend.catalog == "pool":
+        _refuse_local_catalog(root / "catalog.sqlite")
+        catalog = PoolCatalog(backend, root / "catalog", config.backend.catalog_shards)
+    else:
+        catalog = Catalog(root / "catalog.sqlite")
+    return Store(catalog, BlobStore(backend), read_message_bytes=config.read_message_bytes,
+                 read_chunk_bytes=config.read_chunk_bytes, reserve=reserve,
+                 manifest_dir=root / "manifests")
+
+
+def _refuse_local_catalog(path: Path) -> None:
+    """A pool catalog must not hide datasets an older server recorded in SQLite."""
+    if not path.is_file():
+        return
+    catalog = Catalog(path)
+    try:
+        held = catalog.query("SELECT count(*) FROM datasets")[0][0]
+    finally:
+        catalog.close()
+    if held:
+        raise FailedPrecondition(
+            f"{path} holds {held} dataset(s) recorded in the local catalog; the Ceph backend "
+            "now keeps its catalog in the pool (store.backend.catalog: pool). Set "
+            "store.backend.catalog: local to keep serving them from this directory",
+            reason="LOCAL_CATALOG_IN_USE")
+
+
+#: Grace period of start-up garbage collection when other replicas share the catalog.
+SHARED_GC_GRACE = 3600.0
 
 
 def start_up(store: Store, gc: bool) -> None:
     """Before serving: collect garbage left by a crash (or only staging files), fill the reserve.
 
     The filesystem backend has a single writer (one server per data
-    directory), so nothing in flight can be lost: no grace period.
+    directory), so nothing in flight can be lost: no grace period. A catalog
+    in the pool is shared with other replicas, whose uploads may be in
+    flight: blobs used within :data:`SHARED_GC_GRACE` seconds are kept.
     """
     try:
         if gc:
-            report = store.collect_garbage(0.0, fix_modes=True)
+            grace = SHARED_GC_GRACE if store.catalog.shared else 0.0
+            report = store.collect_garbage(grace, fix_modes=True)
             log.info("start-up garbage collection: %s", report.summary())
             return
         store.blobs.remove_temporaries(float("inf"))

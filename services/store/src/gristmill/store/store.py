@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from gristmill.client.errors import (
+    Aborted,
     AlreadyExists,
     DataLoss,
     FailedPrecondition,
@@ -26,7 +27,7 @@ from gristmill.client.errors import (
 from gristmill.client.names import nfc, validate_dataset_name, validate_path, validate_sha256
 from gristmill.store import metrics as store_metrics
 from gristmill.store.blobs import BlobStore, BlobWriter
-from gristmill.store.catalog import Catalog, DatasetRow, VersionRow
+from gristmill.store.catalog import CatalogApi, DatasetRow, HeadKey, VersionRow
 from gristmill.store.disk import DiskReserve, storage_error
 from gristmill.store.gc import GcReport, collect_garbage
 from gristmill.store.images import sniff
@@ -81,7 +82,7 @@ def item_error(error: GristmillError) -> common_pb2.ItemError:
 class Store:
     """Datasets, manifests, versions and blobs."""
 
-    def __init__(self, catalog: Catalog, blobs: BlobStore, *, read_message_bytes: int,
+    def __init__(self, catalog: CatalogApi, blobs: BlobStore, *, read_message_bytes: int,
                  read_chunk_bytes: int,
                  reserve: DiskReserve | None = None, manifest_dir: Path | None = None) -> None:
         self.catalog = catalog
@@ -98,8 +99,7 @@ class Store:
         self._pinned: Counter[str] = Counter()
         self._pin_lock = threading.Lock()
         #: the last heads' manifests built, by dataset: (head key, unnamed file, entries, bytes)
-        self._heads: OrderedDict[str, tuple[tuple[str, int, int, int], IO[bytes], int, int]] = \
-            OrderedDict()
+        self._heads: OrderedDict[str, tuple[HeadKey, IO[bytes], int, int]] = OrderedDict()
         self._heads_lock = threading.Lock()
 
     def close(self) -> None:
@@ -248,10 +248,10 @@ class Store:
         the snapshot they were built from: asking again for an unchanged
         head costs one row read instead of a pass over its files.
         """
-        with self.catalog.snapshot("read the manifest") as conn:
-            key = self.catalog.head_key(conn, dataset)
-            if key is None:
+        with self.catalog.head_pages(dataset) as head:
+            if head is None:
                 raise _no_dataset(dataset)
+            key, pages = head
             with self._heads_lock:
                 kept = self._heads.get(dataset)
                 if kept is not None and kept[0] == key:
@@ -259,8 +259,7 @@ class Store:
                     return kept[1], kept[2]
             f = self.manifests.scratch()
             try:
-                count = write_manifest(f, dataset, LATEST,
-                                       self.catalog.entry_pages(conn, dataset, LATEST))
+                count = write_manifest(f, dataset, LATEST, pages)
                 f.flush()
             except OSError as e:
                 f.close()
@@ -282,8 +281,7 @@ class Store:
 
     def _stored_manifest(self, dataset: str, version: str) -> tuple[IO[bytes], int]:
         """A committed version's manifest file, open, and its entry count; built if missing."""
-        with self.catalog.snapshot("read the manifest") as conn:
-            counted = self.catalog.counts(conn, dataset, version)
+        counted = self.catalog.counts_of(dataset, version)
         if counted is None:
             raise NotFound(f"version {version!r} of dataset {dataset!r} does not exist",
                            reason="VERSION_NOT_FOUND", metadata={"dataset": dataset})
@@ -292,9 +290,8 @@ class Store:
             with self.manifests.building(dataset, version):
                 f = self.manifests.open(dataset, version)
                 if f is None:
-                    with self.catalog.snapshot("read the manifest") as conn:
-                        self.manifests.save(dataset, version, self.catalog.entry_pages(
-                            conn, dataset, version))
+                    with self.catalog.version_pages(dataset, version) as pages:
+                        self.manifests.save(dataset, version, pages)
                     f = self.manifests.open(dataset, version)
         if f is None:  # removed as soon as written: the dataset was deleted meanwhile
             raise _no_dataset(dataset)
@@ -419,10 +416,12 @@ class Store:
 
     def _discard(self, shas: list[str]) -> None:
         """Remove blobs a failed upload stored, unless a dataset or an upload uses them now."""
+        if self.catalog.shared:
+            return  # only a full collection (gc, with its grace period) can tell
         try:
-            with self.catalog.transaction("discard a failed upload's blobs") as conn, \
+            with self.catalog.guard("discard a failed upload's blobs") as guard, \
                     self.pins_held() as pinned:
-                used = Catalog.referenced_blobs(conn, shas)
+                used = guard.referenced(shas)
                 for sha in shas:
                     if sha not in used and not pinned(sha):
                         self.blobs.delete(sha)
@@ -459,19 +458,17 @@ class Store:
             # a blob stored already needs no staging space: its bytes are only hashed; a
             # small one staged in memory is not looked up (its commit finds it stored)
             stored = (bool(chunk.sha256) and not self.blobs.stages_in_memory(chunk.size)
-                      and self.blobs.exists(chunk.sha256))
-            if stored:
-                self.blobs.touch(chunk.sha256)
+                      and self.blobs.exists(chunk.sha256)
+                      and self.blobs.touch(chunk.sha256))  # gone meanwhile: staged after all
             return _Upload(path, chunk.size, chunk.sha256,
                            self.blobs.writer(chunk.sha256, stage=not stored), chunk.path)
         if not chunk.sha256 or not chunk.last or chunk.data:
             raise InvalidArgument("chunks.reuse_blob", f"file {path!r}: reuse_blob needs sha256 "
                                   "and size, no data, and last=true")
         known = self.catalog.blob_known(chunk.sha256)
-        if known is None or not self.blobs.exists(chunk.sha256):
+        if known is None or not self.blobs.touch(chunk.sha256):
             raise FailedPrecondition(f"file {path!r}: blob {chunk.sha256} is not stored; upload "
                                      "its bytes instead", reason="BLOB_NOT_FOUND")
-        self.blobs.touch(chunk.sha256)
         if known != chunk.size:
             raise InvalidArgument("chunks.size", f"file {path!r}: declared {chunk.size} bytes but "
                                   f"blob {chunk.sha256} has {known}", reason="SIZE_MISMATCH")
@@ -506,9 +503,13 @@ class Store:
                     result.blobs_created += 1
                     result.created.append(sha)
                     store_metrics.STORE_BLOBS_CREATED.inc()
-        for _, sha, _, w in waiting:
-            if w is not None and not w.created:
-                self.blobs.touch(sha)  # in use again: a collector's grace period starts over
+        for path, sha, _, w in waiting:
+            # in use again: a collector's grace period starts over; a blob a collector
+            # removed between this upload's store and its touch is not referred to
+            if w is not None and not w.created and not self.blobs.touch(sha):
+                raise Aborted(f"file {path!r}: blob {sha} was removed by garbage collection "
+                              "while it was uploaded; send the upload again",
+                              reason="BLOB_COLLECTED", metadata={"path": path})
         result.waiting = []
         for path, sha, size, w in waiting:
             self._add_entry(path, sha, size, result, w)

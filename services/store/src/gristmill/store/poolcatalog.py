@@ -1,0 +1,798 @@
+r"""The store's catalog in the Ceph pool: no local state that another replica cannot see.
+
+Every store replica that opens the same pool and namespace sees the same
+datasets, heads and versions. Objects (names start with ``~cat/``, which no
+key can: see :func:`gristmill.store.objects.validate_key`):
+
+``~cat/info``
+    omap ``store_id`` and ``schema``.
+``~cat/datasets``
+    omap ``d:<name>`` -> the dataset's record (JSON: a random ``uid`` made at
+    creation, description, created, shard count) and ``t:<uid>`` -> a
+    deleted dataset whose objects are still being removed.
+``~cat/ds/<uid>/h/<k>``
+    shard ``k`` of the head: omap ``<path>`` -> the entry (JSON), and
+    ``\\x01`` -> "count bytes revision" of the shard, changed by the same
+    write operation as the entries. A path's shard is ``crc32(path) % shards``,
+    so no object holds more than a fraction of a big dataset's entries (Ceph
+    warns about omaps of more than 200,000 keys).
+``~cat/ds/<uid>/versions``
+    omap ``v:<newest first>`` -> a version's record and ``i:<id>`` -> its
+    ``v:`` key (lookup by id prefix).
+``~cat/ds/<uid>/v/<id>/<k>``
+    shard ``k`` of a committed version's entries, written before its record.
+
+Each change of one object is one atomic write operation. A read-modify-write
+(a shard's entries and its counters) reads the object's RADOS version and
+writes with ``assert_version``: a concurrent writer makes it read again, so
+no update is lost, whatever replica made it; "only if absent" is an
+``omap_cmp`` against the empty value. A change that spans objects is ordered
+so that a crash leaves nothing visible that is wrong:
+
+- an upload is recorded shard by shard (a crash midway leaves some of its
+  files in the head, each complete and stored; the client's retry adds the
+  rest);
+- a version's shards are copied first and published by its record, and the
+  copy is kept only if no head shard changed meanwhile (the shards'
+  versions are compared before and after), so a version is one instant of
+  the head;
+- a deleted dataset's record goes (and its trash entry comes) in one write,
+  then its objects; garbage collection finishes what a crash left.
+
+Blobs are not counted by reference here: the catalog is shared, so a blob no
+head or version refers to any more is removed by garbage collection, which
+marks every blob a head or version refers to and then removes older
+unreferenced ones (``shared = True``; see :mod:`gristmill.store.gc`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+import heapq
+import json
+import random
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from gristmill.client.errors import FailedPrecondition, NotFound, Unavailable
+from gristmill.store.blobs import blob_key
+from gristmill.store.catalog import (
+    BlobGuard,
+    DatasetRow,
+    EntryRow,
+    HeadKey,
+    VersionRow,
+    entry_from_row,
+    now,
+)
+from gristmill.v1 import store_pb2
+
+if TYPE_CHECKING:
+    from gristmill.store.ceph import CephBackend
+
+__all__ = ["POOL_SCHEMA", "PoolCatalog"]
+
+T = TypeVar("T")
+#: Version of the objects' layout, kept in ``~cat/info``.
+POOL_SCHEMA = 1
+_INFO = "~cat/info"
+_DATASETS = "~cat/datasets"
+#: A shard's counters: sorts before every path (paths have no control characters).
+_COUNTS = "\x01"
+#: A shard frozen by a commit in progress: "<token> <expiry, epoch seconds>".
+_FROZEN = "\x02"
+#: How long a commit may hold a head's shards (a crashed commit's freeze lapses after it).
+_FREEZE_SECONDS = 120.0
+_PAGE = 1000
+_ROWS_PAGE = 4096
+#: Lost races before a change gives up (each waits a little longer, at random).
+_RETRIES = 64
+_COMMIT_TRIES = 8
+_LATEST = "latest"
+_HEX_DESC = str.maketrans("0123456789abcdef", "fedcba9876543210")
+
+
+def _rados() -> Any:
+    from gristmill.store.ceph import _rados as load
+    return load()
+
+
+@dataclass(frozen=True)
+class _Record:
+    name: str
+    uid: str
+    description: str
+    created: str
+    shards: int
+    raw: str
+
+    @classmethod
+    def load(cls, name: str, raw: bytes) -> _Record:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        d = json.loads(raw)
+        return cls(name, d["uid"], d["description"], d["created"], int(d["shards"]),
+                   raw.decode())
+
+    def head(self, k: int) -> str:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        return f"~cat/ds/{self.uid}/h/{k}"
+
+    @property
+    def versions(self) -> str:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        return f"~cat/ds/{self.uid}/versions"
+
+    def version(self, vid: str, k: int) -> str:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        return f"~cat/ds/{self.uid}/v/{vid}/{k}"
+
+    def shard_of(self, path: str) -> int:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        return zlib.crc32(path.encode()) % self.shards
+
+
+def _encode(e: store_pb2.FileEntry) -> bytes:
+    img = e.image if e.HasField("image") else None
+    return json.dumps([e.sha256, e.size, e.media_type, img.width if img else None,
+                       img.height if img else None, img.format if img else None,
+                       img.orientation if img else None], separators=(",", ":")).encode()
+
+
+def _row(path: str, raw: bytes) -> EntryRow:
+    return (path, *json.loads(raw))
+
+
+def _counts(raw: bytes | None) -> tuple[int, int, int]:
+    if not raw:
+        return 0, 0, 0
+    count, size, rev = raw.split()
+    return int(count), int(size), int(rev)
+
+
+def _held(frozen: bytes | None, token: str = "") -> bool:
+    """Whether a freeze is in force (and not ``token``'s own)."""
+    if not frozen:
+        return False
+    holder, _, expiry = frozen.decode().partition(" ")
+    return holder != token and time.time() < float(expiry or 0)
+
+
+def _version_key(created: str, vid: str) -> str:
+    """``v:`` key that sorts newest first (then by id, descending)."""
+    at = dt.datetime.fromisoformat(created)
+    micros = int(at.timestamp()) * 1_000_000 + at.microsecond
+    return f"v:{10**17 - micros:017d}:{vid.translate(_HEX_DESC)}"
+
+
+def _version_row(dataset: str, raw: bytes) -> VersionRow:
+    d = json.loads(raw)
+    return VersionRow(dataset, d["id"], d["created"], int(d["count"]), int(d["bytes"]))
+
+
+class _Changed(Exception):
+    """A shard changed while it was read as one instant (a commit tries again)."""
+
+
+class _PoolGuard:
+    """:class:`BlobGuard` from a mark of every blob a head or version refers to."""
+
+    def __init__(self, catalog: PoolCatalog) -> None:
+        self.catalog = catalog
+
+    def referenced(self, shas: list[str]) -> set[str]:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        return set(shas) & self.catalog.marked()
+
+    def forget(self, shas: list[str]) -> None:
+        """Nothing to do: the pool catalog keeps no blob registry."""
+
+
+class PoolCatalog:
+    """Datasets, heads and versions as omap objects of the store's Ceph pool."""
+
+    shared = True
+
+    def __init__(self, backend: CephBackend, path: Path, shards: int = 16) -> None:
+        self.backend = backend
+        #: Where local caches go (committed manifests: ``path.parent / "manifests"``).
+        self.path = path
+        self.on_full: Callable[[], bool] | None = None
+        self.shards = shards
+        self._store_id = ""
+        self._mark: set[str] | None = None
+
+    # -- raw reads and writes ----------------------------------------------------------
+    def _read(self, oid: str, *, keys: Iterable[str] | None = None, after: str = "",
+              prefix: str = "", limit: int = _PAGE) -> tuple[list[tuple[str, bytes]], int | None]:
+        """Omap entries of ``oid`` (by keys, or a page) and the version read.
+
+        An absent object reads as ``([], None)``.
+        """
+        rados = _rados()
+
+        def body(io: Any) -> tuple[list[tuple[str, bytes]], int | None]:
+            with rados.ReadOpCtx() as op:
+                if keys is not None:
+                    it, _ = io.get_omap_vals_by_keys(op, tuple(keys))
+                else:
+                    it, _ = io.get_omap_vals(op, after, prefix, limit)
+                try:
+                    io.operate_read_op(op, oid)
+                except rados.ObjectNotFound:
+                    return [], None
+                return [(str(k), bytes(v)) for k, v in it], int(io.get_last_version())
+        return self.backend.call("read the catalog", body)
+
+    def _read_many(self, oids: list[str], keys: list[str]) -> list[dict[str, bytes]]:
+        """The same omap keys of several objects, in one round trip (aio)."""
+
+        def body(io: Any) -> list[dict[str, bytes]]:
+            ops: list[tuple[Any, Any, Any]] = []
+            try:
+                for oid in oids:
+                    op = io.create_read_op()
+                    it, _ = io.get_omap_vals_by_keys(op, tuple(keys))
+                    ops.append((op, it, io.operate_aio_read_op(op, oid)))
+                out: list[dict[str, bytes]] = []
+                failure = 0
+                for _, it, completion in ops:
+                    completion.wait_for_complete()
+                    code = completion.get_return_value()
+                    if code == -errno.ENOENT:
+                        out.append({})
+                    elif code < 0:
+                        failure = failure or code
+                        out.append({})
+                    else:
+                        out.append({str(k): bytes(v) for k, v in it})
+                if failure:
+                    raise self.backend.error("read the catalog",
+                                             OSError(-failure, errno.errorcode.get(-failure, "")))
+                return out
+            finally:
+                for op, _, _ in ops:
+                    io.release_read_op(op)
+        return self.backend.call("read the catalog", body)
+
+    def _write(self, oid: str, what: str, sets: dict[str, bytes] | None = None,
+               removes: Iterable[str] = (), *, version: int | None = -1,
+               absent: Iterable[str] = (), equal: dict[str, str] | None = None) -> int | None:
+        """One atomic write operation on ``oid``: the object's version after it.
+
+        None if its guard failed (a lost race).
+
+        ``version``: the object's version as read (None: it must not exist
+        yet; -1: any, made if missing); ``absent``: omap keys that must not
+        exist; ``equal``: omap keys that must hold these values.
+        """
+        rados = _rados()
+        sets = sets or {}
+        removes = tuple(removes)
+
+        def body(io: Any) -> int | None:
+            with rados.WriteOpCtx() as op:
+                if version is None:
+                    op.new(rados.LIBRADOS_CREATE_EXCLUSIVE)
+                elif version < 0:
+                    op.new(rados.LIBRADOS_CREATE_IDEMPOTENT)
+                else:
+                    op.assert_version(version)
+                for key in absent:
+                    op.omap_cmp(key, "", rados.LIBRADOS_CMPXATTR_OP_EQ)
+                for key, value in (equal or {}).items():
+                    op.omap_cmp(key, value, rados.LIBRADOS_CMPXATTR_OP_EQ)
+                if sets:
+                    io.set_omap(op, tuple(sets), tuple(sets.values()))
+                if removes:
+                    io.remove_omap_keys(op, removes)
+                try:
+                    io.operate_write_op(op, oid)
+                except rados.Error as e:
+                    code = abs(getattr(e, "errno", 0) or 0)
+                    if isinstance(e, rados.ObjectExists) or code in (
+                            errno.EEXIST, errno.ERANGE, errno.EOVERFLOW, errno.ECANCELED):
+                        return None
+                    raise
+                return int(io.get_last_version())
+        return self.backend.call(what, body)
+
+    def _update(self, oid: str, what: str, keys: list[str],
+                change: Callable[[dict[str, bytes]], tuple[dict[str, bytes], list[str], T]]
+                ) -> T:
+        """Read ``keys`` of ``oid``, compute a change, write it guarded by the version read.
+
+        A shard frozen by a commit in progress is waited for (at most
+        :data:`_FREEZE_SECONDS`): a commit takes the head as it is at one instant.
+        """
+        waited_until = time.monotonic() + _FREEZE_SECONDS
+        attempt = 0
+        while attempt < _RETRIES:
+            got, version = self._read(oid, keys=[_FROZEN, *keys])
+            current = dict(got)
+            if _held(current.pop(_FROZEN, None)):
+                if time.monotonic() > waited_until:
+                    raise Unavailable(f"cannot {what}: a commit of this dataset has held it "
+                                      f"for {_FREEZE_SECONDS:g} s; retry",
+                                      reason="CATALOG_BUSY")
+                time.sleep(random.uniform(0.005, 0.05))
+                continue
+            attempt += 1
+            sets, removes, result = change(current)
+            if not sets and not removes:
+                return result
+            if self._write(oid, what, sets, removes, version=version) is not None:
+                return result
+            time.sleep(random.uniform(0, 0.001 * 2 ** min(attempt, 7)))
+        raise Unavailable(f"cannot {what}: other writers changed it {_RETRIES} times in a row; "
+                          "retry", reason="CATALOG_BUSY")
+
+    def _remove(self, oids: list[str]) -> None:
+        """Remove objects (aio; absent ones are fine)."""
+
+        def body(io: Any) -> None:
+            completions = []
+            for oid in oids:
+                completions.append(io.aio_remove(oid))
+            for c in completions:
+                c.wait_for_complete()
+        self.backend.call("remove catalog objects", body)
+
+    # -- info ----------------------------------------------------------------------------
+    @property
+    def store_id(self) -> str:
+        """This store's id: made once per pool namespace, shared by every replica."""
+        if not self._store_id:
+            made = uuid.uuid4().hex
+            self._write(_INFO, "record the store's id", {"store_id": made.encode(),
+                                                         "schema": str(POOL_SCHEMA).encode()},
+                        absent=["store_id"])
+            got = dict(self._read(_INFO, keys=["store_id", "schema"])[0])
+            schema = int(got.get("schema", b"0"))
+            if schema > POOL_SCHEMA:
+                raise FailedPrecondition(
+                    f"the catalog in {self.backend.describe()} was written by a newer gristmill "
+                    f"(layout {schema}, this one knows {POOL_SCHEMA}); upgrade this server",
+                    reason="CATALOG_TOO_NEW")
+            self._store_id = got["store_id"].decode()
+        return self._store_id
+
+    # -- datasets ------------------------------------------------------------------------
+    def _record(self, name: str) -> _Record | None:
+        got = self._read(_DATASETS, keys=["d:" + name])[0]
+        return _Record.load(name, got[0][1]) if got else None
+
+    def _existing(self, name: str) -> _Record:
+        rec = self._record(name)
+        if rec is None:
+            raise NotFound(f"dataset {name!r} does not exist (deleted meanwhile?)",
+                           reason="DATASET_NOT_FOUND", metadata={"dataset": name})
+        return rec
+
+    def create_dataset(self, name: str, description: str) -> bool:
+        """Record a new dataset; False if the name is taken."""
+        self.store_id  # noqa: B018 - the pool's catalog is made (and checked) first
+        raw = json.dumps({"uid": uuid.uuid4().hex, "description": description,
+                          "created": now(), "shards": self.shards}).encode()
+        return self._write(_DATASETS, f"create dataset {name!r}", {"d:" + name: raw},
+                           absent=["d:" + name]) is not None
+
+    def exists(self, name: str) -> bool:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        return self._record(name) is not None
+
+    def _shard_state(self, rec: _Record) -> list[tuple[int, int, int]]:
+        got = self._read_many([rec.head(k) for k in range(rec.shards)], [_COUNTS])
+        return [_counts(g.get(_COUNTS)) for g in got]
+
+    def _latest(self, rec: _Record) -> str:
+        got = self._read(rec.versions, prefix="v:", limit=1)[0]
+        return str(json.loads(got[0][1])["id"]) if got else ""
+
+    def _summary(self, rec: _Record) -> DatasetRow:
+        state = self._shard_state(rec)
+        return DatasetRow(rec.name, rec.description, rec.created, sum(s[0] for s in state),
+                          sum(s[1] for s in state), self._latest(rec))
+
+    def dataset(self, name: str) -> DatasetRow | None:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        rec = self._record(name)
+        return None if rec is None else self._summary(rec)
+
+    def datasets(self, after: str | None, limit: int) -> list[DatasetRow]:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        got = self._read(_DATASETS, after="d:" + after if after else "", prefix="d:",
+                         limit=limit)[0]
+        return [self._summary(_Record.load(k[2:], raw)) for k, raw in got]
+
+    def delete_dataset(self, name: str) -> list[tuple[str, int]]:
+        """Remove the dataset's record, then its objects; its blobs are left to gc."""
+        for _ in range(_RETRIES):
+            rec = self._record(name)
+            if rec is None:
+                return []
+            trash = json.dumps({"name": name, "shards": rec.shards}).encode()
+            if self._write(_DATASETS, f"delete dataset {name!r}", {"t:" + rec.uid: trash},
+                           ["d:" + name], equal={"d:" + name: rec.raw}) is not None:
+                self._purge(rec)
+                return []
+        raise Unavailable(f"cannot delete dataset {name!r}: it keeps changing; retry",
+                          reason="CATALOG_BUSY")
+
+    def _purge(self, rec: _Record) -> None:
+        """Remove a deleted dataset's objects, then its trash entry."""
+        vids: list[str] = []
+        after = ""
+        while True:
+            got = self._read(rec.versions, after=after, prefix="i:")[0]
+            if not got:
+                break
+            vids += [k[2:] for k, _ in got]
+            after = got[-1][0]
+        oids = [rec.version(v, k) for v in vids for k in range(rec.shards)]
+        oids += [rec.head(k) for k in range(rec.shards)] + [rec.versions]
+        for i in range(0, len(oids), 256):
+            self._remove(oids[i:i + 256])
+        self._write(_DATASETS, "finish deleting a dataset", removes=["t:" + rec.uid])
+
+    def purge_deleted(self) -> int:
+        """Finish deleting datasets whose removal a crash interrupted; returns how many."""
+        got = self._read(_DATASETS, prefix="t:", limit=_PAGE)[0]
+        for key, raw in got:
+            d = json.loads(raw)
+            self._purge(_Record(d["name"], key[2:], "", "", int(d["shards"]), ""))
+        return len(got)
+
+    # -- head files ----------------------------------------------------------------------
+    def _grouped(self, rec: _Record, paths: Iterable[str]) -> dict[int, list[str]]:
+        shards: dict[int, list[str]] = {}
+        for path in dict.fromkeys(paths):
+            shards.setdefault(rec.shard_of(path), []).append(path)
+        return shards
+
+    def add_files(self, dataset: str, entries: list[store_pb2.FileEntry]) -> None:
+        """Add or replace head entries: one guarded write per shard touched."""
+        rec = self._existing(dataset)
+        latest = {e.path: e for e in entries}  # a path sent twice: its last entry
+        for k, paths in sorted(self._grouped(rec, latest).items()):
+            def change(current: dict[str, bytes], paths: list[str] = paths
+                       ) -> tuple[dict[str, bytes], list[str], None]:
+                count, size, rev = _counts(current.get(_COUNTS))
+                sets: dict[str, bytes] = {}
+                for path in paths:
+                    old = current.get(path)
+                    if old is not None:
+                        count, size = count - 1, size - int(json.loads(old)[1])
+                    e = latest[path]
+                    count, size = count + 1, size + e.size
+                    sets[path] = _encode(e)
+                sets[_COUNTS] = f"{count} {size} {rev + 1}".encode()
+                return sets, [], None
+            self._update(rec.head(k), f"record uploaded files in dataset {dataset!r}",
+                         [_COUNTS, *paths], change)
+        self._still(rec)
+
+    def _still(self, rec: _Record) -> None:
+        """NotFound (and the objects just written removed) if the dataset went meanwhile."""
+        now_rec = self._record(rec.name)
+        if now_rec is None or now_rec.uid != rec.uid:
+            self._purge(rec)
+            raise NotFound(f"dataset {rec.name!r} was deleted while it was being changed",
+                           reason="DATASET_NOT_FOUND", metadata={"dataset": rec.name})
+
+    def delete_files(self, dataset: str, paths: list[str]) -> tuple[int, list[tuple[str, int]]]:
+        """Remove head entries; returns (count, []): blobs are left to gc."""
+        rec = self._existing(dataset)
+        deleted = 0
+        for k, group in sorted(self._grouped(rec, paths).items()):
+            def change(current: dict[str, bytes], group: list[str] = group
+                       ) -> tuple[dict[str, bytes], list[str], int]:
+                count, size, rev = _counts(current.get(_COUNTS))
+                gone = [p for p in group if p in current]
+                for path in gone:
+                    count, size = count - 1, size - int(json.loads(current[path])[1])
+                if not gone:
+                    return {}, [], 0
+                return {_COUNTS: f"{count} {size} {rev + 1}".encode()}, gone, len(gone)
+            deleted += self._update(rec.head(k), f"delete files of dataset {dataset!r}",
+                                    [_COUNTS, *group], change)
+        return deleted, []
+
+    def blob_known(self, sha256: str) -> int | None:
+        """The stored blob's size (the pool is the registry)."""
+        st = self.backend.stat(blob_key(sha256))
+        return None if st is None else st.size
+
+    def known_blobs(self, shas: list[str]) -> set[str]:
+        """Every one: the caller checks which are stored."""
+        return set(shas)
+
+    # -- reading entries -----------------------------------------------------------------
+    def _objects(self, rec: _Record, version: str) -> list[str]:
+        if version == _LATEST:
+            return [rec.head(k) for k in range(rec.shards)]
+        return [rec.version(version, k) for k in range(rec.shards)]
+
+    def _scan(self, oid: str, after: str = "", prefix: str = "", page: int = _PAGE,
+              versions: list[int | None] | None = None) -> Iterator[tuple[str, bytes]]:
+        """An object's entries in key order, a page per read.
+
+        With ``versions`` (one item: the version expected), :class:`_Changed`
+        if a page was read at another version.
+        """
+        while True:
+            got, version = self._read(oid, after=after, prefix=prefix, limit=page)
+            if versions is not None and got and version != versions[0]:
+                raise _Changed(oid)
+            for key, raw in got:
+                if key >= " ":  # not a shard's own keys (counters, freeze)
+                    yield key, raw
+            if len(got) < page:
+                return
+            after = got[-1][0]
+
+    def _merged(self, oids: list[str], after: str = "", prefix: str = "", page: int = _PAGE,
+                versions: list[int | None] | None = None) -> Iterator[tuple[str, bytes]]:
+        scans = [self._scan(oid, after, prefix, page,
+                            None if versions is None else [versions[i]])
+                 for i, oid in enumerate(oids)]
+        return heapq.merge(*scans, key=lambda item: item[0].encode())
+
+    def entries(self, dataset: str, version: str, after: str | None = None,
+                limit: int = -1, prefix: str = "") -> list[store_pb2.FileEntry]:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        rec = self._existing(dataset)
+        page = min(_PAGE, limit) if limit > 0 else _PAGE
+        out: list[store_pb2.FileEntry] = []
+        for path, raw in self._merged(self._objects(rec, version), after or "", prefix, page):
+            if 0 <= limit <= len(out):
+                break
+            out.append(entry_from_row(_row(path, raw)))
+        return out
+
+    def lookup(self, dataset: str, version: str, paths: list[str]
+               ) -> dict[str, store_pb2.FileEntry]:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        rec = self._existing(dataset)
+        oids = self._objects(rec, version)
+        found: dict[str, store_pb2.FileEntry] = {}
+        for k, group in self._grouped(rec, paths).items():
+            for i in range(0, len(group), _PAGE):
+                for path, raw in self._read(oids[k], keys=group[i:i + _PAGE])[0]:
+                    found[path] = entry_from_row(_row(path, raw))
+        return found
+
+    def image_columns(self, dataset: str, version: str, prefix: str = "",
+                      images_only: bool = True) -> list[tuple[str, int, int, int, int]]:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        rec = self._existing(dataset)
+        out = []
+        for path, raw in self._merged(self._objects(rec, version), "", prefix):
+            _, size, media, width, height = json.loads(raw)[:5]
+            image = int(width is not None or media.startswith("image/"))
+            if image or not images_only:
+                out.append((path, image, width or 0, height or 0, size))
+        return out
+
+    def _pages(self, rows: Iterator[tuple[str, bytes]]) -> Iterator[list[EntryRow]]:
+        page: list[EntryRow] = []
+        for path, raw in rows:
+            page.append(_row(path, raw))
+            if len(page) >= _ROWS_PAGE:
+                yield page
+                page = []
+        if page:
+            yield page
+
+    def head_key(self, dataset: str) -> HeadKey | None:
+        """(uid, revision, count, bytes): the revision is the sum of the shards'."""
+        rec = self._record(dataset)
+        if rec is None:
+            return None
+        state = self._shard_state(rec)
+        return (rec.uid, sum(s[2] for s in state), sum(s[0] for s in state),
+                sum(s[1] for s in state))
+
+    @contextmanager
+    def head_pages(self, dataset: str
+                   ) -> Iterator[tuple[HeadKey, Iterator[list[EntryRow]]] | None]:
+        """The head's key and rows; each shard is read as it is, page by page.
+
+        A head written meanwhile may show a shard before and another after
+        the change: the key read first then differs from the head's next key,
+        so a manifest built from it is built again on the next request.
+        """
+        rec = self._record(dataset)
+        key = self.head_key(dataset) if rec is not None else None
+        if rec is None or key is None:
+            yield None
+            return
+        yield key, self._pages(self._merged(self._objects(rec, _LATEST)))
+
+    @contextmanager
+    def version_pages(self, dataset: str, version: str) -> Iterator[Iterator[list[EntryRow]]]:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        rec = self._existing(dataset)
+        yield self._pages(self._merged(self._objects(rec, version)))
+
+    def counts_of(self, dataset: str, version: str) -> tuple[int, int] | None:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        rec = self._record(dataset)
+        if rec is None:
+            return None
+        if version == _LATEST:
+            state = self._shard_state(rec)
+            return sum(s[0] for s in state), sum(s[1] for s in state)
+        row = self._version(rec, version)
+        return None if row is None else (row.file_count, row.total_bytes)
+
+    # -- versions ------------------------------------------------------------------------
+    def _version(self, rec: _Record, vid: str) -> VersionRow | None:
+        got = self._read(rec.versions, keys=["i:" + vid])[0]
+        if not got:
+            return None
+        found = self._read(rec.versions, keys=[got[0][1].decode()])[0]
+        return _version_row(rec.name, found[0][1]) if found else None
+
+    def resolve_version(self, dataset: str, version: str) -> str | None:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        if len(version) < 8:
+            return None
+        rec = self._record(dataset)
+        if rec is None:
+            return None
+        got = self._read(rec.versions, prefix="i:" + version, limit=2)[0]
+        return got[0][0][2:] if len(got) == 1 else None
+
+    def versions(self, dataset: str, after: str | None, limit: int) -> list[VersionRow]:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        rec = self._existing(dataset)
+        start = ""
+        if after:
+            created, _, vid = after.partition("|")
+            try:
+                start = _version_key(created, vid)
+            except ValueError:
+                start = ""
+        got = self._read(rec.versions, after=start, prefix="v:", limit=limit)[0]
+        return [_version_row(dataset, raw) for _, raw in got]
+
+    def commit_version(self, dataset: str) -> tuple[VersionRow, bool]:
+        """Freeze the head as it is at one instant; the id is the hash of its content.
+
+        The commit freezes every shard of the head first (a key each, written
+        at the version read, so no write of an upload slips in between), then
+        hashes the entries, copies them to the version's shards, writes the
+        version's record and thaws the shards. Uploads wait meanwhile, as
+        they wait for SQLite's write lock on the local catalog. A crashed
+        commit's freeze lapses after :data:`_FREEZE_SECONDS`.
+        """
+        rec = self._existing(dataset)
+        heads = self._objects(rec, _LATEST)
+        for _ in range(_COMMIT_TRIES):
+            token = uuid.uuid4().hex
+            held = f"{token} {time.time() + _FREEZE_SECONDS:.3f}"
+            frozen: list[int | None] = []
+            try:
+                for oid in heads:
+                    frozen.append(self._freeze(oid, held, token, dataset))
+                return self._commit_frozen(rec, heads, frozen)
+            except _Changed:
+                continue  # a freeze lapsed under a very slow commit: again
+            finally:
+                for oid in heads[:len(frozen)]:
+                    self._write(oid, "let uploads into the dataset again", removes=[_FROZEN],
+                                equal={_FROZEN: held})
+        raise Unavailable(f"cannot commit dataset {dataset!r}: its files keep changing; retry "
+                          "when the uploads are done", reason="CATALOG_BUSY")
+
+    def _freeze(self, oid: str, held: str, token: str, dataset: str) -> int:
+        """Mark a head shard frozen by this commit; its version after the mark."""
+        deadline = time.monotonic() + _FREEZE_SECONDS
+        while True:
+            got, version = self._read(oid, keys=[_FROZEN])
+            if not _held(dict(got).get(_FROZEN), token):
+                done = self._write(oid, f"commit a version of dataset {dataset!r}",
+                                   {_FROZEN: held.encode()}, version=version)
+                if done is not None:
+                    return done
+            elif time.monotonic() > deadline:
+                raise Unavailable(f"cannot commit dataset {dataset!r}: another commit holds "
+                                  "it; retry", reason="CATALOG_BUSY")
+            time.sleep(random.uniform(0.002, 0.02))
+
+    def _commit_frozen(self, rec: _Record, heads: list[str], frozen: list[int | None]
+                       ) -> tuple[VersionRow, bool]:
+        digest = hashlib.sha256()
+        count = total = 0
+        for path, raw in self._merged(heads, versions=frozen):
+            entry = json.loads(raw)
+            digest.update(f"{path}\t{entry[1]}\t{entry[0]}\n".encode())
+            count, total = count + 1, total + int(entry[1])
+        vid = digest.hexdigest()
+        existing = self._version(rec, vid)
+        if existing is not None:
+            return existing, False
+        copies = [rec.version(vid, k) for k in range(rec.shards)]
+        try:
+            for k, oid in enumerate(heads):
+                self._copy(oid, copies[k], frozen[k])
+        except BaseException:
+            self._remove(copies)
+            raise
+        created = now()
+        vkey = _version_key(created, vid)
+        record = json.dumps({"id": vid, "created": created, "count": count,
+                             "bytes": total}).encode()
+        if self._write(rec.versions, f"commit a version of dataset {rec.name!r}",
+                       {vkey: record, "i:" + vid: vkey.encode()},
+                       absent=["i:" + vid]) is None:
+            existing = self._version(rec, vid)  # committed by another replica meanwhile
+            if existing is not None:
+                return existing, False
+            raise _Changed(rec.name)
+        self._still(rec)
+        return VersionRow(rec.name, vid, created, count, total), True
+
+    def _copy(self, source: str, target: str, version: int | None) -> None:
+        """A head shard's entries into a version's shard, a page per write."""
+        page: dict[str, bytes] = {}
+        for path, raw in self._scan(source, versions=[version]):
+            page[path] = raw
+            if len(page) >= _PAGE:
+                self._write(target, "copy a version's files", page)
+                page = {}
+        if page:
+            self._write(target, "copy a version's files", page)
+
+    # -- garbage collection --------------------------------------------------------------
+    def marked(self) -> set[str]:
+        """Every blob a head or version refers to (the collection's mark, or a fresh one)."""
+        return self._mark if self._mark is not None else self._marking()
+
+    def _marking(self) -> set[str]:
+        used: set[str] = set()
+        after = ""
+        while True:
+            got = self._read(_DATASETS, after=after, prefix="d:")[0]
+            if not got:
+                return used
+            for key, raw in got:
+                rec = _Record.load(key[2:], raw)
+                vids = []
+                vafter = ""
+                while True:
+                    page = self._read(rec.versions, after=vafter, prefix="i:")[0]
+                    if not page:
+                        break
+                    vids += [k[2:] for k, _ in page]
+                    vafter = page[-1][0]
+                for source in [_LATEST, *vids]:
+                    for oid in self._objects(rec, source):
+                        used.update(json.loads(v)[0] for _, v in self._scan(oid))
+            after = got[-1][0]
+
+    @contextmanager
+    def collection(self) -> Iterator[None]:
+        """One garbage collection: deletions a crash left are finished, then blobs marked."""
+        self.purge_deleted()
+        self._mark = self._marking()
+        try:
+            yield
+        finally:
+            self._mark = None
+
+    @contextmanager
+    def guard(self, operation: str) -> Iterator[BlobGuard]:
+        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        yield _PoolGuard(self)
+
+    def close(self) -> None:
+        """Nothing of its own to close (the backend holds the connection)."""
