@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -237,8 +238,63 @@ class TestPoolCatalog(CatalogTests):
             # the id is the hash of exactly the files it holds, and its counts are theirs
             assert v.id == canonical_id(files)
             assert (v.file_count, v.total_bytes) == (len(files), sum(e.size for e in files))
-            # uploads land whole per shard: a message's ten files are there or not, per shard
-            assert {e.path for e in files} >= {f"base/{i}" for i in range(300)}
+            paths = {e.path for e in files}
+            assert paths >= {f"base/{i}" for i in range(300)}
+            # a commit waits for the uploads in flight: each call's ten files, all or none
+            calls = {p.split("/")[1] for p in paths if p.startswith("live/")}
+            for n in calls:
+                assert {f"live/{n}/{i}" for i in range(10)} <= paths, n
+
+    def test_a_commit_waits_for_writers_and_writers_for_a_commit(self, catalog: CatalogApi
+                                                                 ) -> None:
+        assert isinstance(catalog, PoolCatalog)
+        catalog.create_dataset("d", "")
+        rec = catalog._record("d")
+        assert rec is not None
+        order: list[str] = []
+        with catalog._writing(rec, "test"):  # a writer in: the commit waits for it
+            committing = threading.Thread(target=lambda: order.append(
+                catalog.commit_version("d")[0].id))
+            committing.start()
+            time.sleep(0.3)
+            order.append("writer done")
+            catalog._add(rec, {"x": entry("x")}, "test")
+        committing.join(10)
+        assert order[0] == "writer done" and order[1] == canonical_id([entry("x")])
+        # a commit holds the dataset: a writer waits for it, and a lapsed writer does not block
+        lease = "someone 1.0"  # lapsed long ago (a crashed writer)
+        catalog._write(rec.lock, "test", {"w:someone": lease.encode()})
+        held = f"commit {time.time() + 0.5:.3f}"
+        catalog._write(rec.lock, "test", {"c": held.encode()})
+        t0 = time.monotonic()
+        catalog.add_files("d", [entry("y")])
+        assert time.monotonic() - t0 >= 0.4  # waited until the commit's lease lapsed
+        v, created = catalog.commit_version("d")  # the lapsed writer is ignored
+        assert created and v.file_count == 2
+
+    def test_a_crashed_commit_leaves_no_version_and_its_copy_goes_with_the_dataset(
+            self, catalog: CatalogApi) -> None:
+        assert isinstance(catalog, PoolCatalog)
+        catalog.create_dataset("d", "")
+        catalog.add_files("d", [entry("x")])
+        rec = catalog._record("d")
+        assert rec is not None
+        # what a commit that died while copying leaves: its named copy, no record
+        vid = canonical_id([entry("x")])
+        catalog._write(rec.versions, "test", {"a:dead": vid.encode()})
+        copy = rec.version(vid, "dead", rec.shard_of("x"))
+        catalog._write(copy, "test", {"x": b'["",1,"",null,null,null,null]'})
+        assert catalog.versions("d", None, 10) == [] and catalog.entries("d", vid) == []
+        v, created = catalog.commit_version("d")  # a later commit makes its own copy
+        assert created and v.id == vid and [e.path for e in catalog.entries("d", vid)] == ["x"]
+        catalog.delete_dataset("d")
+        assert catalog._read(copy)[1] is None
+
+    def test_missing_versions_read_as_nothing(self, catalog: CatalogApi) -> None:
+        catalog.create_dataset("d", "")
+        catalog.add_files("d", [entry("x")])
+        assert catalog.lookup("d", "0" * 64, ["x"]) == {}
+        assert catalog.entries("d", "0" * 64) == []
 
     def test_a_delete_cut_short_is_finished_by_garbage_collection(self, catalog: CatalogApi
                                                                   ) -> None:
@@ -253,10 +309,14 @@ class TestPoolCatalog(CatalogTests):
                                                          b'"shards":4}'}, ["d:d"])
         assert moved and not catalog.exists("d")
         assert list(catalog._scan(rec.head(rec.shard_of("x"))))  # still there
+        with catalog.collection(dry_run=True):  # a dry run changes nothing
+            pass
+        assert list(catalog._scan(rec.head(rec.shard_of("x"))))
         with catalog.collection():
             pass
         assert all(catalog._read(rec.head(k))[1] is None for k in range(rec.shards))
         assert catalog._read(rec.versions)[1] is None
+        assert all(catalog._read(oid)[1] is None for oid in catalog._objects(rec, "latest"))
         assert catalog._read("~cat/datasets", prefix="t:")[0] == []
 
 

@@ -171,7 +171,7 @@ class CatalogApi(Protocol):
     def guard(self, operation: str) -> contextlib.AbstractContextManager[BlobGuard]:
         """While held, no upload can start referring to a blob."""
 
-    def collection(self) -> contextlib.AbstractContextManager[None]:
+    def collection(self, dry_run: bool = False) -> contextlib.AbstractContextManager[None]:
         """One garbage collection runs inside."""
 
     def resolve_version(self, dataset: str, version: str) -> str | None:
@@ -590,7 +590,7 @@ class Catalog:
             yield self.entry_pages(conn, dataset, version)
 
     @contextmanager
-    def collection(self) -> Iterator[None]:
+    def collection(self, dry_run: bool = False) -> Iterator[None]:
         """One garbage collection (each batch holds its own :meth:`guard`)."""
         yield
 

@@ -501,13 +501,9 @@ class CephBackend(ObjectBackend):
                             raise
                 finally:
                     io.release_write_op(op)
-            return True  # written by others all along: it is there
-        try:
-            return self.call(f"touch {key}", mark)
-        except Unavailable:
-            raise
-        except GristmillError:
-            return True  # best effort: the mark, not the object, is in doubt
+            return True  # written by others all along: it is there, at a newer version
+        # an error is raised: a touch that did not land must not let a reference through
+        return self.call(f"touch {key}", mark)
 
     # -- reads ----------------------------------------------------------------------
     def _pieces(self, key: str) -> tuple[str, int, int] | None:

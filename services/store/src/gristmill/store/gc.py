@@ -79,7 +79,7 @@ def collect_garbage(store: Store, grace_seconds: float = 0.0, *, dry_run: bool =
     report = GcReport(dry_run=dry_run)
     report.temporaries_deleted, report.temporary_bytes_freed = (
         store.blobs.remove_temporaries(cutoff, dry_run))
-    with store.catalog.collection():
+    with store.catalog.collection(dry_run):
         batch: list[StoredBlob] = []
         full: list[StoredBlob] = []  # not deleted for lack of space: once more at the end
         for blob in store.blobs.stored_blobs(fix_modes):

@@ -52,6 +52,7 @@ import errno
 import hashlib
 import heapq
 import json
+import logging
 import random
 import time
 import uuid
@@ -62,7 +63,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from gristmill.client.errors import FailedPrecondition, NotFound, Unavailable
+from gristmill.client.errors import (
+    FailedPrecondition,
+    GristmillError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from gristmill.store.blobs import blob_key
 from gristmill.store.catalog import (
     BlobGuard,
@@ -81,16 +88,20 @@ if TYPE_CHECKING:
 __all__ = ["POOL_SCHEMA", "PoolCatalog"]
 
 T = TypeVar("T")
+log = logging.getLogger("gristmill.store")
 #: Version of the objects' layout, kept in ``~cat/info``.
 POOL_SCHEMA = 1
 _INFO = "~cat/info"
 _DATASETS = "~cat/datasets"
 #: A shard's counters: sorts before every path (paths have no control characters).
 _COUNTS = "\x01"
-#: A shard frozen by a commit in progress: "<token> <expiry, epoch seconds>".
-_FROZEN = "\x02"
-#: How long a commit may hold a head's shards (a crashed commit's freeze lapses after it).
-_FREEZE_SECONDS = 120.0
+#: How long a commit holds a dataset (its ``c`` key lapses after it: a crashed commit).
+_COMMIT_LEASE = 600.0
+#: How long a writer's ``w:`` key holds (recording one call's files takes milliseconds).
+_WRITER_LEASE = 60.0
+#: How long an upload or delete waits for a commit of its dataset, and a commit for
+#: another commit or for writers, before UNAVAILABLE (the client retries).
+_WAIT_SECONDS = 30.0
 _PAGE = 1000
 _ROWS_PAGE = 4096
 #: Lost races before a change gives up (each waits a little longer, at random).
@@ -107,6 +118,8 @@ def _rados() -> Any:
 
 @dataclass(frozen=True)
 class _Record:
+    """A dataset's record in ``~cat/datasets`` and the names of its objects."""
+
     name: str
     uid: str
     description: str
@@ -116,26 +129,31 @@ class _Record:
 
     @classmethod
     def load(cls, name: str, raw: bytes) -> _Record:
-        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        """A record as stored under ``d:<name>``."""
         d = json.loads(raw)
         return cls(name, d["uid"], d["description"], d["created"], int(d["shards"]),
                    raw.decode())
 
     def head(self, k: int) -> str:
-        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        """Shard ``k`` of the head."""
         return f"~cat/ds/{self.uid}/h/{k}"
 
     @property
     def versions(self) -> str:
-        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        """The version list (``v:`` and ``i:`` keys)."""
         return f"~cat/ds/{self.uid}/versions"
 
-    def version(self, vid: str, k: int) -> str:
-        """See :class:`~gristmill.store.catalog.CatalogApi`."""
-        return f"~cat/ds/{self.uid}/v/{vid}/{k}"
+    @property
+    def lock(self) -> str:
+        """Its omap: ``c`` -> the commit holding the dataset, ``w:<token>`` -> writers in it."""
+        return f"~cat/ds/{self.uid}/lock"
+
+    def version(self, vid: str, copy: str, k: int) -> str:
+        """Shard ``k`` of the copy ``copy`` (one per commit attempt) of version ``vid``."""
+        return f"~cat/ds/{self.uid}/v/{vid}/{copy}/{k}"
 
     def shard_of(self, path: str) -> int:
-        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        """The shard a path's entry is in."""
         return zlib.crc32(path.encode()) % self.shards
 
 
@@ -157,12 +175,20 @@ def _counts(raw: bytes | None) -> tuple[int, int, int]:
     return int(count), int(size), int(rev)
 
 
-def _held(frozen: bytes | None, token: str = "") -> bool:
-    """Whether a freeze is in force (and not ``token``'s own)."""
-    if not frozen:
+def _lease(seconds: float) -> str:
+    """A lease value: "<token> <expiry, epoch seconds>"."""
+    return f"{uuid.uuid4().hex} {time.time() + seconds:.3f}"
+
+
+def _live(lease: bytes | str | None) -> bool:
+    """Whether a lease has not lapsed (compared with this host's clock)."""
+    if not lease:
         return False
-    holder, _, expiry = frozen.decode().partition(" ")
-    return holder != token and time.time() < float(expiry or 0)
+    text = lease.decode() if isinstance(lease, bytes) else lease
+    try:
+        return time.time() < float(text.rpartition(" ")[2])
+    except ValueError:
+        return False
 
 
 def _version_key(created: str, vid: str) -> str:
@@ -208,6 +234,8 @@ class PoolCatalog:
         self.shards = shards
         self._store_id = ""
         self._mark: set[str] | None = None
+        #: (uid, version id) -> (``v:`` key, copy) of versions read (they never change)
+        self._versions_seen: dict[tuple[str, str], tuple[str, str]] = {}
 
     # -- raw reads and writes ----------------------------------------------------------
     def _read(self, oid: str, *, keys: Iterable[str] | None = None, after: str = "",
@@ -307,25 +335,10 @@ class PoolCatalog:
     def _update(self, oid: str, what: str, keys: list[str],
                 change: Callable[[dict[str, bytes]], tuple[dict[str, bytes], list[str], T]]
                 ) -> T:
-        """Read ``keys`` of ``oid``, compute a change, write it guarded by the version read.
-
-        A shard frozen by a commit in progress is waited for (at most
-        :data:`_FREEZE_SECONDS`): a commit takes the head as it is at one instant.
-        """
-        waited_until = time.monotonic() + _FREEZE_SECONDS
-        attempt = 0
-        while attempt < _RETRIES:
-            got, version = self._read(oid, keys=[_FROZEN, *keys])
-            current = dict(got)
-            if _held(current.pop(_FROZEN, None)):
-                if time.monotonic() > waited_until:
-                    raise Unavailable(f"cannot {what}: a commit of this dataset has held it "
-                                      f"for {_FREEZE_SECONDS:g} s; retry",
-                                      reason="CATALOG_BUSY")
-                time.sleep(random.uniform(0.005, 0.05))
-                continue
-            attempt += 1
-            sets, removes, result = change(current)
+        """Read ``keys`` of ``oid``, compute a change, write it guarded by the version read."""
+        for attempt in range(_RETRIES):
+            got, version = self._read(oid, keys=keys)
+            sets, removes, result = change(dict(got))
             if not sets and not removes:
                 return result
             if self._write(oid, what, sets, removes, version=version) is not None:
@@ -338,12 +351,50 @@ class PoolCatalog:
         """Remove objects (aio; absent ones are fine)."""
 
         def body(io: Any) -> None:
-            completions = []
-            for oid in oids:
-                completions.append(io.aio_remove(oid))
+            completions = [io.aio_remove(oid) for oid in oids]
+            failure = 0
             for c in completions:
                 c.wait_for_complete()
+                code = c.get_return_value()
+                if code < 0 and -code != errno.ENOENT:
+                    failure = failure or code
+            if failure:
+                raise self.backend.error("remove catalog objects",
+                                         OSError(-failure, errno.errorcode.get(-failure, "")))
         self.backend.call("remove catalog objects", body)
+
+    def _acquire(self, oid: str, key: str, what: str, waiting_for: str,
+                 lease: str, absent: list[str]) -> None:
+        """Set ``key`` to ``lease`` once ``absent`` keys are absent (a lapsed one is cleared)."""
+        deadline = time.monotonic() + _WAIT_SECONDS
+        while self._write(oid, what, {key: lease.encode()}, absent=absent) is None:
+            held = dict(self._read(oid, keys=absent)[0])
+            for k, value in held.items():
+                if not _live(value):  # its holder died: take its place
+                    self._write(oid, what, removes=[k], equal={k: value.decode()})
+            if time.monotonic() > deadline:
+                raise Unavailable(f"cannot {what}: {waiting_for} for {_WAIT_SECONDS:g} s; retry "
+                                  "in a moment", reason="CATALOG_BUSY")
+            time.sleep(random.uniform(0.005, 0.05))
+
+    def _release(self, oid: str, key: str, lease: str) -> None:
+        """Drop a lease (best effort: it lapses anyway)."""
+        try:
+            self._write(oid, "release a catalog lease", removes=[key], equal={key: lease})
+        except GristmillError:
+            log.warning("cannot release %s of %s now; it lapses by itself", key, oid,
+                        exc_info=True)
+
+    @contextmanager
+    def _writing(self, rec: _Record, what: str) -> Iterator[None]:
+        """A writer of ``rec``'s head: waits while a commit holds the dataset."""
+        lease = _lease(_WRITER_LEASE)
+        key = "w:" + lease.partition(" ")[0]
+        self._acquire(rec.lock, key, what, "a commit of the dataset has held it", lease, ["c"])
+        try:
+            yield
+        finally:
+            self._release(rec.lock, key, lease)
 
     # -- info ----------------------------------------------------------------------------
     @property
@@ -421,26 +472,37 @@ class PoolCatalog:
             trash = json.dumps({"name": name, "shards": rec.shards}).encode()
             if self._write(_DATASETS, f"delete dataset {name!r}", {"t:" + rec.uid: trash},
                            ["d:" + name], equal={"d:" + name: rec.raw}) is not None:
-                self._purge(rec)
+                try:
+                    self._purge(rec)
+                except GristmillError:  # deleted for every replica already; gc finishes it
+                    log.warning("cannot remove the objects of deleted dataset %r now; "
+                                "`gristmill store gc` will", name, exc_info=True)
                 return []
         raise Unavailable(f"cannot delete dataset {name!r}: it keeps changing; retry",
                           reason="CATALOG_BUSY")
 
     def _purge(self, rec: _Record) -> None:
-        """Remove a deleted dataset's objects, then its trash entry."""
-        vids: list[str] = []
-        after = ""
-        while True:
-            got = self._read(rec.versions, after=after, prefix="i:")[0]
-            if not got:
-                break
-            vids += [k[2:] for k, _ in got]
-            after = got[-1][0]
-        oids = [rec.version(v, k) for v in vids for k in range(rec.shards)]
-        oids += [rec.head(k) for k in range(rec.shards)] + [rec.versions]
+        """Remove a deleted dataset's objects, then its trash entry (kept if one stays)."""
+        oids = [rec.head(k) for k in range(rec.shards)]
+        for key, raw in self._all(rec.versions, "i:") + self._all(rec.versions, "a:"):
+            vid, copy = (key[2:], json.loads(raw)["copy"]) if key[0] == "i" else (
+                raw.decode(), key[2:])
+            oids += [rec.version(vid, copy, k) for k in range(rec.shards)]
         for i in range(0, len(oids), 256):
             self._remove(oids[i:i + 256])
+        self._remove([rec.versions, rec.lock])
         self._write(_DATASETS, "finish deleting a dataset", removes=["t:" + rec.uid])
+
+    def _all(self, oid: str, prefix: str) -> list[tuple[str, bytes]]:
+        """Every omap entry of ``oid`` under ``prefix``, page by page."""
+        out: list[tuple[str, bytes]] = []
+        after = ""
+        while True:
+            got = self._read(oid, after=after, prefix=prefix)[0]
+            out += got
+            if len(got) < _PAGE:
+                return out
+            after = got[-1][0]
 
     def purge_deleted(self) -> int:
         """Finish deleting datasets whose removal a crash interrupted; returns how many."""
@@ -461,6 +523,12 @@ class PoolCatalog:
         """Add or replace head entries: one guarded write per shard touched."""
         rec = self._existing(dataset)
         latest = {e.path: e for e in entries}  # a path sent twice: its last entry
+        what = f"record uploaded files in dataset {dataset!r}"
+        with self._writing(rec, what):
+            self._add(rec, latest, what)
+        self._still(rec)
+
+    def _add(self, rec: _Record, latest: dict[str, store_pb2.FileEntry], what: str) -> None:
         for k, paths in sorted(self._grouped(rec, latest).items()):
             def change(current: dict[str, bytes], paths: list[str] = paths
                        ) -> tuple[dict[str, bytes], list[str], None]:
@@ -475,9 +543,7 @@ class PoolCatalog:
                     sets[path] = _encode(e)
                 sets[_COUNTS] = f"{count} {size} {rev + 1}".encode()
                 return sets, [], None
-            self._update(rec.head(k), f"record uploaded files in dataset {dataset!r}",
-                         [_COUNTS, *paths], change)
-        self._still(rec)
+            self._update(rec.head(k), what, [_COUNTS, *paths], change)
 
     def _still(self, rec: _Record) -> None:
         """NotFound (and the objects just written removed) if the dataset went meanwhile."""
@@ -490,6 +556,11 @@ class PoolCatalog:
     def delete_files(self, dataset: str, paths: list[str]) -> tuple[int, list[tuple[str, int]]]:
         """Remove head entries; returns (count, []): blobs are left to gc."""
         rec = self._existing(dataset)
+        what = f"delete files of dataset {dataset!r}"
+        with self._writing(rec, what):
+            return self._delete(rec, paths, what), []
+
+    def _delete(self, rec: _Record, paths: list[str], what: str) -> int:
         deleted = 0
         for k, group in sorted(self._grouped(rec, paths).items()):
             def change(current: dict[str, bytes], group: list[str] = group
@@ -501,9 +572,8 @@ class PoolCatalog:
                 if not gone:
                     return {}, [], 0
                 return {_COUNTS: f"{count} {size} {rev + 1}".encode()}, gone, len(gone)
-            deleted += self._update(rec.head(k), f"delete files of dataset {dataset!r}",
-                                    [_COUNTS, *group], change)
-        return deleted, []
+            deleted += self._update(rec.head(k), what, [_COUNTS, *group], change)
+        return deleted
 
     def blob_known(self, sha256: str) -> int | None:
         """The stored blob's size (the pool is the registry)."""
@@ -516,9 +586,13 @@ class PoolCatalog:
 
     # -- reading entries -----------------------------------------------------------------
     def _objects(self, rec: _Record, version: str) -> list[str]:
+        """The shard objects of the head or of a committed version (none if it is absent)."""
         if version == _LATEST:
             return [rec.head(k) for k in range(rec.shards)]
-        return [rec.version(version, k) for k in range(rec.shards)]
+        found = self._version_index(rec, version)
+        if found is None:
+            return []
+        return [rec.version(version, found[1], k) for k in range(rec.shards)]
 
     def _scan(self, oid: str, after: str = "", prefix: str = "", page: int = _PAGE,
               versions: list[int | None] | None = None) -> Iterator[tuple[str, bytes]]:
@@ -563,6 +637,8 @@ class PoolCatalog:
         rec = self._existing(dataset)
         oids = self._objects(rec, version)
         found: dict[str, store_pb2.FileEntry] = {}
+        if not oids:  # no such version
+            return found
         for k, group in self._grouped(rec, paths).items():
             for i in range(0, len(group), _PAGE):
                 for path, raw in self._read(oids[k], keys=group[i:i + _PAGE])[0]:
@@ -634,11 +710,26 @@ class PoolCatalog:
         return None if row is None else (row.file_count, row.total_bytes)
 
     # -- versions ------------------------------------------------------------------------
-    def _version(self, rec: _Record, vid: str) -> VersionRow | None:
+    def _version_index(self, rec: _Record, vid: str) -> tuple[str, str] | None:
+        """(``v:`` key, copy) of a committed version; kept once read (it never changes)."""
+        cached = self._versions_seen.get((rec.uid, vid))
+        if cached is not None:
+            return cached
         got = self._read(rec.versions, keys=["i:" + vid])[0]
         if not got:
             return None
-        found = self._read(rec.versions, keys=[got[0][1].decode()])[0]
+        d = json.loads(got[0][1])
+        found = (str(d["key"]), str(d["copy"]))
+        if len(self._versions_seen) >= 4096:
+            self._versions_seen.clear()
+        self._versions_seen[(rec.uid, vid)] = found
+        return found
+
+    def _version(self, rec: _Record, vid: str) -> VersionRow | None:
+        index = self._version_index(rec, vid)
+        if index is None:
+            return None
+        found = self._read(rec.versions, keys=[index[0]])[0]
         return _version_row(rec.name, found[0][1]) if found else None
 
     def resolve_version(self, dataset: str, version: str) -> str | None:
@@ -660,59 +751,54 @@ class PoolCatalog:
             try:
                 start = _version_key(created, vid)
             except ValueError:
-                start = ""
+                raise InvalidArgument("page_token", "not a token this server gave; start "
+                                      "again without one") from None
         got = self._read(rec.versions, after=start, prefix="v:", limit=limit)[0]
         return [_version_row(dataset, raw) for _, raw in got]
 
     def commit_version(self, dataset: str) -> tuple[VersionRow, bool]:
         """Freeze the head as it is at one instant; the id is the hash of its content.
 
-        The commit freezes every shard of the head first (a key each, written
-        at the version read, so no write of an upload slips in between), then
-        hashes the entries, copies them to the version's shards, writes the
-        version's record and thaws the shards. Uploads wait meanwhile, as
-        they wait for SQLite's write lock on the local catalog. A crashed
-        commit's freeze lapses after :data:`_FREEZE_SECONDS`.
+        The commit holds the dataset (its lock object's ``c`` key, set only
+        while no other commit holds it), waits until the writers that came in
+        before it are done (their ``w:`` keys gone or lapsed) while new
+        writers wait for it, then hashes the head, copies it to the version's
+        shards, writes the version's record and lets writers in again: a
+        version is the head at one instant and holds every file of an upload
+        or none, as with SQLite's write lock on a local catalog.
         """
         rec = self._existing(dataset)
-        heads = self._objects(rec, _LATEST)
-        for _ in range(_COMMIT_TRIES):
-            token = uuid.uuid4().hex
-            held = f"{token} {time.time() + _FREEZE_SECONDS:.3f}"
-            frozen: list[int | None] = []
-            try:
-                for oid in heads:
-                    frozen.append(self._freeze(oid, held, token, dataset))
-                return self._commit_frozen(rec, heads, frozen)
-            except _Changed:
-                continue  # a freeze lapsed under a very slow commit: again
-            finally:
-                for oid in heads[:len(frozen)]:
-                    self._write(oid, "let uploads into the dataset again", removes=[_FROZEN],
-                                equal={_FROZEN: held})
-        raise Unavailable(f"cannot commit dataset {dataset!r}: its files keep changing; retry "
-                          "when the uploads are done", reason="CATALOG_BUSY")
+        what = f"commit a version of dataset {dataset!r}"
+        lease = _lease(_COMMIT_LEASE)
+        self._acquire(rec.lock, "c", what, "another commit of the dataset has held it",
+                      lease, ["c"])
+        try:
+            self._wait_for_writers(rec, what)
+            for _ in range(_COMMIT_TRIES):
+                try:
+                    return self._commit_quiet(rec, what)
+                except _Changed:
+                    continue  # a writer whose lease lapsed wrote meanwhile: again
+            raise Unavailable(f"cannot {what}: its files keep changing; retry when the uploads "
+                              "are done", reason="CATALOG_BUSY")
+        finally:
+            self._release(rec.lock, "c", lease)
 
-    def _freeze(self, oid: str, held: str, token: str, dataset: str) -> int:
-        """Mark a head shard frozen by this commit; its version after the mark."""
-        deadline = time.monotonic() + _FREEZE_SECONDS
-        while True:
-            got, version = self._read(oid, keys=[_FROZEN])
-            if not _held(dict(got).get(_FROZEN), token):
-                done = self._write(oid, f"commit a version of dataset {dataset!r}",
-                                   {_FROZEN: held.encode()}, version=version)
-                if done is not None:
-                    return done
-            elif time.monotonic() > deadline:
-                raise Unavailable(f"cannot commit dataset {dataset!r}: another commit holds "
-                                  "it; retry", reason="CATALOG_BUSY")
+    def _wait_for_writers(self, rec: _Record, what: str) -> None:
+        deadline = time.monotonic() + _WAIT_SECONDS
+        while any(_live(value) for _, value in self._all(rec.lock, "w:")):
+            if time.monotonic() > deadline:
+                raise Unavailable(f"cannot {what}: uploads into it are still being recorded "
+                                  f"after {_WAIT_SECONDS:g} s; retry", reason="CATALOG_BUSY")
             time.sleep(random.uniform(0.002, 0.02))
 
-    def _commit_frozen(self, rec: _Record, heads: list[str], frozen: list[int | None]
-                       ) -> tuple[VersionRow, bool]:
+    def _commit_quiet(self, rec: _Record, what: str) -> tuple[VersionRow, bool]:
+        """Commit while no writer is in: each shard is checked to stay at its version."""
+        heads = self._objects(rec, _LATEST)
+        before = [self._read(oid, keys=[_COUNTS])[1] for oid in heads]
         digest = hashlib.sha256()
         count = total = 0
-        for path, raw in self._merged(heads, versions=frozen):
+        for path, raw in self._merged(heads, versions=before):
             entry = json.loads(raw)
             digest.update(f"{path}\t{entry[1]}\t{entry[0]}\n".encode())
             count, total = count + 1, total + int(entry[1])
@@ -720,26 +806,40 @@ class PoolCatalog:
         existing = self._version(rec, vid)
         if existing is not None:
             return existing, False
-        copies = [rec.version(vid, k) for k in range(rec.shards)]
+        # this attempt's own copy, named before it is written (a delete finds it)
+        copy = uuid.uuid4().hex[:16]
+        copies = [rec.version(vid, copy, k) for k in range(rec.shards)]
+        self._write(rec.versions, what, {"a:" + copy: vid.encode()})
+        published = False
         try:
             for k, oid in enumerate(heads):
-                self._copy(oid, copies[k], frozen[k])
-        except BaseException:
-            self._remove(copies)
-            raise
-        created = now()
-        vkey = _version_key(created, vid)
-        record = json.dumps({"id": vid, "created": created, "count": count,
-                             "bytes": total}).encode()
-        if self._write(rec.versions, f"commit a version of dataset {rec.name!r}",
-                       {vkey: record, "i:" + vid: vkey.encode()},
-                       absent=["i:" + vid]) is None:
+                self._copy(oid, copies[k], before[k])
+            if [self._read(oid, keys=[_COUNTS])[1] for oid in heads] != before:
+                raise _Changed(rec.name)
+            created = now()
+            vkey = _version_key(created, vid)
+            record = json.dumps({"id": vid, "created": created, "count": count,
+                                 "bytes": total}).encode()
+            index = json.dumps({"key": vkey, "copy": copy}).encode()
+            published = self._write(rec.versions, what, {vkey: record, "i:" + vid: index},
+                                    ["a:" + copy], absent=["i:" + vid]) is not None
+        finally:
+            if not published:
+                self._discard_copy(rec, copy, copies)
+        if not published:
             existing = self._version(rec, vid)  # committed by another replica meanwhile
-            if existing is not None:
-                return existing, False
-            raise _Changed(rec.name)
+            if existing is None:
+                raise _Changed(rec.name)
+            return existing, False
         self._still(rec)
         return VersionRow(rec.name, vid, created, count, total), True
+
+    def _discard_copy(self, rec: _Record, copy: str, copies: list[str]) -> None:
+        try:
+            self._remove(copies)
+            self._write(rec.versions, "remove an unfinished commit", removes=["a:" + copy])
+        except GristmillError:  # named by its a: key: a delete of the dataset removes it
+            log.warning("cannot remove an unfinished commit of %r now", rec.name, exc_info=True)
 
     def _copy(self, source: str, target: str, version: int | None) -> None:
         """A head shard's entries into a version's shard, a page per write."""
@@ -758,31 +858,28 @@ class PoolCatalog:
         return self._mark if self._mark is not None else self._marking()
 
     def _marking(self) -> set[str]:
+        """One pass over every dataset: its head first, then its versions.
+
+        In that order no reference is missed: a version committed after the
+        head was read holds only entries the head had then (read) or entries
+        recorded after the mark began, whose blobs were touched after the
+        collection's cutoff.
+        """
         used: set[str] = set()
-        after = ""
-        while True:
-            got = self._read(_DATASETS, after=after, prefix="d:")[0]
-            if not got:
-                return used
-            for key, raw in got:
-                rec = _Record.load(key[2:], raw)
-                vids = []
-                vafter = ""
-                while True:
-                    page = self._read(rec.versions, after=vafter, prefix="i:")[0]
-                    if not page:
-                        break
-                    vids += [k[2:] for k, _ in page]
-                    vafter = page[-1][0]
-                for source in [_LATEST, *vids]:
-                    for oid in self._objects(rec, source):
-                        used.update(json.loads(v)[0] for _, v in self._scan(oid))
-            after = got[-1][0]
+        for key, raw in self._all(_DATASETS, "d:"):
+            rec = _Record.load(key[2:], raw)
+            for oid in self._objects(rec, _LATEST):
+                used.update(json.loads(v)[0] for _, v in self._scan(oid))
+            for vkey, _ in self._all(rec.versions, "i:"):
+                for oid in self._objects(rec, vkey[2:]):
+                    used.update(json.loads(v)[0] for _, v in self._scan(oid))
+        return used
 
     @contextmanager
-    def collection(self) -> Iterator[None]:
+    def collection(self, dry_run: bool = False) -> Iterator[None]:
         """One garbage collection: deletions a crash left are finished, then blobs marked."""
-        self.purge_deleted()
+        if not dry_run:
+            self.purge_deleted()
         self._mark = self._marking()
         try:
             yield

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,15 +205,22 @@ def start_up(store: Store, gc: bool) -> None:
     The filesystem backend has a single writer (one server per data
     directory), so nothing in flight can be lost: no grace period. A catalog
     in the pool is shared with other replicas, whose uploads may be in
-    flight: blobs used within :data:`SHARED_GC_GRACE` seconds are kept.
+    flight: only their staging older than :data:`SHARED_GC_GRACE` seconds is
+    removed, and collecting blobs is left to ``gristmill store gc``.
     """
     try:
-        if gc:
-            grace = SHARED_GC_GRACE if store.catalog.shared else 0.0
-            report = store.collect_garbage(grace, fix_modes=True)
+        if store.catalog.shared:
+            # other replicas' uploads may be in flight, and a collection marks the whole
+            # catalog: leave it to `gristmill store gc` (docs/storage.md)
+            store.blobs.remove_temporaries(time.time() - SHARED_GC_GRACE)
+            log.info("the catalog is shared: garbage collection is left to `gristmill store "
+                     "gc`; removed only staging older than %g s", SHARED_GC_GRACE)
+        elif gc:
+            report = store.collect_garbage(0.0, fix_modes=True)
             log.info("start-up garbage collection: %s", report.summary())
             return
-        store.blobs.remove_temporaries(float("inf"))
+        else:
+            store.blobs.remove_temporaries(float("inf"))
         if store.reserve is not None:
             store.reserve.ensure()
     except (GristmillError, OSError):  # serve anyway: `gristmill store gc` can run later
