@@ -11,6 +11,7 @@ collection by one replica never removes what another refers to.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
+from gristmill.cli.main import main
 from gristmill.client.errors import FailedPrecondition
 from gristmill.client.hub import Hub
 from gristmill.common.service import ServiceContext
@@ -423,3 +426,29 @@ def test_a_local_catalog_with_datasets_is_not_hidden_by_the_pool(
     local.server.stop(0)
     with pytest.raises(FailedPrecondition, match="catalog: local"):
         open_store(ServiceContext(config_for(data, store={"backend": backend})))
+
+
+def test_store_gc_command_collects_a_shared_catalog_next_to_serving_replicas(
+        replicas: tuple[Running, Running], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    one, _ = replicas
+    stub = one.store()
+    stub.CreateDataset(store_pb2.CreateDatasetRequest(name="d"))
+    for name, data in (("kept", b"k" * 3000), ("gone", b"g" * 5000)):
+        stub.PutFiles(iter([store_pb2.PutFilesRequest(dataset="d", chunks=[
+            store_pb2.FileChunk(path=name, size=len(data), data=data, last=True)])]))
+    stub.DeleteFiles(store_pb2.DeleteFilesRequest(dataset="d", paths=["gone"]))
+    config = tmp_path / "gc.yaml"  # the replicas' backend, a data directory of its own
+    backend = one.config.model_dump(mode="json")["store"]["backend"]
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "gc-data"),
+                                      "store": {"backend": backend}}))
+    gc = ["store", "gc", "--config", str(config)]
+    assert main([*gc, "--grace-minutes", "0", "--dry-run"]) == 0
+    assert "would remove 1 unreferenced blob(s), 5000 bytes" in capsys.readouterr().out
+    assert main(gc) == 0  # the default grace period keeps what was used just now
+    assert "removed 0 unreferenced blob(s)" in capsys.readouterr().out
+    assert main([*gc, "--grace-minutes", "0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["blobs_deleted"] == 1 and report["bytes_freed"] == 5000
+    assert report["referenced"] == 1
+    assert hub_of(one).get_file_bytes("d", "kept") == b"k" * 3000

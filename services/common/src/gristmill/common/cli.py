@@ -41,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.no_auth:
         overrides["auth"] = {"enabled": False}
     ceph = {"conf": args.ceph_conf, "pool": args.ceph_pool, "keyring": args.ceph_keyring,
-            "timeout_seconds": args.ceph_timeout}
+            "timeout_seconds": args.ceph_timeout, "catalog": args.ceph_catalog}
     if args.storage == "fs" and any(v is not None for v in ceph.values()):
         print("error: --ceph-* flags need --storage ceph", file=sys.stderr)
         return 2
@@ -154,12 +154,15 @@ def register(commands: Any) -> None:
     p.add_argument("--services", help="comma-separated subset, e.g. 'store'")
     p.add_argument("--storage", choices=["fs", "ceph"],
                    help="where the store keeps objects: fs (files under --data, the default) "
-                        "or ceph (a RADOS pool; the catalog stays under --data)")
+                        "or ceph (a RADOS pool, which holds the catalog too)")
     p.add_argument("--ceph-conf", type=Path, help="the cluster's ceph.conf (with --storage ceph)")
     p.add_argument("--ceph-pool", help="RADOS pool for gristmill's objects (default gristmill)")
     p.add_argument("--ceph-keyring", type=Path, help="keyring file (default: as ceph.conf says)")
     p.add_argument("--ceph-timeout", type=int, metavar="SECONDS",
                    help="seconds one cluster operation may take (default 5)")
+    p.add_argument("--ceph-catalog", choices=["pool", "local"],
+                   help="where the catalog lives with --storage ceph: pool (default; shared by "
+                        "every replica) or local (SQLite under --data, one replica)")
     p.add_argument("--no-auth", action="store_true", help="accept calls without API keys "
                    "(for local experiments only)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -236,6 +236,10 @@ class PoolCatalog:
         self._mark: set[str] | None = None
         #: (uid, version id) -> (``v:`` key, copy) of versions read (they never change)
         self._versions_seen: dict[tuple[str, str], tuple[str, str]] = {}
+        try:  # made and checked now if the cluster answers; else at the first create
+            self.store_id  # noqa: B018
+        except Unavailable as e:
+            log.warning("%s", e)
 
     # -- raw reads and writes ----------------------------------------------------------
     def _read(self, oid: str, *, keys: Iterable[str] | None = None, after: str = "",
