@@ -52,7 +52,7 @@ ORDER_LAST = ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"]
 #: Strategic-merge keys of the lists this renderer merges item by item.
 MERGE_KEYS = {"containers": "name", "initContainers": "name", "volumes": "name", "env": "name",
               "volumeMounts": "mountPath", "volumeClaimTemplates": "metadata.name"}
-POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"}
 
 
 class RenderError(ValueError):
@@ -187,8 +187,11 @@ def _containers(doc: Doc) -> list[Doc]:
 def _pod_spec(doc: Doc) -> Doc | None:
     if doc.get("kind") not in POD_KINDS:
         return None
-    spec: Doc | None = doc.get("spec", {}).get("template", {}).get("spec")
-    return spec
+    spec = doc.get("spec", {})
+    if doc.get("kind") == "CronJob":  # its pods are its Jobs'
+        spec = spec.get("jobTemplate", {}).get("spec", {})
+    pod: Doc | None = spec.get("template", {}).get("spec")
+    return pod
 
 
 def _set_images(images: list[Doc], result: _Result) -> None:

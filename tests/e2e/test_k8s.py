@@ -45,6 +45,9 @@ def pod_specs(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
     for d in docs:
         if d["kind"] in ("Deployment", "StatefulSet", "Job"):
             yield d, d["spec"]["template"]["spec"]
+        elif d["kind"] == "CronJob":  # seen as the Job it makes
+            job = {**d, "spec": d["spec"]["jobTemplate"]["spec"]}
+            yield job, job["spec"]["template"]["spec"]
 
 
 def one(docs: list[Doc], kind: str, name: str) -> Doc:
@@ -110,7 +113,7 @@ def test_every_container_is_locked_down_and_probed(name: str) -> None:
             assert set(c["resources"]["limits"]) == {"cpu", "memory"}, at
             ports = {p["containerPort"] for p in c.get("ports", [])}
             names = {p["name"] for p in c.get("ports", [])}
-            if c["name"] == "trainer":  # a batch process: no port to probe
+            if c["name"] in ("trainer", "gc"):  # batch processes: no port to probe
                 continue
             for probe in ("readinessProbe", "livenessProbe"):
                 assert "grpc" in c[probe], f"{at}: {probe} must be Kubernetes' grpc probe"
@@ -169,6 +172,17 @@ def test_store_ceph_files_are_mounted_where_the_config_says() -> None:
     store = one(docs, "Deployment", "gristmill-store")
     assert store["spec"]["replicas"] >= 2
     assert store["spec"]["strategy"]["type"] == "RollingUpdate"
+    # no replica collects a shared catalog at start-up: a CronJob runs `gristmill store gc`
+    # with the store's config, Ceph conf and keyring
+    gc = one(docs, "CronJob", "gristmill-store-gc")
+    job = gc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [container] = job["containers"]
+    assert container["args"][:2] == ["store", "gc"] and "--config" in container["args"]
+    assert container["image"] == store["spec"]["template"]["spec"]["containers"][0]["image"]
+    gc_volumes = {v["name"]: v for v in job["volumes"]}
+    for name in ("config", "ceph-conf", "ceph-keyring"):
+        assert gc_volumes[name] == volumes[name], name
+    assert gc["spec"]["concurrencyPolicy"] == "Forbid"
 
 
 def test_every_referenced_secret_key_has_a_placeholder() -> None:

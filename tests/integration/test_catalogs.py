@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
 from gristmill.cli.main import main
 from gristmill.client.errors import FailedPrecondition
@@ -269,9 +270,13 @@ class TestPoolCatalog(CatalogTests):
         catalog._write(rec.lock, "test", {"w:someone": lease.encode()})
         held = f"commit {time.time() + 0.5:.3f}"
         catalog._write(rec.lock, "test", {"c": held.encode()})
+        waits = REGISTRY.get_sample_value("gristmill_store_catalog_waits_total",
+                                          {"reason": "lease"}) or 0.0
         t0 = time.monotonic()
         catalog.add_files("d", [entry("y")])
         assert time.monotonic() - t0 >= 0.4  # waited until the commit's lease lapsed
+        assert (REGISTRY.get_sample_value("gristmill_store_catalog_waits_total",
+                                          {"reason": "lease"}) or 0.0) > waits  # and says so
         v, created = catalog.commit_version("d")  # the lapsed writer is ignored
         assert created and v.file_count == 2
 
@@ -452,3 +457,58 @@ def test_store_gc_command_collects_a_shared_catalog_next_to_serving_replicas(
     assert report["blobs_deleted"] == 1 and report["bytes_freed"] == 5000
     assert report["referenced"] == 1
     assert hub_of(one).get_file_bytes("d", "kept") == b"k" * 3000
+
+
+def test_a_local_catalog_migrates_into_the_pool(tmp_path: Path, ceph_cluster: CephCluster,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    backend = ceph_backend(ceph_cluster)
+    local = start_in_process(data, store={"backend": {**backend, "catalog": "local"}})
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(30):
+        (src / "sub" / f"{i}.bin").write_bytes(os.urandom(200 + i))
+    hub = hub_of(local)
+    hub.import_folder("a", src)
+    hub.commit_version("a")
+    (src / "late.bin").write_bytes(b"late")
+    hub.import_folder("a", src)
+    hub.commit_version("a")
+    hub.import_folder("b", src / "sub")
+
+    def state(running: Running) -> list[object]:
+        stub = running.store()
+        out: list[object] = []
+        for name in ("a", "b"):
+            ds = stub.GetDataset(store_pb2.GetDatasetRequest(name=name)).dataset
+            versions = stub.ListVersions(store_pb2.ListVersionsRequest(dataset=name)).versions
+            out += [ds, list(versions)]
+            for version in ["latest", *(v.id for v in versions)]:
+                out.append(list(stub.ListManifest(store_pb2.ListManifestRequest(
+                    dataset=name, version=version, page_size=1000)).files))
+        return out
+    before = state(local)
+    assert local.server is not None
+    local.server.stop(0)
+    config = tmp_path / "pool.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(data), "store": {"backend": backend}}))
+    assert main(["store", "migrate-catalog", "--config", str(config), "--quiet"]) == 0
+    assert "copied 2 dataset(s), 61 head file(s) and 2 version(s)" in capsys.readouterr().out
+    # any data directory serves it now (here a new one: nothing needed is local)
+    pool = start_in_process(tmp_path / "elsewhere", store={"backend": backend})
+    try:
+        assert state(pool) == before  # names, times, counts, version ids, every entry
+        assert hub_of(pool).get_file_bytes("a", "late.bin") == b"late"
+    finally:
+        assert pool.server is not None
+        pool.server.stop(0)
+    # run again: the local catalog is gone (renamed), which the command says
+    assert main(["store", "migrate-catalog", "--config", str(config), "--quiet"]) == 2
+    assert "holds no local catalog" in capsys.readouterr().err
+    assert (data / "store" / "catalog.sqlite.migrated").is_file()
+    # and the old data directory serves from the pool (no longer refused)
+    store = open_store(ServiceContext(config_for(data, store={"backend": backend})))
+    try:
+        assert store.catalog.shared and store.get_dataset("b").file_count == 30
+    finally:
+        store.close()

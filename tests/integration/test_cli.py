@@ -15,7 +15,8 @@ from tests.helpers import Running, make_image_tree
 HELP = [[], ["serve"], ["keys"], ["keys", "create"], ["keys", "list"], ["keys", "revoke"],
         ["dataset"]] + [["dataset", a] for a in ("create", "list", "show", "delete", "import",
                                                  "manifest", "download", "commit")] + [
-    ["decode"], ["decode", "buckets"], ["decode", "dataset"], ["store"], ["store", "gc"]]
+    ["decode"], ["decode", "buckets"], ["decode", "dataset"], ["store"], ["store", "gc"],
+    ["store", "migrate-catalog"]]
 
 
 @pytest.mark.parametrize("argv", HELP, ids=lambda a: " ".join(a) or "gristmill")

@@ -63,8 +63,57 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
+_MIGRATE_HELP = """\
+Copy the local SQLite catalog of a store on Ceph (DATA_DIR/store/catalog.sqlite,
+made before the catalog moved into the pool) into the pool's catalog, then
+rename it to catalog.sqlite.migrated. Datasets, heads and versions (ids and
+commit times) are copied; blobs are in the pool already. Stop the server that
+uses the local catalog first. Run it again if it was interrupted.
+"""
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from gristmill.store.catalog import Catalog
+    from gristmill.store.ceph import CephBackend
+    from gristmill.store.config import StoreConfig
+    from gristmill.store.migrate import migrate_catalog
+    from gristmill.store.poolcatalog import PoolCatalog
+
+    os.umask(0o077)
+    try:
+        config = load_config(args.config, overrides={"data_dir": args.data})
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    backend_config = StoreConfig.of(config).backend
+    if backend_config.kind != "ceph":
+        print("error: the config's store is not on Ceph (store.backend.kind: ceph); a "
+              "filesystem store keeps its catalog in SQLite", file=sys.stderr)
+        return 2
+    path = config.data_dir / "store" / "catalog.sqlite"
+    if not path.is_file():
+        print(f"error: {config.data_dir} holds no local catalog (no {path}); pass the "
+              "server's --data directory", file=sys.stderr)
+        return 2
+    source = Catalog(path)
+    backend = CephBackend(backend_config)
+    try:
+        report = migrate_catalog(source, PoolCatalog(backend, path.parent / "catalog",
+                                                     backend_config.catalog_shards),
+                                 show_progress=not args.quiet)
+    finally:
+        source.close()
+        backend.close()
+    done = path.with_name("catalog.sqlite.migrated")
+    path.rename(done)
+    print(f"{report.summary()}; the local catalog is now {done}")
+    if backend_config.catalog != "pool":
+        print("set store.backend.catalog: pool (the default) to serve from the pool's catalog")
+    return 0
+
+
 def register(commands: Any) -> None:
-    """Add ``store`` (with ``gc``) to the CLI's sub-commands."""
+    """Add ``store`` (with ``gc`` and ``migrate-catalog``) to the CLI's sub-commands."""
     store = commands.add_parser("store", help="maintain a store's data directory (server side)",
                                 description="Maintenance of the store's data directory, run on "
                                 "the store's host as the server's user.")
@@ -81,3 +130,10 @@ def register(commands: Any) -> None:
                    "remove nothing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_gc)
+    p = actions.add_parser("migrate-catalog", help="copy a Ceph store's local catalog into "
+                           "its pool", description=_MIGRATE_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, help="data directory of the server (config key data_dir)")
+    p.add_argument("--config", type=Path, help="YAML config file (its store.backend: the pool)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_migrate)

@@ -10,3 +10,9 @@ STORE_BLOBS_CREATED = Counter("gristmill_store_blobs_created", "New content-addr
 STORE_ITEM_ERRORS = Counter(
     "gristmill_store_item_errors", "Per-file errors in batch calls", ["reason"],
 )
+CATALOG_WAITS = Counter(
+    "gristmill_store_catalog_waits",
+    "Times a change of the catalog in a Ceph pool waited: 'conflict' (another writer changed "
+    "the object first; read again) or 'lease' (a commit or writers held the dataset)",
+    ["reason"],
+)

@@ -70,6 +70,7 @@ from gristmill.client.errors import (
     NotFound,
     Unavailable,
 )
+from gristmill.store import metrics as store_metrics
 from gristmill.store.blobs import blob_key
 from gristmill.store.catalog import (
     BlobGuard,
@@ -347,6 +348,7 @@ class PoolCatalog:
                 return result
             if self._write(oid, what, sets, removes, version=version) is not None:
                 return result
+            store_metrics.CATALOG_WAITS.labels("conflict").inc()
             time.sleep(random.uniform(0, 0.001 * 2 ** min(attempt, 7)))
         raise Unavailable(f"cannot {what}: other writers changed it {_RETRIES} times in a row; "
                           "retry", reason="CATALOG_BUSY")
@@ -372,6 +374,7 @@ class PoolCatalog:
         """Set ``key`` to ``lease`` once ``absent`` keys are absent (a lapsed one is cleared)."""
         deadline = time.monotonic() + _WAIT_SECONDS
         while self._write(oid, what, {key: lease.encode()}, absent=absent) is None:
+            store_metrics.CATALOG_WAITS.labels("lease").inc()
             held = dict(self._read(oid, keys=absent)[0])
             for k, value in held.items():
                 if not _live(value):  # its holder died: take its place
@@ -431,11 +434,11 @@ class PoolCatalog:
                            reason="DATASET_NOT_FOUND", metadata={"dataset": name})
         return rec
 
-    def create_dataset(self, name: str, description: str) -> bool:
+    def create_dataset(self, name: str, description: str, created: str = "") -> bool:
         """Record a new dataset; False if the name is taken."""
         self.store_id  # noqa: B018 - the pool's catalog is made (and checked) first
         raw = json.dumps({"uid": uuid.uuid4().hex, "description": description,
-                          "created": now(), "shards": self.shards}).encode()
+                          "created": created or now(), "shards": self.shards}).encode()
         return self._write(_DATASETS, f"create dataset {name!r}", {"d:" + name: raw},
                            absent=["d:" + name]) is not None
 
@@ -791,6 +794,7 @@ class PoolCatalog:
     def _wait_for_writers(self, rec: _Record, what: str) -> None:
         deadline = time.monotonic() + _WAIT_SECONDS
         while any(_live(value) for _, value in self._all(rec.lock, "w:")):
+            store_metrics.CATALOG_WAITS.labels("lease").inc()
             if time.monotonic() > deadline:
                 raise Unavailable(f"cannot {what}: uploads into it are still being recorded "
                                   f"after {_WAIT_SECONDS:g} s; retry", reason="CATALOG_BUSY")
@@ -855,6 +859,48 @@ class PoolCatalog:
                 page = {}
         if page:
             self._write(target, "copy a version's files", page)
+
+    def import_version(self, dataset: str, version: VersionRow,
+                       pages: Iterable[list[store_pb2.FileEntry]]) -> bool:
+        """Record a version made elsewhere (a migrated catalog) with its id and time.
+
+        Its entries (sorted by path) must hash to its id, as a commit's do;
+        False if the dataset has it already.
+        """
+        rec = self._existing(dataset)
+        if self._version(rec, version.id) is not None:
+            return False
+        what = f"import version {version.id} of dataset {dataset!r}"
+        copy = uuid.uuid4().hex[:16]
+        copies = [rec.version(version.id, copy, k) for k in range(rec.shards)]
+        self._write(rec.versions, what, {"a:" + copy: version.id.encode()})
+        digest = hashlib.sha256()
+        count = total = 0
+        published = False
+        try:
+            for page in pages:
+                shards: dict[int, dict[str, bytes]] = {}
+                for e in page:
+                    digest.update(f"{e.path}\t{e.size}\t{e.sha256}\n".encode())
+                    count, total = count + 1, total + e.size
+                    shards.setdefault(rec.shard_of(e.path), {})[e.path] = _encode(e)
+                for k, values in shards.items():
+                    self._write(copies[k], what, values)
+            if digest.hexdigest() != version.id:
+                raise FailedPrecondition(
+                    f"{what}: its files hash to {digest.hexdigest()}, not to its id; the "
+                    "source catalog is damaged (nothing of this version was imported)",
+                    reason="VERSION_MISMATCH")
+            vkey = _version_key(version.created, version.id)
+            record = json.dumps({"id": version.id, "created": version.created,
+                                 "count": count, "bytes": total}).encode()
+            index = json.dumps({"key": vkey, "copy": copy}).encode()
+            published = self._write(rec.versions, what, {vkey: record, "i:" + version.id: index},
+                                    ["a:" + copy], absent=["i:" + version.id]) is not None
+        finally:
+            if not published:
+                self._discard_copy(rec, copy, copies)
+        return published
 
     # -- garbage collection --------------------------------------------------------------
     def marked(self) -> set[str]:

@@ -190,7 +190,8 @@ def _refuse_local_catalog(path: Path) -> None:
     if held:
         raise FailedPrecondition(
             f"{path} holds {held} dataset(s) recorded in the local catalog; the Ceph backend "
-            "now keeps its catalog in the pool (store.backend.catalog: pool). Set "
+            "now keeps its catalog in the pool (store.backend.catalog: pool). Copy them there "
+            "with `gristmill store migrate-catalog --config CONFIG` (server stopped), or set "
             "store.backend.catalog: local to keep serving them from this directory",
             reason="LOCAL_CATALOG_IN_USE")
 
