@@ -31,6 +31,7 @@ from gristmill.store.blobs import blob_key
 from gristmill.store.catalog import Catalog, CatalogApi
 from gristmill.store.ceph import CephBackend
 from gristmill.store.config import CephBackendConfig
+from gristmill.store.migrate import migrate_catalog
 from gristmill.store.poolcatalog import PoolCatalog
 from gristmill.store.service import open_store
 from gristmill.store.store import Store
@@ -512,3 +513,31 @@ def test_a_local_catalog_migrates_into_the_pool(tmp_path: Path, ceph_cluster: Ce
         assert store.catalog.shared and store.get_dataset("b").file_count == 30
     finally:
         store.close()
+
+
+def test_a_migration_resumes_and_refuses_datasets_made_in_the_pool(
+        tmp_path: Path, ceph_cluster: CephCluster) -> None:
+    source = Catalog(tmp_path / "catalog.sqlite")
+    source.create_dataset("a", "first")
+    source.add_files("a", [entry(f"f{i}", i + 1) for i in range(2500)])
+    source.commit_version("a")
+    backend = _pool_backend(ceph_cluster, f"t{os.urandom(8).hex()}")
+    target = PoolCatalog(backend, tmp_path / "catalog", shards=4)
+    try:
+        first = migrate_catalog(source, target, show_progress=False)
+        assert (first.datasets, first.files, first.versions) == (1, 2500, 1)
+        again = migrate_catalog(source, target, show_progress=False)  # as after a crash
+        assert again.versions == 0
+        assert target.counts_of("a", "latest") == source.counts_of("a", "latest")
+        [v] = target.versions("a", None, 10)
+        assert v == source.versions("a", None, 10)[0]
+        # a dataset of the same name made in the pool stops the next one before any copy
+        source.create_dataset("b", "")
+        source.add_files("b", [entry("x")])
+        target.create_dataset("b", "made in the pool")
+        with pytest.raises(FailedPrecondition, match="'b'"):
+            migrate_catalog(source, target, show_progress=False)
+        assert target.entries("b", "latest") == []
+    finally:
+        source.close()
+        backend.close()
