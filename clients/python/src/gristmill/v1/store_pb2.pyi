@@ -391,7 +391,10 @@ class DeleteDatasetResponse(_message.Message):
     BLOBS_DELETED_FIELD_NUMBER: _builtins.int
     BYTES_FREED_FIELD_NUMBER: _builtins.int
     blobs_deleted: _builtins.int
-    """Blobs no longer used by any dataset or version, now deleted."""
+    """Blobs no longer used by any dataset or version, now deleted. Always 0 when
+    the catalog is shared by store replicas (on Ceph, in the pool): garbage
+    collection (`gristmill store gc`) removes them after its grace period.
+    """
     bytes_freed: _builtins.int
     """Bytes those blobs held."""
     def __init__(

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gristmill.common.config import ConfigError, load_config
+from gristmill.common.config import ConfigError, ServerConfig, load_config
 from gristmill.common.service import ServiceContext
 
 __all__ = ["register"]
@@ -28,18 +28,30 @@ Safe next to a running server: a blob is removed only if it was neither
 written nor used by an upload for --grace-minutes (uploads of the server touch
 every blob they write or reuse), and the reference check and the delete hold
 the catalog's write lock. Use --grace-minutes 0 only when no server is running.
+
+On Ceph with the catalog in the pool (shared by every store replica), pass the
+servers' --config: it marks every blob a dataset refers to, then deletes each
+unreferenced one only at the RADOS version it saw, so a replica's upload that
+reuses a blob meanwhile keeps it (docs/storage.md).
 """
+
+
+def _config(args: argparse.Namespace) -> ServerConfig | None:
+    """The server's config from --config and --data (files made private); None: said why."""
+    os.umask(0o077)
+    try:
+        return load_config(args.config, overrides={"data_dir": args.data})
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
 
 
 def _gc(args: argparse.Namespace) -> int:
     from gristmill.store.config import StoreConfig
     from gristmill.store.service import open_store
 
-    os.umask(0o077)
-    try:
-        config = load_config(args.config, overrides={"data_dir": args.data})
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    config = _config(args)
+    if config is None:
         return 2
     if args.grace_minutes < 0:
         print("error: --grace-minutes must not be negative", file=sys.stderr)
@@ -79,11 +91,8 @@ def _migrate(args: argparse.Namespace) -> int:
     from gristmill.store.migrate import migrate_catalog
     from gristmill.store.poolcatalog import PoolCatalog
 
-    os.umask(0o077)
-    try:
-        config = load_config(args.config, overrides={"data_dir": args.data})
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    config = _config(args)
+    if config is None:
         return 2
     backend_config = StoreConfig.of(config).backend
     if backend_config.kind != "ceph":
