@@ -20,7 +20,13 @@ from typing import Any
 
 import pytest
 
-from gristmill.client.errors import DataLoss, FailedPrecondition, Internal, InvalidArgument
+from gristmill.client.errors import (
+    DataLoss,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    Unavailable,
+)
 from gristmill.store.blobs import BlobStore, blob_key
 from gristmill.store.ceph import CephBackend
 from gristmill.store.config import CephBackendConfig
@@ -510,6 +516,39 @@ class TestCephBackend(BackendTests):
         assert isinstance(backend, CephBackend)
         return len(backend._active) + backend.remove_temporaries(time.time() + 60,
                                                                  dry_run=True)[0]
+
+    def test_close_waits_for_calls_in_flight_then_refuses_new_ones(
+            self, backend: ObjectBackend) -> None:
+        """Shutting librados down under a waiting call would leave that call waiting forever."""
+        assert isinstance(backend, CephBackend)
+        backend.put("k/v", b"value")
+        io = backend._io()
+        inside, release = threading.Event(), threading.Event()
+
+        class SlowIo:  # an I/O context whose reads are held until released
+            def __getattr__(self, name: str) -> Any:
+                return getattr(io, name)
+
+            def read(self, *args: Any) -> Any:
+                inside.set()
+                release.wait(10)
+                return io.read(*args)
+        slow = SlowIo()
+        backend._io = lambda: slow  # type: ignore[method-assign]
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(backend.read("k/v", 0, 5)))
+        reader.start()
+        assert inside.wait(5)
+        closer = threading.Thread(target=backend.close)
+        closer.start()
+        closer.join(0.5)
+        assert closer.is_alive()  # waits for the read instead of shutting down under it
+        release.set()
+        reader.join(10)
+        closer.join(10)
+        assert got == [b"value"] and not closer.is_alive()
+        with pytest.raises(Unavailable, match="shutting down"):
+            backend.stat("k/v")
 
     def test_large_values_are_pieces_no_object_larger(self, backend: ObjectBackend,
                                                       ceph_cluster: CephCluster) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import threading
 import time
@@ -70,6 +71,19 @@ _HEAD_CACHE = 4096
 _CONFLICT_ERRNOS = frozenset({errno.EEXIST, errno.ERANGE, errno.EOVERFLOW, errno.ENOENT})
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _tracked(method: F) -> F:
+    """Count the call as in flight on its backend: :meth:`CephBackend.close` waits for it."""
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        backend = self if isinstance(self, CephBackend) else self._backend
+        with backend._using():
+            return method(self, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
+
+
 def _rados() -> Any:
     try:
         import rados
@@ -99,6 +113,7 @@ class _CephStaging(Staging):
             self._send(bytes(self.buffer[:limit]))
             del self.buffer[:limit]
 
+    @_tracked
     def _send(self, piece: bytes) -> None:
         name = f"pieces/{self.id}/{self.pieces}"
         self._backend.index_add([name])  # listed (for gc) before it exists
@@ -108,6 +123,7 @@ class _CephStaging(Staging):
         if len(self._pending) >= 4:  # bound memory: at most 4 pieces in flight
             self.wait()
 
+    @_tracked
     def wait(self) -> None:
         """Wait for piece writes in flight; raise if one failed."""
         pending, self._pending = self._pending, []
@@ -117,6 +133,7 @@ class _CephStaging(Staging):
             if code < 0:
                 raise self._backend.error("write a piece", OSError(-code, "piece write failed"))
 
+    @_tracked
     def finish(self) -> None:
         """Send the last piece of a multi-piece value and wait for all of them."""
         if self.pieces:
@@ -126,6 +143,14 @@ class _CephStaging(Staging):
             self.wait()
 
     def abort(self) -> None:
+        try:
+            with self._backend._using():
+                self._abort()
+        except Unavailable:  # shutting down: pieces already written are left to gc
+            self._pending.clear()
+            self.buffer.clear()
+
+    def _abort(self) -> None:
         pending, self._pending = self._pending, []
         for completion in pending:
             completion.wait_for_complete()
@@ -152,6 +177,10 @@ class CephBackend(ObjectBackend):
         #: when an operation last timed out (0: not since start)
         self._down_at = 0.0
         self._active: set[str] = set()
+        #: calls in flight (see :meth:`_using`); close() waits for them before shutting down
+        self._inflight = 0
+        self._closed = False
+        self._idle = threading.Condition()
         #: (size, staging id, pieces, piece size) of values in pieces read lately
         #: (their pieces never change; a value deleted and stored again has new ones)
         self._heads: dict[str, tuple[int, str, int, int]] = {}
@@ -206,6 +235,23 @@ class CephBackend(ObjectBackend):
                            f"(`ceph --conf {self.config.conf} -s`) and reachable; calls resume "
                            "by themselves when it is back", reason="STORAGE_UNAVAILABLE")
 
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """A call in flight: refused once the backend is closed, waited for by close()."""
+        with self._idle:
+            if self._closed:
+                raise Unavailable(f"{self.describe()}: the store is shutting down; retry on "
+                                  "another replica or when it is back",
+                                  reason="STORAGE_UNAVAILABLE")
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.notify_all()
+
     def _io(self) -> Any:
         """This thread's I/O context (``get_last_version`` is per context).
 
@@ -228,6 +274,7 @@ class CephBackend(ObjectBackend):
             self._local.cluster = cluster
         return io
 
+    @_tracked
     def call(self, what: str, fn: Callable[[Any], T]) -> T:
         """Run ``fn(ioctx)``; librados errors become domain errors naming the cluster."""
         io = self._io()
@@ -257,6 +304,7 @@ class CephBackend(ObjectBackend):
             return self._unavailable(f"did not answer within {self.timeout:g} s ({operation})")
         return Internal(f"{self.describe()}: cannot {operation}: {error}", reason="STORAGE_ERROR")
 
+    @_tracked
     def check_health(self) -> None:
         def probe(io: Any) -> None:
             try:
@@ -271,6 +319,7 @@ class CephBackend(ObjectBackend):
         self._active.add(staging.id)
         return staging
 
+    @_tracked
     def commit(self, items: Sequence[tuple[Staging, str]]) -> list[bool]:
         rados = _rados()
         created = [False] * len(items)
@@ -318,6 +367,7 @@ class CephBackend(ObjectBackend):
                     s.buffer.clear()
         return created
 
+    @_tracked
     def put(self, key: str, data: bytes, *, expected_version: str | None = None,
             if_absent: bool = False) -> PutResult:
         rados = _rados()
@@ -350,6 +400,7 @@ class CephBackend(ObjectBackend):
         finally:
             io.release_write_op(op)
 
+    @_tracked
     def delete(self, key: str, *, expected_version: str | None = None) -> tuple[PutResult, int]:
         rados = _rados()
         current = self.stat(key)
@@ -380,6 +431,7 @@ class CephBackend(ObjectBackend):
             self.remove_pieces(pieces[0], pieces[1])
         return PutResult(False, ""), current.size
 
+    @_tracked
     def remove_pieces(self, staging_id: str, count: int) -> None:
         """Remove the piece objects of a staging (best effort: gc removes leftovers)."""
         io = self._io()
@@ -400,6 +452,7 @@ class CephBackend(ObjectBackend):
             pass  # a stale registration only costs gc one lookup
 
     # -- the listing index ----------------------------------------------------------
+    @_tracked
     def index_add(self, keys: Sequence[str]) -> None:
         """Name keys in their directories' index objects, before the keys are written.
 
@@ -423,6 +476,7 @@ class CephBackend(ObjectBackend):
         self._indexed.update((obj, e) for obj, entries in wanted.items()
                              for e in entries if e.endswith("/"))
 
+    @_tracked
     def index_remove(self, keys: Sequence[str]) -> None:
         """Drop objects' entries from their directories' indexes (best effort)."""
         gone: dict[str, list[str]] = {}
@@ -457,6 +511,7 @@ class CephBackend(ObjectBackend):
         if failure:
             raise self.error("update the listing index", OSError(-failure, "index write failed"))
 
+    @_tracked
     def _index_page(self, directory: str, after: str, only: str) -> list[str]:
         rados = _rados()
         io = self._io()
@@ -470,6 +525,7 @@ class CephBackend(ObjectBackend):
                 raise self._map(f"list {directory or 'the root'}", e) from None
             return [str(k) for k, _ in it]
 
+    @_tracked
     def touch(self, key: str) -> bool:
         """Write ``gm.used`` (a new mtime and version) at the version found; False if absent.
 
@@ -522,10 +578,12 @@ class CephBackend(ObjectBackend):
         sid, count, size = raw.decode().split(":")
         return sid, int(count), int(size)
 
+    @_tracked
     def stat(self, key: str) -> ObjectStat | None:
         got = self._stat(key)
         return None if got is None else got[0]
 
+    @_tracked
     def _stat(self, key: str) -> tuple[ObjectStat, bool] | None:
         """The stat and whether the value is in pieces (an empty head with ``gm.size``)."""
         rados = _rados()
@@ -547,6 +605,7 @@ class CephBackend(ObjectBackend):
                 pass
         return ObjectStat(key, int(size), time.mktime(mtime), str(version)), multi
 
+    @_tracked
     def read(self, key: str, offset: int = 0, length: int = -1) -> bytes:
         heads = self._heads.get(key)
         if heads is not None and length > 0:  # a value in pieces read before: no lookups
@@ -610,6 +669,7 @@ class CephBackend(ObjectBackend):
                 raise self.error(f"read {key}", OSError(-code, "piece read failed"))
         return b"".join(got[n] for n in range(first, last + 1))
 
+    @_tracked
     def read_versioned(self, key: str, offset: int = 0, length: int = -1
                        ) -> tuple[bytes, ObjectStat] | None:
         rados = _rados()
@@ -633,6 +693,7 @@ class CephBackend(ObjectBackend):
                 return data, ObjectStat(key, int(size), time.mktime(mtime), str(after))
         raise self._unavailable(f"kept changing {key} while it was read")
 
+    @_tracked
     def read_many(self, reads: Sequence[tuple[str, int, int]], versions: bool = True
                   ) -> list[tuple[bytes, ObjectStat] | None]:
         """Without versions: all reads in flight at once (aio stat, then aio read).
@@ -722,6 +783,7 @@ class CephBackend(ObjectBackend):
                 out.append((data, ObjectStat(key, -1, 0.0, "")))
         return out
 
+    @_tracked
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
         io = self._io()
         completions = []
@@ -774,6 +836,7 @@ class CephBackend(ObjectBackend):
             after = page[-1]
 
     # -- upkeep ---------------------------------------------------------------------
+    @_tracked
     def remove_temporaries(self, older_than: float, dry_run: bool = False) -> tuple[int, int]:
         """Remove pieces that no head names, written before ``older_than``.
 
@@ -798,6 +861,7 @@ class CephBackend(ObjectBackend):
                 self._omap_batch({_PIECE_HEADS: [sid]}, add=False)
         return count, freed
 
+    @_tracked
     def _published(self, sid: str) -> bool:
         rados = _rados()
         io = self._io()
@@ -818,11 +882,29 @@ class CephBackend(ObjectBackend):
         return pieces is not None and pieces[0] == sid
 
     def close(self) -> None:
+        """Refuse new calls, wait for those in flight, then shut the connection down.
+
+        Shutting librados down under a thread that waits in a call would leave
+        that thread waiting forever; each call ends within the operation
+        timeout, so the wait is bounded. Should one not end, the connection is
+        left to the process's exit instead.
+        """
+        deadline = time.monotonic() + 3 * self.timeout + 5
+        with self._idle:
+            self._closed = True
+            while self._inflight and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
+            busy = self._inflight
         with self._lock:
             cluster, self._cluster = self._cluster, None
-        if cluster is not None:
-            with contextlib.suppress(Exception):
-                cluster.shutdown()
+        if cluster is None:
+            return
+        if busy:
+            log.warning("%s: %d call(s) still in flight at close; the connection is left to "
+                        "the process's exit", self.describe(), busy)
+            return
+        with contextlib.suppress(Exception):
+            cluster.shutdown()
 
 
 def _index_entries(key: str) -> list[tuple[str, str]]:
