@@ -565,7 +565,9 @@ class PoolCatalog:
         rec = self._existing(dataset)
         what = f"delete files of dataset {dataset!r}"
         with self._writing(rec, what):
-            return self._delete(rec, paths, what), []
+            deleted = self._delete(rec, paths, what)
+        self._still(rec)
+        return deleted, []
 
     def _delete(self, rec: _Record, paths: list[str], what: str) -> int:
         deleted = 0
@@ -613,7 +615,7 @@ class PoolCatalog:
             if versions is not None and got and version != versions[0]:
                 raise _Changed(oid)
             for key, raw in got:
-                if key >= " ":  # not a shard's own keys (counters, freeze)
+                if key >= " ":  # not the shard's own counters key
                     yield key, raw
             if len(got) < page:
                 return
