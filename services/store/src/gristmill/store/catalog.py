@@ -28,7 +28,7 @@ from gristmill.store.disk import DISK_FULL, disk_full
 from gristmill.v1 import store_pb2
 
 __all__ = ["SCHEMA_VERSION", "BlobGuard", "Catalog", "CatalogApi", "DatasetRow", "HeadKey",
-           "VersionRow", "entry_from_row", "prefix_end"]
+           "VersionRow", "entry_from_row", "prefix_end", "version_line"]
 
 T = TypeVar("T")
 
@@ -690,7 +690,7 @@ class Catalog:
             cursor = conn.execute("SELECT path, size, sha256 FROM files WHERE dataset = ? "
                                   "ORDER BY path", [dataset])
             while rows := cursor.fetchmany(4096):
-                digest.update("".join(f"{p}\t{n}\t{h}\n" for p, n, h in rows).encode())
+                digest.update("".join(version_line(p, n, h) for p, n, h in rows).encode())
             version_id = digest.hexdigest()
             existing = self._version(conn, dataset, version_id)
             if existing is not None:
@@ -731,6 +731,11 @@ class Catalog:
     def close(self) -> None:
         """Close the database."""
         self.db.conn.close()
+
+
+def version_line(path: str, size: int, sha256: str) -> str:
+    """A file's line in the canonical content a version id is the sha256 of."""
+    return f"{path}\t{size}\t{sha256}\n"
 
 
 def prefix_end(prefix: str) -> str | None:

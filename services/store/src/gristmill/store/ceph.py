@@ -501,15 +501,18 @@ class CephBackend(ObjectBackend):
                     io.remove_omap_keys(op, names)
                 pending.append((op, io.operate_aio_write_op(op, obj, mtime=_now())))
         finally:
-            failure = 0
+            codes = []
             for op, completion in pending:
                 completion.wait_for_complete()
-                code = completion.get_return_value()
+                codes.append(completion.get_return_value())
                 io.release_write_op(op)
-                if code < 0 and -code != errno.ENOENT:
-                    failure = failure or code
-        if failure:
-            raise self.error("update the listing index", OSError(-failure, "index write failed"))
+        self.check_codes("update the listing index", codes)
+
+    def check_codes(self, operation: str, codes: Sequence[int]) -> None:
+        """Raise the domain error of the first failed aio return code; ENOENT is no failure."""
+        for code in codes:
+            if code < 0 and -code != errno.ENOENT:
+                raise self.error(operation, OSError(-code, errno.errorcode.get(-code, "error")))
 
     @_tracked
     def _index_page(self, directory: str, after: str, only: str) -> list[str]:

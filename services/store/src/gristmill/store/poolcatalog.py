@@ -80,6 +80,7 @@ from gristmill.store.catalog import (
     VersionRow,
     entry_from_row,
     now,
+    version_line,
 )
 from gristmill.v1 import store_pb2
 
@@ -215,7 +216,7 @@ class _PoolGuard:
         self.catalog = catalog
 
     def referenced(self, shas: list[str]) -> set[str]:
-        """See :class:`~gristmill.store.catalog.CatalogApi`."""
+        """See :class:`~gristmill.store.catalog.BlobGuard`."""
         return set(shas) & self.catalog.marked()
 
     def forget(self, shas: list[str]) -> None:
@@ -274,22 +275,14 @@ class PoolCatalog:
                     op = io.create_read_op()
                     it, _ = io.get_omap_vals_by_keys(op, tuple(keys))
                     ops.append((op, it, io.operate_aio_read_op(op, oid)))
-                out: list[dict[str, bytes]] = []
-                failure = 0
-                for _, it, completion in ops:
+                codes = []
+                for _, _, completion in ops:
                     completion.wait_for_complete()
-                    code = completion.get_return_value()
-                    if code == -errno.ENOENT:
-                        out.append({})
-                    elif code < 0:
-                        failure = failure or code
-                        out.append({})
-                    else:
-                        out.append({str(k): bytes(v) for k, v in it})
-                if failure:
-                    raise self.backend.error("read the catalog",
-                                             OSError(-failure, errno.errorcode.get(-failure, "")))
-                return out
+                    codes.append(completion.get_return_value())
+                self.backend.check_codes("read the catalog", codes)
+                # an absent object (ENOENT) reads as no keys
+                return [{str(k): bytes(v) for k, v in it} if code >= 0 else {}
+                        for (_, it, _), code in zip(ops, codes, strict=True)]
             finally:
                 for op, _, _ in ops:
                     io.release_read_op(op)
@@ -358,15 +351,10 @@ class PoolCatalog:
 
         def body(io: Any) -> None:
             completions = [io.aio_remove(oid) for oid in oids]
-            failure = 0
             for c in completions:
                 c.wait_for_complete()
-                code = c.get_return_value()
-                if code < 0 and -code != errno.ENOENT:
-                    failure = failure or code
-            if failure:
-                raise self.backend.error("remove catalog objects",
-                                         OSError(-failure, errno.errorcode.get(-failure, "")))
+            self.backend.check_codes("remove catalog objects",
+                                     [c.get_return_value() for c in completions])
         self.backend.call("remove catalog objects", body)
 
     def _acquire(self, oid: str, key: str, what: str, waiting_for: str,
@@ -446,18 +434,20 @@ class PoolCatalog:
         """See :class:`~gristmill.store.catalog.CatalogApi`."""
         return self._record(name) is not None
 
-    def _shard_state(self, rec: _Record) -> list[tuple[int, int, int]]:
+    def _totals(self, rec: _Record) -> tuple[int, int, int]:
+        """(files, bytes, revision) of the head: its shards' counters summed (one round trip)."""
         got = self._read_many([rec.head(k) for k in range(rec.shards)], [_COUNTS])
-        return [_counts(g.get(_COUNTS)) for g in got]
+        state = [_counts(g.get(_COUNTS)) for g in got]
+        return sum(s[0] for s in state), sum(s[1] for s in state), sum(s[2] for s in state)
 
     def _latest(self, rec: _Record) -> str:
         got = self._read(rec.versions, prefix="v:", limit=1)[0]
         return str(json.loads(got[0][1])["id"]) if got else ""
 
     def _summary(self, rec: _Record) -> DatasetRow:
-        state = self._shard_state(rec)
-        return DatasetRow(rec.name, rec.description, rec.created, sum(s[0] for s in state),
-                          sum(s[1] for s in state), self._latest(rec))
+        count, total, _ = self._totals(rec)
+        return DatasetRow(rec.name, rec.description, rec.created, count, total,
+                          self._latest(rec))
 
     def dataset(self, name: str) -> DatasetRow | None:
         """See :class:`~gristmill.store.catalog.CatalogApi`."""
@@ -676,14 +666,10 @@ class PoolCatalog:
         if page:
             yield page
 
-    def head_key(self, dataset: str) -> HeadKey | None:
+    def _head_key(self, rec: _Record) -> HeadKey:
         """(uid, revision, count, bytes): the revision is the sum of the shards'."""
-        rec = self._record(dataset)
-        if rec is None:
-            return None
-        state = self._shard_state(rec)
-        return (rec.uid, sum(s[2] for s in state), sum(s[0] for s in state),
-                sum(s[1] for s in state))
+        count, total, revision = self._totals(rec)
+        return rec.uid, revision, count, total
 
     @contextmanager
     def head_pages(self, dataset: str
@@ -695,11 +681,10 @@ class PoolCatalog:
         so a manifest built from it is built again on the next request.
         """
         rec = self._record(dataset)
-        key = self.head_key(dataset) if rec is not None else None
-        if rec is None or key is None:
+        if rec is None:
             yield None
             return
-        yield key, self._pages(self._merged(self._objects(rec, _LATEST)))
+        yield self._head_key(rec), self._pages(self._merged(self._objects(rec, _LATEST)))
 
     @contextmanager
     def version_pages(self, dataset: str, version: str) -> Iterator[Iterator[list[EntryRow]]]:
@@ -713,8 +698,7 @@ class PoolCatalog:
         if rec is None:
             return None
         if version == _LATEST:
-            state = self._shard_state(rec)
-            return sum(s[0] for s in state), sum(s[1] for s in state)
+            return self._totals(rec)[:2]
         row = self._version(rec, version)
         return None if row is None else (row.file_count, row.total_bytes)
 
@@ -810,39 +794,54 @@ class PoolCatalog:
         count = total = 0
         for path, raw in self._merged(heads, versions=before):
             entry = json.loads(raw)
-            digest.update(f"{path}\t{entry[1]}\t{entry[0]}\n".encode())
+            digest.update(version_line(path, entry[1], entry[0]).encode())
             count, total = count + 1, total + int(entry[1])
         vid = digest.hexdigest()
         existing = self._version(rec, vid)
         if existing is not None:
             return existing, False
-        # this attempt's own copy, named before it is written (a delete finds it)
-        copy = uuid.uuid4().hex[:16]
-        copies = [rec.version(vid, copy, k) for k in range(rec.shards)]
-        self._write(rec.versions, what, {"a:" + copy: vid.encode()})
-        published = False
-        try:
+
+        def fill(copies: list[str]) -> tuple[str, int, int]:
             for k, oid in enumerate(heads):
                 self._copy(oid, copies[k], before[k])
             if [self._read(oid, keys=[_COUNTS])[1] for oid in heads] != before:
                 raise _Changed(rec.name)
-            created = now()
-            vkey = _version_key(created, vid)
-            record = json.dumps({"id": vid, "created": created, "count": count,
-                                 "bytes": total}).encode()
-            index = json.dumps({"key": vkey, "copy": copy}).encode()
-            published = self._write(rec.versions, what, {vkey: record, "i:" + vid: index},
-                                    ["a:" + copy], absent=["i:" + vid]) is not None
-        finally:
-            if not published:
-                self._discard_copy(rec, copy, copies)
-        if not published:
+            return now(), count, total
+        row = self._new_version(rec, vid, what, fill)
+        if row is None:
             existing = self._version(rec, vid)  # committed by another replica meanwhile
             if existing is None:
                 raise _Changed(rec.name)
             return existing, False
         self._still(rec)
-        return VersionRow(rec.name, vid, created, count, total), True
+        return row, True
+
+    def _new_version(self, rec: _Record, vid: str, what: str,
+                     fill: Callable[[list[str]], tuple[str, int, int]]) -> VersionRow | None:
+        """Write a version's own copy, then publish it; None if the version exists already.
+
+        The copy is named (``a:<copy>``) before ``fill`` writes its shard
+        objects and returns (created, count, bytes); the record, written last
+        and only if there is no version of that id yet, publishes it. A copy
+        not published is removed.
+        """
+        copy = uuid.uuid4().hex[:16]
+        copies = [rec.version(vid, copy, k) for k in range(rec.shards)]
+        self._write(rec.versions, what, {"a:" + copy: vid.encode()})
+        row = None
+        try:
+            created, count, total = fill(copies)
+            vkey = _version_key(created, vid)
+            record = json.dumps({"id": vid, "created": created, "count": count,
+                                 "bytes": total}).encode()
+            index = json.dumps({"key": vkey, "copy": copy}).encode()
+            if self._write(rec.versions, what, {vkey: record, "i:" + vid: index},
+                           ["a:" + copy], absent=["i:" + vid]) is not None:
+                row = VersionRow(rec.name, vid, created, count, total)
+        finally:
+            if row is None:
+                self._discard_copy(rec, copy, copies)
+        return row
 
     def _discard_copy(self, rec: _Record, copy: str, copies: list[str]) -> None:
         try:
@@ -873,17 +872,14 @@ class PoolCatalog:
         if self._version(rec, version.id) is not None:
             return False
         what = f"import version {version.id} of dataset {dataset!r}"
-        copy = uuid.uuid4().hex[:16]
-        copies = [rec.version(version.id, copy, k) for k in range(rec.shards)]
-        self._write(rec.versions, what, {"a:" + copy: version.id.encode()})
-        digest = hashlib.sha256()
-        count = total = 0
-        published = False
-        try:
+
+        def fill(copies: list[str]) -> tuple[str, int, int]:
+            digest = hashlib.sha256()
+            count = total = 0
             for page in pages:
                 shards: dict[int, dict[str, bytes]] = {}
                 for e in page:
-                    digest.update(f"{e.path}\t{e.size}\t{e.sha256}\n".encode())
+                    digest.update(version_line(e.path, e.size, e.sha256).encode())
                     count, total = count + 1, total + e.size
                     shards.setdefault(rec.shard_of(e.path), {})[e.path] = _encode(e)
                 for k, values in shards.items():
@@ -893,16 +889,8 @@ class PoolCatalog:
                     f"{what}: its files hash to {digest.hexdigest()}, not to its id; the "
                     "source catalog is damaged (nothing of this version was imported)",
                     reason="VERSION_MISMATCH")
-            vkey = _version_key(version.created, version.id)
-            record = json.dumps({"id": version.id, "created": version.created,
-                                 "count": count, "bytes": total}).encode()
-            index = json.dumps({"key": vkey, "copy": copy}).encode()
-            published = self._write(rec.versions, what, {vkey: record, "i:" + version.id: index},
-                                    ["a:" + copy], absent=["i:" + version.id]) is not None
-        finally:
-            if not published:
-                self._discard_copy(rec, copy, copies)
-        return published
+            return version.created, count, total
+        return self._new_version(rec, version.id, what, fill) is not None
 
     # -- garbage collection --------------------------------------------------------------
     def marked(self) -> set[str]:

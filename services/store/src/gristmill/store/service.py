@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,11 +184,14 @@ def _refuse_local_catalog(path: Path) -> None:
     """A pool catalog must not hide datasets an older server recorded in SQLite."""
     if not path.is_file():
         return
-    catalog = Catalog(path)
-    try:
-        held = catalog.query("SELECT count(*) FROM datasets")[0][0]
-    finally:
-        catalog.close()
+    # read only: opening it as a Catalog would migrate and write a file this server does not use
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        try:
+            held = conn.execute("SELECT count(*) FROM datasets").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            if "no such table" not in str(e):
+                raise
+            held = 0
     if held:
         raise FailedPrecondition(
             f"{path} holds {held} dataset(s) recorded in the local catalog; the Ceph backend "
