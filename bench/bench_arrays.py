@@ -149,10 +149,15 @@ def serve(data_dir: Path, ready: Path, store: dict[str, Any]) -> int:
     return 0
 
 
+def way_label(njobs: int, shm: bool) -> str:
+    """How a row's chunk bytes travel."""
+    return f"{'shm' if shm else 'gRPC'} njobs={njobs}"
+
+
 def gristmill_rows(label: str, work: Path, data: np.ndarray, store: dict[str, Any],
-                   baselines: dict[str, float]) -> dict[tuple[str, int], float]:
+                   baselines: dict[str, float]) -> dict[tuple[str, int, bool], float]:
     """Write the array through a server with ``store`` config, then time the reads."""
-    times: dict[tuple[str, int], float] = {}
+    times: dict[tuple[str, int, bool], float] = {}
     ready = work / f"{label}.ready"
     server = start_and_wait([sys.executable, str(Path(__file__).resolve()), "--serve",
                              str(work / f"data-{label}"), str(ready), json.dumps(store)],
@@ -169,39 +174,46 @@ def gristmill_rows(label: str, work: Path, data: np.ndarray, store: dict[str, An
             print(f"  gristmill {label}: wrote {data.nbytes / MiB:.0f} MiB in {took:.1f} s "
                   f"({data.nbytes / took / 1e6:.0f} MB/s, durable: one fsync per chunk)")
         zarr_dir = zarr.open_array(str(work / "local.zarr"), mode="r")
-        with File(address, "r", api_key=key) as f, File(address, "r", api_key=key) as f4:
-            ds, ds4 = f[NAME], f4[NAME]
-            assert isinstance(ds, Dataset) and isinstance(ds4, Dataset)
-            ds.njobs, ds4.njobs = 1, 4
+        # (njobs, shared memory): chunk bytes through /dev/shm rings, or all over gRPC
+        ways = [(1, True), (4, True), (1, False), (4, False)]
+        with contextlib.ExitStack() as files:
+            datasets = {}
+            for njobs, shm in ways:
+                f = files.enter_context(File(address, "r", api_key=key, shared_memory=shm))
+                ds = f[NAME]
+                assert isinstance(ds, Dataset)
+                ds.njobs = njobs
+                datasets[way_label(njobs, shm)] = ds
             for read in READS:
                 expect = data[read.selection]
                 print(f"  {read.label}: {expect.nbytes / 1e6:.0f} MB of result "
                       "(zarr-python on the local directory timed again, in turn with these)")
-                got = interleaved_seconds({"zarr": reader(zarr_dir, read.selection),
-                                           "1": reader(ds, read.selection),
-                                           "4": reader(ds4, read.selection)}, expect)
+                got = interleaved_seconds({"zarr": reader(zarr_dir, read.selection)} | {
+                    name: reader(ds, read.selection) for name, ds in datasets.items()}, expect)
                 print(row("zarr-python, local directory, in turn", got["zarr"], expect.nbytes,
                           got["zarr"]))
-                for njobs in (1, 4):
-                    t = got[str(njobs)]
-                    times[(read.label, njobs)] = t
-                    print(row(f"gristmill {label} gRPC njobs={njobs}", t, expect.nbytes,
+                for njobs, shm in ways:
+                    t = got[way_label(njobs, shm)]
+                    times[(read.label, njobs, shm)] = t
+                    print(row(f"gristmill {label} {way_label(njobs, shm)}", t, expect.nbytes,
                               got["zarr"]))
                 baselines[f"{label} {read.label}"] = got["zarr"]
-        times[("raw", 0)] = raw_fetch_seconds(address, key)
+        for shm in (True, False):
+            times[("raw", 0, shm)] = raw_fetch_seconds(address, key, shm)
     finally:
         server.terminate()
         server.wait(30)
     return times
 
 
-def raw_fetch_seconds(address: str, key: str) -> float:
+def raw_fetch_seconds(address: str, key: str, shm: bool) -> float:
     """Median seconds to fetch every chunk of the array as stored (GetKeys, no decode).
 
-    The same bytes a direct rados loop reads: the store's own cost (gRPC,
-    batching, the backend) apart from zarr-python's decoding.
+    The same bytes a direct rados loop reads: the store's own cost (gRPC or
+    the shared-memory ring, batching, the backend) apart from zarr-python's
+    decoding.
     """
-    with File(address, "r", api_key=key) as f:
+    with File(address, "r", api_key=key, shared_memory=shm) as f:
         store = f.store
         assert isinstance(store, GrpcZarrStore)
         listed = list(store.list_keys(f"{NAME}/c/"))
@@ -213,7 +225,7 @@ def raw_fetch_seconds(address: str, key: str) -> float:
 
             def deliver(_i: int, data: Any, _v: str) -> None:
                 got[0] += len(data)
-            store.read_values(reads, deliver, versions=False)
+            store.read_values(reads, deliver, versions=False, settle=lambda: None)
             return got[0]
 
         fetch_all()
@@ -325,7 +337,12 @@ def main() -> int:
                           t_zarr))
                 print(row("h5py, local file", t_h5, expect.nbytes, t_zarr))
         print("\ngristmill over gRPC (client and server on this machine)")
-        gristmill_rows("fs", work, data, {}, baselines)
+        fs = gristmill_rows("fs", work, data, {}, baselines)
+        full, zarr_full = READS[0].label, baselines[f"fs {READS[0].label}"]
+        fastest = {shm: min(fs[(full, n, shm)] for n in (1, 4)) for shm in (True, False)}
+        print(f"  ratio: gristmill fs full read (shm) / zarr-python = "
+              f"{zarr_full / fastest[True]:.2f} (aim >= 0.8); over gRPC alone "
+              f"{zarr_full / fastest[False]:.2f}")
         with ceph_cluster(work) as conf:
             if conf is not None:
                 pool = os.environ.get("BENCH_CEPH_POOL", "gristmill")
@@ -335,14 +352,17 @@ def main() -> int:
                 t_rados, nbytes = rados_full_read(conf, pool)
                 print(row("direct librados aio reads (chunks)", t_rados, nbytes,
                           baselines[f"ceph {READS[0].label}"]))
-                print(row("gristmill ceph GetKeys of the same chunks (no decode)",
-                          times[("raw", 0)], nbytes, baselines[f"ceph {READS[0].label}"]))
-                print(f"  ratio: gristmill ceph chunk fetch / direct rados = "
-                      f"{t_rados / times[('raw', 0)]:.2f} (the store's own cost: gRPC and "
-                      "batching, same bytes, no decode)")
-                best = min(times[(READS[0].label, 1)], times[(READS[0].label, 4)])
-                print(f"  ratio: gristmill ceph full read / direct rados = {t_rados / best:.2f} "
-                      "(aim >= 0.7)")
+                for shm in (True, False):
+                    print(row(f"gristmill ceph GetKeys, no decode ({way_label(4, shm)[:4]})",
+                              times[("raw", 0, shm)], nbytes,
+                              baselines[f"ceph {READS[0].label}"]))
+                raw = times[("raw", 0, True)]
+                print(f"  ratio: gristmill ceph chunk fetch (shm) / direct rados = "
+                      f"{t_rados / raw:.2f} (the store's own cost: batching, the ring, same "
+                      "bytes, no decode)")
+                best = min(times[(READS[0].label, n, True)] for n in (1, 4))
+                print(f"  ratio: gristmill ceph full read (shm) / direct rados = "
+                      f"{t_rados / best:.2f} (aim >= 0.7)")
                 decode = baselines[f"memory {READS[0].label}"]
                 print(f"  the raw reads carry no Zarr decoding: zarr-python decoding the same "
                       f"chunks from memory reaches {t_rados / decode:.2f} of direct rados, and "

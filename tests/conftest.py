@@ -38,6 +38,7 @@ def shm_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     directory.mkdir()
     monkeypatch.setenv("GRISTMILL_SHM_DIR", str(directory))
     monkeypatch.setenv("GRISTMILL_INGEST__SHM_DIR", str(directory))
+    monkeypatch.setenv("GRISTMILL_STORE__SHM_DIR", str(directory))
     try:
         yield directory
         left = sorted(p.name for p in directory.iterdir())

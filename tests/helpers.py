@@ -82,6 +82,9 @@ def config_for(data_dir: Path, **overrides: object) -> ServerConfig:
     ingest = dict(base.get("ingest") or {})  # type: ignore[call-overload]
     ingest.setdefault("shm_dir", ring_dir())
     base["ingest"] = ingest
+    store = dict(base.get("store") or {})  # type: ignore[call-overload]
+    store.setdefault("shm_dir", ring_dir())
+    base["store"] = store
     return load_config(environ={}, overrides=base)
 
 

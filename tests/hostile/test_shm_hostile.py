@@ -12,7 +12,7 @@ import pytest
 
 from gristmill.client.hub import Hub
 from gristmill.client.shm import HEADER, RingReader
-from gristmill.v1 import ingest_pb2, ingest_pb2_grpc
+from gristmill.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 from scripts.sample_data import make_sample_folder
 from tests.helpers import DATASET, Running, epoch, loader, spawn_server, stop_process
 
@@ -46,7 +46,7 @@ def test_a_client_truncating_its_ring_fails_its_stream_only(
     ring = RingReader.create(ONE_BATCH)
     try:
         call = stub.StreamBatches(ingest_pb2.StreamBatchesRequest(
-            spec=spec, ring=ingest_pb2.SharedMemoryRing(name=ring.name,
+            spec=spec, ring=common_pb2.SharedMemoryRing(name=ring.name,
                                                         capacity=ring.capacity)))
         first = next(call)
         assert first.HasField("ring_slice")

@@ -27,15 +27,17 @@ import pytest
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from gristmill.cli.main import main
 from gristmill.client.arrays import Dataset, File, GrpcZarrStore
 from gristmill.client.arrays.store import KeyWriteOp
-from gristmill.client.arraywire import decode_response, encode_value
-from gristmill.client.errors import DataLoss, InvalidArgument, Unavailable
+from gristmill.client.arraywire import decode_response, encode_release, encode_value
+from gristmill.client.errors import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
+from gristmill.client.shm import RING_UNAVAILABLE, RingReader
 from gristmill.common.server import create_server, ensure_admin_key
 from gristmill.common.service import select_services
-from gristmill.store.arrays import ArrayStore
+from gristmill.store.arrays import MIN_RING_BYTES, ArrayStore
 from gristmill.store.arrays_service import SERVICE as ARRAYS
 from gristmill.store.fsobjects import FsBackend
 from gristmill.v1 import arrays_pb2 as pb
@@ -197,7 +199,8 @@ def test_random_round_trips_match_numpy(target: Target, case: tuple[Any, ...]) -
     rng = np.random.default_rng(seed)
     model = random_values(rng, dtype, shape)
     name = f"a{next(COUNTER)}"
-    with target.open("a", njobs=int(rng.integers(1, 5))) as f:
+    shm = {"shared_memory": bool(rng.integers(0, 2))} if target.kind == "server" else {}
+    with target.open("a", njobs=int(rng.integers(1, 5)), **shm) as f:
         ds = f.create_dataset(name, data=model, chunks=chunks)
         assert (ds.shape, ds.dtype, ds.chunks) == (shape, dtype, chunks)
         np.testing.assert_array_equal(ds[...], model)
@@ -754,12 +757,21 @@ def test_wire_format_matches_protobuf() -> None:
     proto = pb.GetKeysResponse(values=[pb.KeyValue(index=0, found=False, last=True),
                                        pb.KeyValue(index=1, found=True, data=b"x" * 300,
                                                    version="ver", size=300, offset=2**40)])
-    [a, b] = decode_response(proto.SerializeToString())
+    [a, b] = decode_response(proto.SerializeToString()).values
     assert (a.index, a.found, a.last, bytes(a.data)) == (0, False, True, b"")
     assert (b.index, b.found, b.offset, bytes(b.data), b.version, b.size) == (
         1, True, 2**40, b"x" * 300, "ver", 300)
     with pytest.raises(ValueError):
         decode_response(proto.SerializeToString()[:-3])
+    # a ring's value: where the bytes lie, and the message's release point
+    parts = encode_value(5, True, 0, b"", True, "v", 9, ring=(2**33, 9)) + [encode_release(4096)]
+    message = pb.GetKeysResponse.FromString(b"".join(parts))
+    assert message.values[0] == pb.KeyValue(index=5, found=True, last=True, version="v", size=9,
+                                            ring_offset=2**33, ring_length=9)
+    assert message.ring_release == 4096
+    decoded = decode_response(b"".join(parts))
+    assert decoded.ring_release == 4096
+    assert (decoded.values[0].ring_offset, decoded.values[0].ring_length) == (2**33, 9)
 
 
 def test_listing_keys_and_arrays_in_pages(array_server: Running) -> None:
@@ -1048,3 +1060,140 @@ def test_the_decoder_imports_after_pyvips() -> None:
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(3, 4, 3)"
+
+
+# -- shared memory (same host) --------------------------------------------------------
+def array_shm_bytes(path: str) -> float:
+    return REGISTRY.get_sample_value("gristmill_store_array_bytes_out_total",
+                                     {"path": path}) or 0.0
+
+
+def test_reads_through_shared_memory_match_grpc(array_server: Running, shm_dir: Path
+                                                ) -> None:
+    rng = np.random.default_rng(3)
+    # a chunk of 9 MiB is larger than a ring message (4 MiB): it comes in pieces
+    data = rng.random((3, 1024, 1024), dtype=np.float32) * 100
+    data[2] = 0  # the last chunk is all fill: never stored, read as the fill value
+    with File(array_server.address, "a", api_key=array_server.admin_key) as f:
+        f.create_dataset("big", data=data, chunks=(1, 1024, 1024))
+        f.create_dataset("small", data=np.arange(1000, dtype="int16"), chunks=(7,))
+    stored = sum(n for k, n in GrpcZarrStore(array_server.address,
+                                             api_key=array_server.admin_key).list_keys()
+                 if "/c/" in k)
+    before = array_shm_bytes("shm")
+    with File(array_server.address, "r", api_key=array_server.admin_key,
+              shared_memory=True) as f:
+        np.testing.assert_array_equal(dataset(f, "big")[...], data)
+        np.testing.assert_array_equal(dataset(f, "big")[1:, 5::3, 7], data[1:, 5::3, 7])
+        np.testing.assert_array_equal(dataset(f, "small")[...], np.arange(1000))
+        np.testing.assert_array_equal(dataset(f, "small")[-5:], np.arange(995, 1000))
+        names = {p.name for p in shm_dir.iterdir()}
+        assert names and all(n.startswith("gristmill-ring-") for n in names)
+    moved = array_shm_bytes("shm") - before
+    # every stored chunk went through a ring once by the first reads, at least
+    assert moved >= stored
+    assert not list(shm_dir.iterdir())  # closing the File removed its rings
+    with File(array_server.address, "r", api_key=array_server.admin_key,
+              shared_memory=False) as f:
+        np.testing.assert_array_equal(dataset(f, "big")[...], data)
+        assert not list(shm_dir.iterdir())
+    assert array_shm_bytes("shm") - before == moved  # the gRPC reads put nothing in a ring
+
+
+def test_shared_memory_falls_back_to_grpc_or_fails_as_asked(array_server: Running,
+                                                            shm_dir: Path) -> None:
+    array_store(array_server).shm_dir = None  # the server has shared memory off
+    data = np.arange(5000, dtype="int32")
+    with File(array_server.address, "a", api_key=array_server.admin_key) as f:
+        f.create_dataset("x", data=data, chunks=(100,))
+    before = array_shm_bytes("shm")
+    with File(array_server.address, "r", api_key=array_server.admin_key) as f:  # automatic
+        np.testing.assert_array_equal(dataset(f, "x")[...], data)
+        np.testing.assert_array_equal(dataset(f, "x")[::7], data[::7])
+        store = f.store
+        assert isinstance(store, GrpcZarrStore) and not store._rings.on
+    assert array_shm_bytes("shm") == before
+    with File(array_server.address, "r", api_key=array_server.admin_key,
+              shared_memory=True) as f:
+        with pytest.raises(FailedPrecondition, match="store.shm_dir") as info:
+            dataset(f, "x")[...]
+        assert info.value.reason == RING_UNAVAILABLE
+    assert not list(shm_dir.iterdir())
+
+
+@pytest.mark.parametrize("name,capacity,code,match", [
+    ("../../etc/passwd", 1 << 20, grpc.StatusCode.INVALID_ARGUMENT, "ring.name"),
+    ("gristmill-ring-x/../y", 1 << 20, grpc.StatusCode.INVALID_ARGUMENT, "ring.name"),
+    ("gristmill-ring-nothere", 1 << 20, grpc.StatusCode.FAILED_PRECONDITION, "another host"),
+    ("gristmill-ring-x", 100, grpc.StatusCode.INVALID_ARGUMENT, "ring.capacity"),
+    ("gristmill-ring-x", 2**63 - 1, grpc.StatusCode.INVALID_ARGUMENT, "ring.capacity"),
+    ("gristmill-ring-x", 2**63 - 64, grpc.StatusCode.FAILED_PRECONDITION, "another host"),
+])
+def test_hostile_rings_are_refused(array_server: Running, shm_dir: Path, name: str,
+                                   capacity: int, code: grpc.StatusCode, match: str) -> None:
+    request = pb.GetKeysRequest(reads=[pb.KeyRead(key="zarr.json")])
+    request.ring.name, request.ring.capacity = name, capacity
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub(array_server).GetKeys(request))
+    assert info.value.code() == code and match in str(info.value.details())
+
+
+def test_a_ring_that_is_a_symlink_or_shrunk_is_refused(array_server: Running, shm_dir: Path,
+                                                       tmp_path: Path) -> None:
+    target = tmp_path / "victim"
+    target.write_bytes(b"keep me" * 1000)
+    (shm_dir / "gristmill-ring-link").symlink_to(target)
+    request = pb.GetKeysRequest(reads=[pb.KeyRead(key="zarr.json")])
+    request.ring.name, request.ring.capacity = "gristmill-ring-link", 1 << 20
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub(array_server).GetKeys(request))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert target.read_bytes() == b"keep me" * 1000
+    (shm_dir / "gristmill-ring-link").unlink()
+    # a ring the client truncates while the server writes: that call ends, the server goes on
+    with File(array_server.address, "a", api_key=array_server.admin_key) as f:
+        f.create_dataset("v", data=np.ones((64, 1024, 64), dtype="float32"),
+                         chunks=(8, 1024, 64))
+    ring = RingReader.create(MIN_RING_BYTES * 16, shm_dir)
+    request = pb.GetKeysRequest(reads=[pb.KeyRead(key=f"v/c/{i}/0/0") for i in range(8)])
+    request.ring.name, request.ring.capacity = ring.name, ring.capacity
+    call = stub(array_server).GetKeys(request)
+    next(call)  # the first message's record is written; the ring is now full
+    os.truncate(shm_dir / ring.name, 4096)
+    ring.release(1 << 40)  # let the server try the next record
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "truncated" in str(info.value.details())
+    ring.close()
+    with File(array_server.address, "r", api_key=array_server.admin_key) as f:
+        assert float(dataset(f, "v")[3, 5, 7]) == 1.0
+
+
+def test_a_read_cut_short_does_not_reuse_its_ring(array_server: Running, shm_dir: Path
+                                                  ) -> None:
+    data = np.arange(64 * 1024, dtype="float64").reshape(64, 1024)
+    with File(array_server.address, "a", api_key=array_server.admin_key) as f:
+        f.create_dataset("w", data=data, chunks=(4, 1024))
+    store = GrpcZarrStore(array_server.address, api_key=array_server.admin_key,
+                          shared_memory=True)
+    try:
+        reads = [(f"w/c/{i}/0", 0, 0) for i in range(16)]
+        got: list[Any] = []
+
+        def stop_early() -> None:
+            raise RuntimeError("the caller gave up")
+
+        with pytest.raises(RuntimeError, match="gave up"):
+            store.read_values(reads, lambda i, d, v: got.append(d), versions=False,
+                              settle=stop_early)
+        assert got and not list(shm_dir.iterdir())  # its ring is closed, name and all
+        out: dict[int, bytes] = {}
+        store.read_values(reads, lambda i, d, v: out.__setitem__(i, bytes(d or b"")),
+                          versions=False, settle=lambda: None)
+        assert len(out) == 16 and len(list(shm_dir.iterdir())) == 1  # a new ring, kept
+        plain = store.fetch(reads)
+        assert [bytes(d) for d, _ in plain if d is not None] == [out[i] for i in range(16)]
+    finally:
+        store.close()
+    assert not list(shm_dir.iterdir())

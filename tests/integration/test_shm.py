@@ -14,7 +14,7 @@ from gristmill.client.errors import FailedPrecondition
 from gristmill.client.hub import Hub
 from gristmill.client.loader import Batch, Loader, _Assembler
 from gristmill.client.shm import RING_UNAVAILABLE, RingReader
-from gristmill.v1 import ingest_pb2, ingest_pb2_grpc
+from gristmill.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 from scripts.sample_data import make_sample_folder
 from tests.helpers import SMALL, Running, epoch, loader, planned, start_in_process
 
@@ -75,7 +75,7 @@ def test_a_ring_too_small_for_a_batch_gets_it_inline(fed: Running) -> None:
         ring = RingReader.create(capacity)
         try:
             msgs = list(stub.StreamBatches(ingest_pb2.StreamBatchesRequest(
-                spec=spec, ring=ingest_pb2.SharedMemoryRing(name=ring.name,
+                spec=spec, ring=common_pb2.SharedMemoryRing(name=ring.name,
                                                             capacity=ring.capacity))))
             # unlike a Loader, this reads only after the stream ended: every batch
             # must have fitted beside the unreleased ones, or come inline
@@ -133,9 +133,9 @@ def test_a_server_that_cannot_open_the_ring_falls_back_to_grpc(
 def test_bad_ring_requests_get_invalid_argument(fed: Running) -> None:
     spec = loader(fed).spec
     stub = ingest_pb2_grpc.IngestServiceStub(fed.channel())
-    for ring, field in [(ingest_pb2.SharedMemoryRing(name="../../etc/passwd", capacity=4096),
+    for ring, field in [(common_pb2.SharedMemoryRing(name="../../etc/passwd", capacity=4096),
                          "ring.name"),
-                        (ingest_pb2.SharedMemoryRing(name="gristmill-ring-a", capacity=100),
+                        (common_pb2.SharedMemoryRing(name="gristmill-ring-a", capacity=100),
                          "ring.capacity")]:
         with pytest.raises(grpc.RpcError) as info:
             list(stub.StreamBatches(ingest_pb2.StreamBatchesRequest(spec=spec, ring=ring)))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gristmill.client import shm
+from gristmill.client.arrays.store import _RingPool, is_loopback
 from gristmill.client.errors import FailedPrecondition, InvalidArgument
 from gristmill.client.shm import RingClosed, RingReader, RingWriter
 
@@ -157,3 +158,24 @@ def test_a_ring_without_reserved_memory_is_refused(shm_dir: Path) -> None:
     with pytest.raises(FailedPrecondition, match="no memory reserved"):
         RingWriter.open(shm_dir, path.name, 4096)
     path.unlink()
+
+
+@pytest.mark.parametrize("address,local", [
+    ("127.0.0.1:7450", True), ("127.3.4.5:1", True), ("localhost:7450", True),
+    ("[::1]:7450", True), ("10.0.0.7:7450", False), ("store.svc:7450", False),
+    ("[2001:db8::1]:7450", False), ("localhost.example.com:7450", False),
+])
+def test_rings_are_tried_only_for_loopback_addresses(address: str, local: bool) -> None:
+    assert is_loopback(address) is local
+
+
+def test_a_ring_refusal_turns_rings_off_only_in_automatic_mode() -> None:
+    refusal = FailedPrecondition("no ring", reason=shm.RING_UNAVAILABLE)
+    other = FailedPrecondition("something else", reason="OTHER")
+    auto = _RingPool(None, "127.0.0.1:1")
+    assert auto.on and not auto.refused(other) and auto.on
+    assert auto.refused(refusal) and not auto.on and auto.take() is None
+    assert not _RingPool(None, "10.0.0.7:1").on  # another host: never tried
+    required = _RingPool(True, "10.0.0.7:1")
+    assert required.on and not required.refused(refusal) and required.on
+    assert not _RingPool(False, "127.0.0.1:1").on

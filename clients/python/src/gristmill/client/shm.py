@@ -249,8 +249,13 @@ class RingWriter:
         self._written = 0
 
     @classmethod
-    def open(cls, directory: Path | None, name: str, capacity: int) -> RingWriter:
-        """Open the ring ``name`` in ``directory`` and unlink its name.
+    def open(cls, directory: Path | None, name: str, capacity: int, *,
+             keep_name: bool = False, setting: str = "ingest.shm_dir") -> RingWriter:
+        """Open the ring ``name`` in ``directory`` and unlink its name (unless ``keep_name``).
+
+        ``keep_name`` is for a ring that serves many calls in turn (GetKeys):
+        its client removes the name when it closes. ``setting`` names the
+        server setting that turns shared memory on, for the error message.
 
         Raises:
             InvalidArgument: the name is not a ring name.
@@ -265,7 +270,7 @@ class RingWriter:
             raise InvalidArgument("ring.capacity", f"must be a positive multiple of {ALIGN}, "
                                   f"got {capacity}")
         if directory is None:
-            raise unavailable("this server does not use shared memory (ingest.shm_dir is "
+            raise unavailable(f"this server does not use shared memory ({setting} is "
                               "not set); stream without a ring")
         path = directory / name
         try:
@@ -293,10 +298,11 @@ class RingWriter:
         except BaseException:
             os.close(fd)
             raise
-        try:
-            path.unlink()
-        except OSError:
-            pass  # another user's file in a sticky directory: the client unlinks it
+        if not keep_name:
+            try:
+                path.unlink()
+            except OSError:
+                pass  # another user's file in a sticky directory: the client unlinks it
         return cls(fd, capacity, name)
 
     def fits(self, length: int) -> bool:
@@ -320,7 +326,7 @@ class RingWriter:
                                "header")
         return int.from_bytes(raw, "little")
 
-    def write(self, parts: Sequence[bytes | npt.NDArray[np.uint8]],
+    def write(self, parts: Sequence[bytes | memoryview | npt.NDArray[np.uint8]],
               is_active: Callable[[], bool]) -> tuple[int, int, int]:
         """Write ``parts`` as one record, waiting for space; (offset, length, release).
 

@@ -22,57 +22,58 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from gristmill.v1 import common_pb2 as gristmill_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gristmill/v1/arrays.proto\x12\x0cgristmill.v1\"6\n\x07KeyRead\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\"h\n\x0eGetKeysRequest\x12$\n\x05reads\x18\x01 \x03(\x0b\x32\x15.gristmill.v1.KeyRead\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x03\x12\x15\n\rskip_versions\x18\x03 \x01(\x08\"s\n\x08KeyValue\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x03\"9\n\x0fGetKeysResponse\x12&\n\x06values\x18\x01 \x03(\x0b\x32\x16.gristmill.v1.KeyValue\"R\n\x08KeyWrite\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\t\x12\x11\n\tif_absent\x18\x04 \x01(\x08\"8\n\x0ePutKeysRequest\x12&\n\x06writes\x18\x01 \x03(\x0b\x32\x16.gristmill.v1.KeyWrite\";\n\tKeyResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08\x63onflict\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\t\";\n\x0fPutKeysResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.gristmill.v1.KeyResult\"2\n\tKeyDelete\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\t\"=\n\x11\x44\x65leteKeysRequest\x12(\n\x07\x64\x65letes\x18\x01 \x03(\x0b\x32\x17.gristmill.v1.KeyDelete\">\n\x12\x44\x65leteKeysResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.gristmill.v1.KeyResult\"[\n\x0fListKeysRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x11\n\tdelimiter\x18\x04 \x01(\t\"$\n\x07KeyInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\"P\n\x10ListKeysResponse\x12#\n\x04keys\x18\x01 \x03(\x0b\x32\x15.gristmill.v1.KeyInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"X\n\tArrayInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08metadata\x18\x02 \x01(\x0c\x12\x15\n\rchunks_stored\x18\x03 \x01(\x03\x12\x14\n\x0c\x62ytes_stored\x18\x04 \x01(\x03\":\n\x11ListArraysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x12ListArraysResponse\x12\'\n\x06\x61rrays\x18\x01 \x03(\x0b\x32\x17.gristmill.v1.ArrayInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetArrayRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\":\n\x10GetArrayResponse\x12&\n\x05\x61rray\x18\x01 \x01(\x0b\x32\x17.gristmill.v1.ArrayInfo\"\"\n\x12\x44\x65leteArrayRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"@\n\x13\x44\x65leteArrayResponse\x12\x14\n\x0ckeys_deleted\x18\x01 \x01(\x03\x12\x13\n\x0b\x62ytes_freed\x18\x02 \x01(\x03\x32\xae\x04\n\x0c\x41rrayService\x12H\n\x07GetKeys\x12\x1c.gristmill.v1.GetKeysRequest\x1a\x1d.gristmill.v1.GetKeysResponse0\x01\x12H\n\x07PutKeys\x12\x1c.gristmill.v1.PutKeysRequest\x1a\x1d.gristmill.v1.PutKeysResponse(\x01\x12O\n\nDeleteKeys\x12\x1f.gristmill.v1.DeleteKeysRequest\x1a .gristmill.v1.DeleteKeysResponse\x12I\n\x08ListKeys\x12\x1d.gristmill.v1.ListKeysRequest\x1a\x1e.gristmill.v1.ListKeysResponse\x12O\n\nListArrays\x12\x1f.gristmill.v1.ListArraysRequest\x1a .gristmill.v1.ListArraysResponse\x12I\n\x08GetArray\x12\x1d.gristmill.v1.GetArrayRequest\x1a\x1e.gristmill.v1.GetArrayResponse\x12R\n\x0b\x44\x65leteArray\x12 .gristmill.v1.DeleteArrayRequest\x1a!.gristmill.v1.DeleteArrayResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gristmill/v1/arrays.proto\x12\x0cgristmill.v1\x1a\x19gristmill/v1/common.proto\"6\n\x07KeyRead\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\"\x96\x01\n\x0eGetKeysRequest\x12$\n\x05reads\x18\x01 \x03(\x0b\x32\x15.gristmill.v1.KeyRead\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x03\x12\x15\n\rskip_versions\x18\x03 \x01(\x08\x12,\n\x04ring\x18\x04 \x01(\x0b\x32\x1e.gristmill.v1.SharedMemoryRing\"\x9d\x01\n\x08KeyValue\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x03\x12\x13\n\x0bring_offset\x18\x08 \x01(\x03\x12\x13\n\x0bring_length\x18\t \x01(\x03\"O\n\x0fGetKeysResponse\x12&\n\x06values\x18\x01 \x03(\x0b\x32\x16.gristmill.v1.KeyValue\x12\x14\n\x0cring_release\x18\x02 \x01(\x03\"R\n\x08KeyWrite\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\t\x12\x11\n\tif_absent\x18\x04 \x01(\x08\"8\n\x0ePutKeysRequest\x12&\n\x06writes\x18\x01 \x03(\x0b\x32\x16.gristmill.v1.KeyWrite\";\n\tKeyResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08\x63onflict\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\t\";\n\x0fPutKeysResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.gristmill.v1.KeyResult\"2\n\tKeyDelete\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\t\"=\n\x11\x44\x65leteKeysRequest\x12(\n\x07\x64\x65letes\x18\x01 \x03(\x0b\x32\x17.gristmill.v1.KeyDelete\">\n\x12\x44\x65leteKeysResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.gristmill.v1.KeyResult\"[\n\x0fListKeysRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x11\n\tdelimiter\x18\x04 \x01(\t\"$\n\x07KeyInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\"P\n\x10ListKeysResponse\x12#\n\x04keys\x18\x01 \x03(\x0b\x32\x15.gristmill.v1.KeyInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"X\n\tArrayInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08metadata\x18\x02 \x01(\x0c\x12\x15\n\rchunks_stored\x18\x03 \x01(\x03\x12\x14\n\x0c\x62ytes_stored\x18\x04 \x01(\x03\":\n\x11ListArraysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x12ListArraysResponse\x12\'\n\x06\x61rrays\x18\x01 \x03(\x0b\x32\x17.gristmill.v1.ArrayInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetArrayRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\":\n\x10GetArrayResponse\x12&\n\x05\x61rray\x18\x01 \x01(\x0b\x32\x17.gristmill.v1.ArrayInfo\"\"\n\x12\x44\x65leteArrayRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"@\n\x13\x44\x65leteArrayResponse\x12\x14\n\x0ckeys_deleted\x18\x01 \x01(\x03\x12\x13\n\x0b\x62ytes_freed\x18\x02 \x01(\x03\x32\xae\x04\n\x0c\x41rrayService\x12H\n\x07GetKeys\x12\x1c.gristmill.v1.GetKeysRequest\x1a\x1d.gristmill.v1.GetKeysResponse0\x01\x12H\n\x07PutKeys\x12\x1c.gristmill.v1.PutKeysRequest\x1a\x1d.gristmill.v1.PutKeysResponse(\x01\x12O\n\nDeleteKeys\x12\x1f.gristmill.v1.DeleteKeysRequest\x1a .gristmill.v1.DeleteKeysResponse\x12I\n\x08ListKeys\x12\x1d.gristmill.v1.ListKeysRequest\x1a\x1e.gristmill.v1.ListKeysResponse\x12O\n\nListArrays\x12\x1f.gristmill.v1.ListArraysRequest\x1a .gristmill.v1.ListArraysResponse\x12I\n\x08GetArray\x12\x1d.gristmill.v1.GetArrayRequest\x1a\x1e.gristmill.v1.GetArrayResponse\x12R\n\x0b\x44\x65leteArray\x12 .gristmill.v1.DeleteArrayRequest\x1a!.gristmill.v1.DeleteArrayResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gristmill.v1.arrays_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KEYREAD']._serialized_start=43
-  _globals['_KEYREAD']._serialized_end=97
-  _globals['_GETKEYSREQUEST']._serialized_start=99
-  _globals['_GETKEYSREQUEST']._serialized_end=203
-  _globals['_KEYVALUE']._serialized_start=205
-  _globals['_KEYVALUE']._serialized_end=320
-  _globals['_GETKEYSRESPONSE']._serialized_start=322
-  _globals['_GETKEYSRESPONSE']._serialized_end=379
-  _globals['_KEYWRITE']._serialized_start=381
-  _globals['_KEYWRITE']._serialized_end=463
-  _globals['_PUTKEYSREQUEST']._serialized_start=465
-  _globals['_PUTKEYSREQUEST']._serialized_end=521
-  _globals['_KEYRESULT']._serialized_start=523
-  _globals['_KEYRESULT']._serialized_end=582
-  _globals['_PUTKEYSRESPONSE']._serialized_start=584
-  _globals['_PUTKEYSRESPONSE']._serialized_end=643
-  _globals['_KEYDELETE']._serialized_start=645
-  _globals['_KEYDELETE']._serialized_end=695
-  _globals['_DELETEKEYSREQUEST']._serialized_start=697
-  _globals['_DELETEKEYSREQUEST']._serialized_end=758
-  _globals['_DELETEKEYSRESPONSE']._serialized_start=760
-  _globals['_DELETEKEYSRESPONSE']._serialized_end=822
-  _globals['_LISTKEYSREQUEST']._serialized_start=824
-  _globals['_LISTKEYSREQUEST']._serialized_end=915
-  _globals['_KEYINFO']._serialized_start=917
-  _globals['_KEYINFO']._serialized_end=953
-  _globals['_LISTKEYSRESPONSE']._serialized_start=955
-  _globals['_LISTKEYSRESPONSE']._serialized_end=1035
-  _globals['_ARRAYINFO']._serialized_start=1037
-  _globals['_ARRAYINFO']._serialized_end=1125
-  _globals['_LISTARRAYSREQUEST']._serialized_start=1127
-  _globals['_LISTARRAYSREQUEST']._serialized_end=1185
-  _globals['_LISTARRAYSRESPONSE']._serialized_start=1187
-  _globals['_LISTARRAYSRESPONSE']._serialized_end=1273
-  _globals['_GETARRAYREQUEST']._serialized_start=1275
-  _globals['_GETARRAYREQUEST']._serialized_end=1306
-  _globals['_GETARRAYRESPONSE']._serialized_start=1308
-  _globals['_GETARRAYRESPONSE']._serialized_end=1366
-  _globals['_DELETEARRAYREQUEST']._serialized_start=1368
-  _globals['_DELETEARRAYREQUEST']._serialized_end=1402
-  _globals['_DELETEARRAYRESPONSE']._serialized_start=1404
-  _globals['_DELETEARRAYRESPONSE']._serialized_end=1468
-  _globals['_ARRAYSERVICE']._serialized_start=1471
-  _globals['_ARRAYSERVICE']._serialized_end=2029
+  _globals['_KEYREAD']._serialized_start=70
+  _globals['_KEYREAD']._serialized_end=124
+  _globals['_GETKEYSREQUEST']._serialized_start=127
+  _globals['_GETKEYSREQUEST']._serialized_end=277
+  _globals['_KEYVALUE']._serialized_start=280
+  _globals['_KEYVALUE']._serialized_end=437
+  _globals['_GETKEYSRESPONSE']._serialized_start=439
+  _globals['_GETKEYSRESPONSE']._serialized_end=518
+  _globals['_KEYWRITE']._serialized_start=520
+  _globals['_KEYWRITE']._serialized_end=602
+  _globals['_PUTKEYSREQUEST']._serialized_start=604
+  _globals['_PUTKEYSREQUEST']._serialized_end=660
+  _globals['_KEYRESULT']._serialized_start=662
+  _globals['_KEYRESULT']._serialized_end=721
+  _globals['_PUTKEYSRESPONSE']._serialized_start=723
+  _globals['_PUTKEYSRESPONSE']._serialized_end=782
+  _globals['_KEYDELETE']._serialized_start=784
+  _globals['_KEYDELETE']._serialized_end=834
+  _globals['_DELETEKEYSREQUEST']._serialized_start=836
+  _globals['_DELETEKEYSREQUEST']._serialized_end=897
+  _globals['_DELETEKEYSRESPONSE']._serialized_start=899
+  _globals['_DELETEKEYSRESPONSE']._serialized_end=961
+  _globals['_LISTKEYSREQUEST']._serialized_start=963
+  _globals['_LISTKEYSREQUEST']._serialized_end=1054
+  _globals['_KEYINFO']._serialized_start=1056
+  _globals['_KEYINFO']._serialized_end=1092
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1094
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1174
+  _globals['_ARRAYINFO']._serialized_start=1176
+  _globals['_ARRAYINFO']._serialized_end=1264
+  _globals['_LISTARRAYSREQUEST']._serialized_start=1266
+  _globals['_LISTARRAYSREQUEST']._serialized_end=1324
+  _globals['_LISTARRAYSRESPONSE']._serialized_start=1326
+  _globals['_LISTARRAYSRESPONSE']._serialized_end=1412
+  _globals['_GETARRAYREQUEST']._serialized_start=1414
+  _globals['_GETARRAYREQUEST']._serialized_end=1445
+  _globals['_GETARRAYRESPONSE']._serialized_start=1447
+  _globals['_GETARRAYRESPONSE']._serialized_end=1505
+  _globals['_DELETEARRAYREQUEST']._serialized_start=1507
+  _globals['_DELETEARRAYREQUEST']._serialized_end=1541
+  _globals['_DELETEARRAYRESPONSE']._serialized_start=1543
+  _globals['_DELETEARRAYRESPONSE']._serialized_end=1607
+  _globals['_ARRAYSERVICE']._serialized_start=1610
+  _globals['_ARRAYSERVICE']._serialized_end=2168
 # @@protoc_insertion_point(module_scope)

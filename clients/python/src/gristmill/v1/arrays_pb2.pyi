@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from gristmill.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -57,6 +58,7 @@ class GetKeysRequest(_message.Message):
     READS_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     SKIP_VERSIONS_FIELD_NUMBER: _builtins.int
+    RING_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """Byte budget of one response message (0: the server's default; larger
     values are capped to it).
@@ -70,16 +72,27 @@ class GetKeysRequest(_message.Message):
     def reads(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyRead]:
         """Keys to read, at most 10,000 per call."""
 
+    @_builtins.property
+    def ring(self) -> _common_pb2.SharedMemoryRing:
+        """A shared-memory ring of the client's (same host): the values' bytes are
+        written into it, and each KeyValue says where (ring_offset, ring_length)
+        instead of carrying data. FAILED_PRECONDITION with reason
+        SHM_RING_UNAVAILABLE when the server cannot open it (another host,
+        another /dev/shm, or store.shm_dir unset): read without it then. A ring
+        serves one call at a time.
+        """
+
     def __init__(
         self,
         *,
         reads: _abc.Iterable[Global___KeyRead] | None = ...,
         max_message_bytes: _builtins.int = ...,
         skip_versions: _builtins.bool = ...,
+        ring: _common_pb2.SharedMemoryRing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ring", b"ring"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_message_bytes", b"max_message_bytes", "reads", b"reads", "skip_versions", b"skip_versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_message_bytes", b"max_message_bytes", "reads", b"reads", "ring", b"ring", "skip_versions", b"skip_versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -98,6 +111,8 @@ class KeyValue(_message.Message):
     LAST_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
+    RING_OFFSET_FIELD_NUMBER: _builtins.int
+    RING_LENGTH_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position of the read in GetKeysRequest.reads."""
     found: _builtins.bool
@@ -112,6 +127,12 @@ class KeyValue(_message.Message):
     """The stored value's version (on the first piece)."""
     size: _builtins.int
     """The stored value's whole size in bytes (on the first piece)."""
+    ring_offset: _builtins.int
+    """With a ring (GetKeysRequest.ring): where this piece's bytes lie in the
+    ring's data area; data is empty.
+    """
+    ring_length: _builtins.int
+    """With a ring: the piece's length in bytes."""
     def __init__(
         self,
         *,
@@ -122,10 +143,12 @@ class KeyValue(_message.Message):
         last: _builtins.bool = ...,
         version: _builtins.str = ...,
         size: _builtins.int = ...,
+        ring_offset: _builtins.int = ...,
+        ring_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "found", b"found", "index", b"index", "last", b"last", "offset", b"offset", "size", b"size", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "found", b"found", "index", b"index", "last", b"last", "offset", b"offset", "ring_length", b"ring_length", "ring_offset", b"ring_offset", "size", b"size", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -138,6 +161,12 @@ class GetKeysResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VALUES_FIELD_NUMBER: _builtins.int
+    RING_RELEASE_FIELD_NUMBER: _builtins.int
+    ring_release: _builtins.int
+    """With a ring: write this into the ring's read counter once done with this
+    message's values; the server reuses their space after that (and waits
+    for it when the ring is full).
+    """
     @_builtins.property
     def values(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyValue]:
         """Values and pieces, in request order."""
@@ -146,10 +175,11 @@ class GetKeysResponse(_message.Message):
         self,
         *,
         values: _abc.Iterable[Global___KeyValue] | None = ...,
+        ring_release: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ring_release", b"ring_release", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

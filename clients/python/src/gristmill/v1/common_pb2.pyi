@@ -140,3 +140,43 @@ class ItemError(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ItemError: _TypeAlias = ItemError  # noqa: Y015
+
+@_typing.final
+class SharedMemoryRing(_message.Message):
+    """A ring file in the shared-memory directory (/dev/shm) of client and server.
+
+    The file is a 4096-byte header (magic "GMRING01", capacity as
+    little-endian uint64 at byte 8, the client's read counter at byte 16)
+    followed by `capacity` bytes of data. The server writes into the data area
+    through its file descriptor (never a mapping) and waits, before reusing
+    space, until the client's read counter has passed it.
+
+    A StreamBatches ring is the stream's alone: the server unlinks the name
+    once it has opened the file, so the memory lives only as long as both sides
+    hold it and a killed process leaves nothing behind. A GetKeys ring serves
+    one call at a time and many calls in turn: the server leaves its name, the
+    client removes it when it closes, and a ring left by a killed client is
+    removed by the next client that creates one (it is no longer locked).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """File name, "gristmill-ring-" followed by letters, digits, '-' or '_'."""
+    capacity: _builtins.int
+    """Bytes of the data area."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        capacity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryRing: _TypeAlias = SharedMemoryRing  # noqa: Y015

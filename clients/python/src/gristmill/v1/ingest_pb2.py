@@ -22,38 +22,37 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from gristmill.v1 import common_pb2 as gristmill_dot_v1_dot_common__pb2
 from gristmill.v1 import decode_pb2 as gristmill_dot_v1_dot_decode__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gristmill/v1/ingest.proto\x12\x0cgristmill.v1\x1a\x19gristmill/v1/decode.proto\"\xb0\x02\n\x08PlanSpec\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\x12\n\ncompanions\x18\x04 \x03(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nworld_size\x18\x06 \x01(\x05\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12(\n\x06policy\x18\x08 \x01(\x0e\x32\x18.gristmill.v1.PlanPolicy\x12\x11\n\tdrop_last\x18\t \x01(\x08\x12*\n\ttransform\x18\n \x01(\x0b\x32\x17.gristmill.v1.Transform\x12\x0f\n\x07release\x18\x0b \x01(\t\x12\x13\n\x0brelease_seq\x18\x0c \x01(\x03\x12\x19\n\x11release_head_hash\x18\r \x01(\t\")\n\x06\x43ursor\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x10\n\x08position\x18\x02 \x01(\x03\"G\n\x10PlanEpochRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.gristmill.v1.PlanSpec\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"\xe5\x01\n\x11PlanEpochResponse\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.gristmill.v1.PlanSpec\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61tches_per_rank\x18\x03 \x01(\x03\x12\x19\n\x11samples_per_epoch\x18\x04 \x01(\x03\x12\x17\n\x0f\x64\x61taset_samples\x18\x05 \x01(\x03\x12*\n\x07\x62uckets\x18\x06 \x03(\x0b\x32\x19.gristmill.v1.BucketCount\x12\x1f\n\x17release_dataset_version\x18\x07 \x01(\t\"D\n\x0b\x42ucketCount\x12$\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x14.gristmill.v1.Bucket\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\x03\"\xc8\x01\n\x14StreamBatchesRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.gristmill.v1.PlanSpec\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12$\n\x06\x63ursor\x18\x03 \x01(\x0b\x32\x14.gristmill.v1.Cursor\x12\x13\n\x0bmax_batches\x18\x04 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x05\x12,\n\x04ring\x18\x06 \x01(\x0b\x32\x1e.gristmill.v1.SharedMemoryRing\"2\n\x10SharedMemoryRing\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\"<\n\tRingSlice\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x0f\n\x07release\x18\x03 \x01(\x04\"\xdd\x01\n\x0b\x42\x61tchSample\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x66resh\x18\x02 \x01(\x08\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.gristmill.v1.SampleError\x12.\n\ncompanions\x18\x04 \x03(\x0b\x32\x1a.gristmill.v1.DecodedImage\x12\x13\n\x0b\x61nnotations\x18\x05 \x01(\t\x12\x14\n\x0csource_width\x18\x06 \x01(\x05\x12\x15\n\rsource_height\x18\x07 \x01(\x05\x12\x17\n\x0fsource_channels\x18\x08 \x01(\x05\"\xa6\x02\n\x15StreamBatchesResponse\x12$\n\x06\x63ursor\x18\x01 \x01(\x0b\x32\x14.gristmill.v1.Cursor\x12$\n\x06\x62ucket\x18\x02 \x01(\x0b\x32\x14.gristmill.v1.Bucket\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x05\x12*\n\x07samples\x18\x05 \x03(\x0b\x32\x19.gristmill.v1.BatchSample\x12\x0e\n\x06pixels\x18\x06 \x01(\x0c\x12\x10\n\x08\x63hannels\x18\x07 \x01(\x05\x12\"\n\x04next\x18\x08 \x01(\x0b\x32\x14.gristmill.v1.Cursor\x12+\n\nring_slice\x18\t \x01(\x0b\x32\x17.gristmill.v1.RingSlice*r\n\nPlanPolicy\x12\x1b\n\x17PLAN_POLICY_UNSPECIFIED\x10\x00\x12\x15\n\x11PLAN_POLICY_EXACT\x10\x01\x12\x14\n\x10PLAN_POLICY_HASH\x10\x02\x12\x1a\n\x16PLAN_POLICY_SEQUENTIAL\x10\x03\x32\xb9\x01\n\rIngestService\x12L\n\tPlanEpoch\x12\x1e.gristmill.v1.PlanEpochRequest\x1a\x1f.gristmill.v1.PlanEpochResponse\x12Z\n\rStreamBatches\x12\".gristmill.v1.StreamBatchesRequest\x1a#.gristmill.v1.StreamBatchesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gristmill/v1/ingest.proto\x12\x0cgristmill.v1\x1a\x19gristmill/v1/common.proto\x1a\x19gristmill/v1/decode.proto\"\xb0\x02\n\x08PlanSpec\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\x12\n\ncompanions\x18\x04 \x03(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nworld_size\x18\x06 \x01(\x05\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12(\n\x06policy\x18\x08 \x01(\x0e\x32\x18.gristmill.v1.PlanPolicy\x12\x11\n\tdrop_last\x18\t \x01(\x08\x12*\n\ttransform\x18\n \x01(\x0b\x32\x17.gristmill.v1.Transform\x12\x0f\n\x07release\x18\x0b \x01(\t\x12\x13\n\x0brelease_seq\x18\x0c \x01(\x03\x12\x19\n\x11release_head_hash\x18\r \x01(\t\")\n\x06\x43ursor\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x10\n\x08position\x18\x02 \x01(\x03\"G\n\x10PlanEpochRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.gristmill.v1.PlanSpec\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"\xe5\x01\n\x11PlanEpochResponse\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.gristmill.v1.PlanSpec\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61tches_per_rank\x18\x03 \x01(\x03\x12\x19\n\x11samples_per_epoch\x18\x04 \x01(\x03\x12\x17\n\x0f\x64\x61taset_samples\x18\x05 \x01(\x03\x12*\n\x07\x62uckets\x18\x06 \x03(\x0b\x32\x19.gristmill.v1.BucketCount\x12\x1f\n\x17release_dataset_version\x18\x07 \x01(\t\"D\n\x0b\x42ucketCount\x12$\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x14.gristmill.v1.Bucket\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\x03\"\xc8\x01\n\x14StreamBatchesRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.gristmill.v1.PlanSpec\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12$\n\x06\x63ursor\x18\x03 \x01(\x0b\x32\x14.gristmill.v1.Cursor\x12\x13\n\x0bmax_batches\x18\x04 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x05\x12,\n\x04ring\x18\x06 \x01(\x0b\x32\x1e.gristmill.v1.SharedMemoryRing\"<\n\tRingSlice\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x0f\n\x07release\x18\x03 \x01(\x04\"\xdd\x01\n\x0b\x42\x61tchSample\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x66resh\x18\x02 \x01(\x08\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.gristmill.v1.SampleError\x12.\n\ncompanions\x18\x04 \x03(\x0b\x32\x1a.gristmill.v1.DecodedImage\x12\x13\n\x0b\x61nnotations\x18\x05 \x01(\t\x12\x14\n\x0csource_width\x18\x06 \x01(\x05\x12\x15\n\rsource_height\x18\x07 \x01(\x05\x12\x17\n\x0fsource_channels\x18\x08 \x01(\x05\"\xa6\x02\n\x15StreamBatchesResponse\x12$\n\x06\x63ursor\x18\x01 \x01(\x0b\x32\x14.gristmill.v1.Cursor\x12$\n\x06\x62ucket\x18\x02 \x01(\x0b\x32\x14.gristmill.v1.Bucket\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x05\x12*\n\x07samples\x18\x05 \x03(\x0b\x32\x19.gristmill.v1.BatchSample\x12\x0e\n\x06pixels\x18\x06 \x01(\x0c\x12\x10\n\x08\x63hannels\x18\x07 \x01(\x05\x12\"\n\x04next\x18\x08 \x01(\x0b\x32\x14.gristmill.v1.Cursor\x12+\n\nring_slice\x18\t \x01(\x0b\x32\x17.gristmill.v1.RingSlice*r\n\nPlanPolicy\x12\x1b\n\x17PLAN_POLICY_UNSPECIFIED\x10\x00\x12\x15\n\x11PLAN_POLICY_EXACT\x10\x01\x12\x14\n\x10PLAN_POLICY_HASH\x10\x02\x12\x1a\n\x16PLAN_POLICY_SEQUENTIAL\x10\x03\x32\xb9\x01\n\rIngestService\x12L\n\tPlanEpoch\x12\x1e.gristmill.v1.PlanEpochRequest\x1a\x1f.gristmill.v1.PlanEpochResponse\x12Z\n\rStreamBatches\x12\".gristmill.v1.StreamBatchesRequest\x1a#.gristmill.v1.StreamBatchesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gristmill.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLANPOLICY']._serialized_start=1633
-  _globals['_PLANPOLICY']._serialized_end=1747
-  _globals['_PLANSPEC']._serialized_start=71
-  _globals['_PLANSPEC']._serialized_end=375
-  _globals['_CURSOR']._serialized_start=377
-  _globals['_CURSOR']._serialized_end=418
-  _globals['_PLANEPOCHREQUEST']._serialized_start=420
-  _globals['_PLANEPOCHREQUEST']._serialized_end=491
-  _globals['_PLANEPOCHRESPONSE']._serialized_start=494
-  _globals['_PLANEPOCHRESPONSE']._serialized_end=723
-  _globals['_BUCKETCOUNT']._serialized_start=725
-  _globals['_BUCKETCOUNT']._serialized_end=793
-  _globals['_STREAMBATCHESREQUEST']._serialized_start=796
-  _globals['_STREAMBATCHESREQUEST']._serialized_end=996
-  _globals['_SHAREDMEMORYRING']._serialized_start=998
-  _globals['_SHAREDMEMORYRING']._serialized_end=1048
-  _globals['_RINGSLICE']._serialized_start=1050
-  _globals['_RINGSLICE']._serialized_end=1110
-  _globals['_BATCHSAMPLE']._serialized_start=1113
-  _globals['_BATCHSAMPLE']._serialized_end=1334
-  _globals['_STREAMBATCHESRESPONSE']._serialized_start=1337
-  _globals['_STREAMBATCHESRESPONSE']._serialized_end=1631
-  _globals['_INGESTSERVICE']._serialized_start=1750
-  _globals['_INGESTSERVICE']._serialized_end=1935
+  _globals['_PLANPOLICY']._serialized_start=1608
+  _globals['_PLANPOLICY']._serialized_end=1722
+  _globals['_PLANSPEC']._serialized_start=98
+  _globals['_PLANSPEC']._serialized_end=402
+  _globals['_CURSOR']._serialized_start=404
+  _globals['_CURSOR']._serialized_end=445
+  _globals['_PLANEPOCHREQUEST']._serialized_start=447
+  _globals['_PLANEPOCHREQUEST']._serialized_end=518
+  _globals['_PLANEPOCHRESPONSE']._serialized_start=521
+  _globals['_PLANEPOCHRESPONSE']._serialized_end=750
+  _globals['_BUCKETCOUNT']._serialized_start=752
+  _globals['_BUCKETCOUNT']._serialized_end=820
+  _globals['_STREAMBATCHESREQUEST']._serialized_start=823
+  _globals['_STREAMBATCHESREQUEST']._serialized_end=1023
+  _globals['_RINGSLICE']._serialized_start=1025
+  _globals['_RINGSLICE']._serialized_end=1085
+  _globals['_BATCHSAMPLE']._serialized_start=1088
+  _globals['_BATCHSAMPLE']._serialized_end=1309
+  _globals['_STREAMBATCHESRESPONSE']._serialized_start=1312
+  _globals['_STREAMBATCHESRESPONSE']._serialized_end=1606
+  _globals['_INGESTSERVICE']._serialized_start=1725
+  _globals['_INGESTSERVICE']._serialized_end=1910
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from gristmill.v1 import common_pb2 as _common_pb2
 from gristmill.v1 import decode_pb2 as _decode_pb2
 import builtins as _builtins
 import sys
@@ -309,7 +310,7 @@ class StreamBatchesRequest(_message.Message):
         """Where to start; the stream ends at the end of this epoch."""
 
     @_builtins.property
-    def ring(self) -> Global___SharedMemoryRing:
+    def ring(self) -> _common_pb2.SharedMemoryRing:
         """A shared-memory ring the client created on this host: the server writes
         each batch's pixels there and sends only where they lie (ring_slice).
         FAILED_PRECONDITION with reason SHM_RING_UNAVAILABLE when the server
@@ -325,7 +326,7 @@ class StreamBatchesRequest(_message.Message):
         cursor: Global___Cursor | None = ...,
         max_batches: _builtins.int = ...,
         chunk_bytes: _builtins.int = ...,
-        ring: Global___SharedMemoryRing | None = ...,
+        ring: _common_pb2.SharedMemoryRing | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "ring", b"ring", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -334,39 +335,6 @@ class StreamBatchesRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamBatchesRequest: _TypeAlias = StreamBatchesRequest  # noqa: Y015
-
-@_typing.final
-class SharedMemoryRing(_message.Message):
-    """A ring file in the shared-memory directory (/dev/shm) of client and server.
-
-    The file is a 4096-byte header (magic "GMRING01", capacity as
-    little-endian uint64 at byte 8, the client's read counter at byte 16)
-    followed by `capacity` bytes of data. The server unlinks the name once it
-    has mapped the file, so the memory lives only as long as both sides map
-    it: a killed process leaves nothing behind.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    CAPACITY_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """File name, "gristmill-ring-" followed by letters, digits, '-' or '_'."""
-    capacity: _builtins.int
-    """Bytes of the data area."""
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        capacity: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "name", b"name"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SharedMemoryRing: _TypeAlias = SharedMemoryRing  # noqa: Y015
 
 @_typing.final
 class RingSlice(_message.Message):

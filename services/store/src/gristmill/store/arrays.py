@@ -30,9 +30,12 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from gristmill.client.arraywire import encode_value, value_overhead
+from gristmill.client.arraywire import encode_release, encode_value, value_overhead
 from gristmill.client.errors import FailedPrecondition, InvalidArgument, NotFound
+from gristmill.client.shm import RingClosed, RingWriter
+from gristmill.store.metrics import ARRAY_BYTES_OUT
 from gristmill.store.objects import ObjectBackend, ObjectStat
 from gristmill.v1 import arrays_pb2
 
@@ -62,6 +65,14 @@ _READ_STEP = 4 * 1024 * 1024
 #: Threads (per server) storing the values of PutKeys messages side by side and
 #: reading the next group of a GetKeys stream while the current one is sent.
 _IO_THREADS = 8
+#: The smallest ring a GetKeys request may name: two messages of 32 KiB.
+MIN_RING_BYTES = 64 * 1024
+#: Ring records start (and each value in them) on this boundary, so that a
+#: chunk's elements are aligned where the client decodes them in place.
+_RING_ALIGN = 64
+_PADDING = bytes(_RING_ALIGN)
+_GRPC_BYTES = ARRAY_BYTES_OUT.labels("grpc")
+_SHM_BYTES = ARRAY_BYTES_OUT.labels("shm")
 #: Keys of one rolled-up level skipped while listing before the listing starts
 #: again past it (a filesystem backend then skips the level's directories).
 _SKIP_BEFORE_SEEK = 64
@@ -186,13 +197,18 @@ class _Packer:
             take = min(room, left)
             piece = view if take == len(data) else view[offset:offset + take]
             offset += take
-            parts = encode_value(head.index, head.found, base + offset - take, piece,
-                                 head.last and offset >= len(data),
-                                 head.version if first else "", head.size if first else 0)
-            self.parts.extend(parts)
-            self.used += sum(len(p) for p in parts)
+            self._append(head, base + offset - take, piece, head.last and offset >= len(data),
+                         first)
             if offset >= len(data):
                 return
+
+    def _append(self, head: _Head, offset: int, piece: bytes | memoryview, last: bool,
+                first: bool) -> None:
+        parts = encode_value(head.index, head.found, offset, piece, last,
+                             head.version if first else "", head.size if first else 0)
+        self.parts.extend(parts)
+        self.used += sum(len(p) for p in parts)
+        _GRPC_BYTES.inc(len(piece))
 
     def flush(self) -> Iterator[bytes]:
         """The message so far, if it holds anything."""
@@ -200,6 +216,56 @@ class _Packer:
             yield b"".join(self.parts)
         self.parts = []
         self.used = 0
+
+
+@dataclass
+class _RingPacker(_Packer):
+    """A packer whose values' bytes go into the client's shared-memory ring.
+
+    Each message's bytes are one ring record (each value on a 64-byte
+    boundary); the message carries only where they lie, and the release
+    point the client writes back once it is done with them.
+    """
+
+    ring: RingWriter | None = None
+    is_active: Callable[[], bool] = lambda: True
+    #: (head, offset within the value, last, first, start within the record, length)
+    pending: list[tuple[_Head, int, bool, bool, int, int]] = field(default_factory=list)
+    #: bytes of the record so far (``used`` also counts the message's own bytes)
+    record: int = 0
+
+    def _append(self, head: _Head, offset: int, piece: bytes | memoryview, last: bool,
+                first: bool) -> None:
+        start = self.record
+        if len(piece):
+            self.parts.append(piece)
+            pad = -len(piece) % _RING_ALIGN
+            if pad:
+                self.parts.append(_PADDING[:pad])
+            self.record += len(piece) + pad
+            self.used += len(piece) + pad
+        self.pending.append((head, offset, last, first, start, len(piece)))
+        # the message itself: a value's fields and its place, whatever its size
+        self.used += value_overhead(head.version if first else "")
+
+    def flush(self) -> Iterator[bytes]:
+        """Write the record of the message so far into the ring, then the message."""
+        if not self.pending:
+            return
+        assert self.ring is not None
+        at = release = 0
+        if self.parts:
+            at, length, release = self.ring.write(self.parts, self.is_active)
+            _SHM_BYTES.inc(length)
+        message: list[bytes | memoryview] = []
+        for head, offset, last, first, start, length in self.pending:
+            message += encode_value(head.index, head.found, offset, b"", last,
+                                    head.version if first else "", head.size if first else 0,
+                                    ring=(at + start, length) if head.found else None)
+        if release:
+            message.append(encode_release(release))
+        self.parts, self.pending, self.used, self.record = [], [], 0, 0
+        yield b"".join(message)
 
 
 class ArrayStore:
@@ -210,13 +276,16 @@ class ArrayStore:
         max_chunk_bytes: the largest value stored under one key.
         read_message_bytes: the byte budget of one GetKeys response message,
             and the most a request may ask for.
+        shm_dir: the shared-memory directory of GetKeys rings (None: off).
     """
 
     def __init__(self, backend: ObjectBackend, *, max_chunk_bytes: int,
-                 read_message_bytes: int) -> None:
+                 read_message_bytes: int, shm_dir: Path | None = None) -> None:
         self.backend = backend
         self.max_chunk_bytes = max_chunk_bytes
         self.read_message_bytes = read_message_bytes
+        #: where clients on this host put GetKeys rings (None: no shared memory)
+        self.shm_dir = shm_dir
         #: threads (per server) storing PutKeys values and reading GetKeys groups ahead
         self._io_pool = ThreadPoolExecutor(max_workers=_IO_THREADS,
                                            thread_name_prefix="gristmill-array-io")
@@ -240,8 +309,26 @@ class ArrayStore:
         budget = min(request.max_message_bytes or self.read_message_bytes,
                      self.read_message_bytes)
         budget = max(budget, 4096)
-        packer = _Packer(budget)
-        versions = not request.skip_versions
+        if not request.HasField("ring"):
+            yield from self._get_keys(reads, _Packer(budget), not request.skip_versions,
+                                      is_active)
+            return
+        if request.ring.capacity < MIN_RING_BYTES:
+            raise InvalidArgument("ring.capacity", f"a GetKeys ring needs at least "
+                                  f"{MIN_RING_BYTES} bytes, got {request.ring.capacity}")
+        ring = RingWriter.open(self.shm_dir, request.ring.name, request.ring.capacity,
+                               keep_name=True, setting="store.shm_dir")
+        try:  # two records fit the ring: one the client reads while the next is written
+            packer = _RingPacker(min(budget, ring.capacity // 2), ring=ring,
+                                 is_active=is_active)
+            yield from self._get_keys(reads, packer, not request.skip_versions, is_active)
+        except RingClosed:
+            return
+        finally:
+            ring.close()
+
+    def _get_keys(self, reads: Sequence[arrays_pb2.KeyRead], packer: _Packer, versions: bool,
+                  is_active: Callable[[], bool]) -> Iterator[bytes]:
         starts = range(0, len(reads), _READ_GROUP)
         # the next group is read (on the shared read threads) while this one is sent
         ahead: Future[_Group] | None = None

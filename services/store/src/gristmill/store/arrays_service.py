@@ -100,10 +100,11 @@ def _backend(ctx: ServiceContext) -> ObjectBackend:
 def open_array_store(ctx: ServiceContext) -> ArrayStore:
     """The array store for a server config, on the store's backend."""
     cfg = ctx.config
+    store = StoreConfig.of(cfg)
     return ArrayStore(_backend(ctx),
-                      max_chunk_bytes=min(StoreConfig.of(cfg).max_array_chunk_bytes,
+                      max_chunk_bytes=min(store.max_array_chunk_bytes,
                                           cfg.max_message_bytes - _FRAMING),
-                      read_message_bytes=StoreConfig.of(cfg).read_message_bytes)
+                      read_message_bytes=store.read_message_bytes, shm_dir=store.shm_dir)
 
 
 def _build(ctx: ServiceContext, server: grpc.Server) -> None:

@@ -101,6 +101,10 @@ class StoreConfig(ServiceConfig):
     #: compression, are refused with INVALID_ARGUMENT. A chunk travels in one
     #: PutKeys message: the limit used is at most ``max_message_bytes`` less 64 KiB.
     max_array_chunk_bytes: int = Field(default=32 * MiB, ge=64 * 1024, le=48 * MiB)
+    #: Shared-memory directory of this host, where array clients running
+    #: beside the server put the rings that carry GetKeys values without a
+    #: socket (docs/arrays.md). None turns it off: values go over gRPC.
+    shm_dir: Path | None = Path("/dev/shm")
 
     def check(self, server: ServerConfig) -> None:
         """ReadFiles messages fit in the server's message size."""

@@ -16,3 +16,9 @@ CATALOG_WAITS = Counter(
     "the object first; read again) or 'lease' (a commit or writers held the dataset)",
     ["reason"],
 )
+ARRAY_BYTES_OUT = Counter(
+    "gristmill_store_array_bytes_out",
+    "Array value bytes sent by GetKeys, by path: 'grpc' (in the messages) or 'shm' (written "
+    "into a client's shared-memory ring)",
+    ["path"],
+)

@@ -473,11 +473,15 @@ class File(Group):
         api_key: for a server; default ``GRISTMILL_API_KEY``.
         ca_file: TLS root certificate for a server; default ``GRISTMILL_CA_FILE``.
         njobs: chunk fetches in flight at once (each dataset can change it).
+        shared_memory: for a server on this host, chunk bytes through rings in
+            ``/dev/shm`` instead of the socket. None (default): when the
+            address is a loopback one and the server can open the rings;
+            True: required; False: never (see :class:`GrpcZarrStore`).
     """
 
     def __init__(self, target: str | os.PathLike[str], mode: Mode = "r", *,
                  api_key: str | None = None, ca_file: str | os.PathLike[str] | None = None,
-                 njobs: int = _DEFAULT_NJOBS) -> None:
+                 njobs: int = _DEFAULT_NJOBS, shared_memory: bool | None = None) -> None:
         if mode not in _MODES:
             raise ValueError(f"invalid mode {mode!r}; use one of {', '.join(_MODES)}")
         self.mode = "r" if mode == "r" else "r+"
@@ -492,7 +496,7 @@ class File(Group):
                 match.group(2) or "/").strip("/") else ""
             store = GrpcZarrStore(match.group(1), api_key=api_key,
                                   ca_file=Path(ca_file) if ca_file else None,
-                                  read_only=mode == "r")
+                                  read_only=mode == "r", shared_memory=shared_memory)
         else:
             directory = Path(target)
             self.filename = str(directory)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -44,8 +45,14 @@ __all__ = ["GristmillCodecPipeline"]
 
 #: Raw (decoded) bytes of the chunks one call reads or writes, at most.
 _CALL_BYTES = 64 * 1024 * 1024
+#: Seconds between checks, while the fetch waits for placing, that the read goes on.
+_SETTLE_POLL = 0.05
 #: Attempts of one partial-chunk write under contention before it gives up.
 _MAX_ATTEMPTS = 64
+
+class _Abandoned(Exception):
+    """The fetch of a read whose placing stopped (it failed or was cancelled)."""
+
 
 ReadItem: TypeAlias = tuple[ByteGetter, ArraySpec, SelectorTuple, SelectorTuple, bool]
 WriteItem: TypeAlias = tuple[ByteSetter, ArraySpec, SelectorTuple, SelectorTuple, bool]
@@ -102,18 +109,34 @@ class GristmillCodecPipeline(BatchedCodecPipeline):
 
     async def _read_call(self, store: GrpcZarrStore, items: Sequence[ReadItem], out: NDBuffer,
                          drop_axes: tuple[int, ...]) -> None:
-        """One GetKeys call; each chunk is decoded and placed as soon as it arrives."""
+        """One GetKeys call; each chunk is decoded and placed as soon as it arrives.
+
+        The values may lie in the store's shared-memory ring: after each
+        message the fetching thread waits (``settle``) until the chunks
+        delivered so far are placed, so the server reuses their space only then.
+        """
         loop = asyncio.get_running_loop()
-        arrived: asyncio.Queue[tuple[int, Chunk | None] | None] = asyncio.Queue()
+        arrived: asyncio.Queue[tuple[int, Chunk | None] | threading.Event | None] = \
+            asyncio.Queue()
+        stopped = threading.Event()  # this call's placing is over: settle must not wait
 
         def deliver(index: int, data: Chunk | None, _version: str) -> None:
             loop.call_soon_threadsafe(arrived.put_nowait, (index, data))
+
+        def settle() -> None:
+            placed = threading.Event()
+            loop.call_soon_threadsafe(arrived.put_nowait, placed)
+            while not placed.wait(_SETTLE_POLL):
+                if stopped.is_set():
+                    break
+            if not placed.is_set():
+                raise _Abandoned("the read was abandoned")
 
         def fetch() -> None:
             try:
                 # a plain read: no version needed (no conditional write follows)
                 store.read_values([(_key(item), 0, 0) for item in items], deliver,
-                                  versions=False)
+                                  versions=False, settle=settle)
             finally:
                 loop.call_soon_threadsafe(arrived.put_nowait, None)
 
@@ -122,14 +145,22 @@ class GristmillCodecPipeline(BatchedCodecPipeline):
         call.add_done_callback(lambda done: None if not done.cancelled() and done.exception()
                                is None else arrived.put_nowait(None))
         placing: list[asyncio.Task[None]] = []
+        settled = 0  # placing[:settled] are done
         try:
             while (got := await arrived.get()) is not None:
+                if isinstance(got, threading.Event):  # the fetch waits for what it delivered
+                    if placing[settled:]:
+                        await asyncio.wait(placing[settled:])
+                    settled = len(placing)
+                    got.set()
+                    continue
                 index, data = got
                 item = items[index]
                 buffer = None if data is None else item[1].prototype.buffer.from_bytes(data)
                 placing.append(asyncio.ensure_future(self._place(item, buffer, out, drop_axes)))
             await call
         finally:
+            stopped.set()
             results = await asyncio.gather(*placing, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):

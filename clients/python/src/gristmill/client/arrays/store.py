@@ -10,13 +10,25 @@ call and to make partial-chunk writes safe against concurrent writers:
 
 The gRPC calls block; the async ``Store`` methods run them on a thread pool
 of the store's own, so zarr's event loop keeps decoding while bytes arrive.
+
+**Shared memory.** When the server runs on the same host, the chunk bytes of
+bulk reads (:meth:`~GrpcZarrStore.read_values` with ``settle``, which the
+codec pipeline uses) skip the socket: the store creates a ring in
+``/dev/shm`` (:mod:`gristmill.client.shm`) per concurrent call, names it in
+the GetKeys request, and the server writes the values into it; zarr decodes
+them where they lie. ``shared_memory=None`` (default) tries this for
+loopback addresses and falls back to gRPC for good when the server cannot
+open the ring.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import os
 import re
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,15 +54,20 @@ from gristmill.client.errors import (
     call_rpc,
     from_rpc_error,
 )
+from gristmill.client.shm import RING_UNAVAILABLE, RingReader
 from gristmill.v1 import arrays_pb2, arrays_pb2_grpc
 
 __all__ = ["MAX_KEYS_PER_CALL", "Chunk", "GrpcZarrStore", "KeyOutcome", "KeyWriteOp", "valid_key"]
+
+log = logging.getLogger(__name__)
 
 #: The server's limit on reads, writes or deletes of one call.
 MAX_KEYS_PER_CALL = 10_000
 #: Payload bytes of one PutKeys message (a larger value travels alone).
 _PUT_MESSAGE_BYTES = 16 * 1024 * 1024
 _SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+#: Data bytes of one GetKeys ring: four messages of the server's default budget.
+RING_BYTES = 16 * 1024 * 1024
 T = TypeVar("T")
 #: A value as read: a view into the received message (no copy).
 Chunk = bytes | memoryview
@@ -108,6 +125,80 @@ def _to_range(byte_range: ByteRequest | None) -> tuple[int, int] | None:
     raise TypeError(f"unexpected byte range {byte_range!r}")
 
 
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` names this host (localhost, 127.0.0.0/8, ::1)."""
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _RingPool:
+    """The GetKeys rings of a store: one per call in flight, reused call after call.
+
+    ``mode`` is the store's ``shared_memory`` setting; in automatic mode
+    (None) the first refusal (the server cannot open the ring, or /dev/shm
+    has no room) turns rings off for good.
+    """
+
+    def __init__(self, mode: bool | None, address: str) -> None:
+        self.mode = mode
+        self.on = mode is True or (mode is None and is_loopback(address))
+        self._free: list[RingReader] = []
+        self._all: set[RingReader] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self) -> RingReader | None:
+        """A ring for one call, or None: read over gRPC."""
+        with self._lock:
+            if not self.on or self._closed:
+                return None
+            if self._free:
+                return self._free.pop()
+        try:
+            ring = RingReader.create(RING_BYTES)
+        except FailedPrecondition as e:
+            if self.refused(e):
+                return None
+            raise
+        with self._lock:
+            self._all.add(ring)
+        return ring
+
+    def give(self, ring: RingReader, clean: bool) -> None:
+        """Return a ring after its call; a call that did not end cleanly loses its ring.
+
+        (A server may still be writing into the ring of a call cut short.)
+        """
+        with self._lock:
+            if clean and not self._closed:
+                self._free.append(ring)
+                return
+            self._all.discard(ring)
+        ring.close()
+
+    def refused(self, error: FailedPrecondition) -> bool:
+        """Whether ``error`` turns rings off (automatic mode, reason SHM_RING_UNAVAILABLE)."""
+        if self.mode is not None or error.reason != RING_UNAVAILABLE:
+            return False
+        if self.on:
+            log.info("array values go over gRPC: %s", error.message)
+        self.on = False
+        return True
+
+    def close(self) -> None:
+        """Close every ring (their names go from /dev/shm)."""
+        with self._lock:
+            self._closed = True
+            rings, self._all, self._free = list(self._all), set(), []
+        for ring in rings:
+            ring.close()
+
+
 class GrpcZarrStore(Store):
     """The array hierarchy of a gristmill server, as a Zarr v3 store.
 
@@ -117,6 +208,11 @@ class GrpcZarrStore(Store):
         ca_file: PEM root certificate for TLS; default ``GRISTMILL_CA_FILE``.
         read_only: refuse writes on this side.
         threads: gRPC calls that may run at once (parallel chunk fetches).
+        shared_memory: chunk bytes of bulk reads through a ring in
+            ``/dev/shm`` (or ``GRISTMILL_SHM_DIR``) instead of the socket.
+            None (default): for a loopback address, until the server cannot
+            open a ring (another host or /dev/shm, ``store.shm_dir`` unset);
+            True: required (an error otherwise); False: never.
     """
 
     supports_writes = True
@@ -125,15 +221,18 @@ class GrpcZarrStore(Store):
 
     def __init__(self, address: str | None = None, *, api_key: str | None = None,
                  ca_file: Path | str | None = None, read_only: bool = False,
-                 threads: int = 16, _shared: GrpcZarrStore | None = None) -> None:
+                 threads: int = 16, shared_memory: bool | None = None,
+                 _shared: GrpcZarrStore | None = None) -> None:
         super().__init__(read_only=read_only)
         self._options: ConnectionOptions
         self._channel: grpc.Channel
         self._pool: ThreadPoolExecutor
+        self._rings: _RingPool
         if _shared is not None:  # with_read_only: same connection
             self._options = _shared._options
             self._channel = _shared._channel
             self._pool = _shared._pool
+            self._rings = _shared._rings
             self._owner = False
         else:
             self._options = ConnectionOptions(address, api_key,
@@ -141,6 +240,8 @@ class GrpcZarrStore(Store):
             self._channel = open_channel(self._options)
             self._pool = ThreadPoolExecutor(max_workers=max(2, threads),
                                             thread_name_prefix="gristmill-arrays")
+            assert self._options.address is not None
+            self._rings = _RingPool(shared_memory, self._options.address)
             self._owner = True
         self._stub = arrays_pb2_grpc.ArrayServiceStub(self._channel)
         self._pid = os.getpid()
@@ -184,6 +285,7 @@ class GrpcZarrStore(Store):
         if self._owner:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._channel.close()
+            self._rings.close()
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking call (of this store's) on the store's threads."""
@@ -201,13 +303,19 @@ class GrpcZarrStore(Store):
     # -- blocking calls ---------------------------------------------------------------
     def read_values(self, reads: Sequence[tuple[str, int, int]],
                     deliver: Callable[[int, Chunk | None, str], None],
-                    versions: bool = True) -> None:
+                    versions: bool = True, settle: Callable[[], None] | None = None) -> None:
         """Read ``(key, offset, length)`` triples; ``deliver(index, bytes or None, version)``.
 
         Values are delivered in request order as they arrive (several
         GetKeys calls for more than :data:`MAX_KEYS_PER_CALL` reads). A key
         the server could not hold is delivered as absent. With
         ``versions=False`` the versions are "" (faster on some backends).
+
+        Without ``settle`` the delivered bytes are the caller's to keep. With
+        ``settle`` they may be views into a shared-memory ring (see the
+        module notes), valid only until ``settle`` returns: it is called
+        after each message's values and must return once the caller is done
+        with every value delivered so far (or raise to abandon the read).
         """
         for start in range(0, len(reads), MAX_KEYS_PER_CALL):
             part = reads[start:start + MAX_KEYS_PER_CALL]
@@ -220,21 +328,51 @@ class GrpcZarrStore(Store):
                 else:
                     deliver(start + i, None, "")
             if asked:
-                self._get_keys(request, asked, deliver)
+                self._get_keys(request, asked, deliver, settle)
 
     def _get_keys(self, request: arrays_pb2.GetKeysRequest, asked: list[int],
-                  deliver: Callable[[int, Chunk | None, str], None]) -> None:
+                  deliver: Callable[[int, Chunk | None, str], None],
+                  settle: Callable[[], None] | None) -> None:
+        """One GetKeys call, through a ring when ``settle`` allows one and the store has one."""
+        ring = self._rings.take() if settle is not None else None
+        if ring is None:
+            self._stream(request, asked, deliver, None, None)
+            return
+        request.ring.name, request.ring.capacity = ring.name, ring.capacity
+        ring.release(0)  # each call's writer starts at the ring's beginning
+        clean = False
+        started: list[bool] = []
+        try:
+            self._stream(request, asked, deliver, settle, ring, started)
+            clean = True
+        except FailedPrecondition as e:
+            # refused before anything was sent: read the same values without it
+            clean = not started
+            if started or not self._rings.refused(e):
+                raise
+            request.ClearField("ring")
+            self._stream(request, asked, deliver, None, None)
+        finally:
+            self._rings.give(ring, clean)
+
+    def _stream(self, request: arrays_pb2.GetKeysRequest, asked: list[int],
+                deliver: Callable[[int, Chunk | None, str], None],
+                settle: Callable[[], None] | None, ring: RingReader | None,
+                started: list[bool] | None = None) -> None:
         pending: bytearray | None = None
         version = ""
         expect = 0  # the read whose value is due next
+        call = self._get_keys_raw(request)
         try:
-            for message in self._get_keys_raw(request):
+            for message in call:
+                if started is not None:
+                    started.append(True)
                 try:
-                    pieces = decode_response(message)
+                    response = decode_response(message)
                 except ValueError as e:
                     raise DataLoss(f"a GetKeys response from {self.address} does not parse "
                                    f"({e}); retry", reason="BAD_RESPONSE") from None
-                for v in pieces:
+                for v in response.values:
                     if v.index != expect or v.index >= len(asked):
                         raise DataLoss(f"the server sent value {v.index} where {expect} was due; "
                                        "retry", reason="BAD_RESPONSE")
@@ -242,10 +380,13 @@ class GrpcZarrStore(Store):
                         deliver(asked[v.index], None, "")
                         expect += 1
                         continue
+                    data: Chunk = v.data
+                    if v.ring_length or v.ring_offset:
+                        data = self._in_ring(ring, v.ring_offset, v.ring_length)
                     if pending is None:
                         version = v.version
                         if v.last:  # the common case: one piece, no copy
-                            deliver(asked[v.index], v.data, version)
+                            deliver(asked[v.index], data, version)
                             expect += 1
                             continue
                         pending = bytearray()
@@ -253,16 +394,29 @@ class GrpcZarrStore(Store):
                         raise DataLoss(f"piece of {request.reads[v.index].key} at offset "
                                        f"{v.offset} where {len(pending)} was due; retry",
                                        reason="BAD_RESPONSE")
-                    pending += v.data
+                    pending += data
                     if v.last:
                         deliver(asked[v.index], memoryview(pending), version)
                         pending = None
                         expect += 1
+                if ring is not None and response.ring_release:
+                    if settle is not None:
+                        settle()
+                    ring.release(response.ring_release)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+        finally:
+            call.cancel()  # a no-op once the call has ended; else the server stops
         if expect != len(asked):
             raise DataLoss(f"the server ended GetKeys after {expect} of {len(asked)} values; "
                            "retry", reason="BAD_RESPONSE")
+
+    def _in_ring(self, ring: RingReader | None, offset: int, length: int) -> memoryview:
+        """A value's bytes in the call's ring, checked against the ring's bounds."""
+        if ring is None or offset < 0 or length < 0 or offset + length > ring.capacity:
+            raise DataLoss(f"the server from {self.address} placed a value at {offset}+{length}, "
+                           "outside the call's ring; retry", reason="BAD_RESPONSE")
+        return memoryview(ring.view(offset, length).data)
 
     def fetch(self, reads: Sequence[tuple[str, int, int]]) -> list[tuple[Chunk | None, str]]:
         """``(bytes or None, version)`` per read (one GetKeys call per 10,000)."""
