@@ -6,9 +6,11 @@ compression: the data is random), read three ways:
 - full read ``ds[...]``, a plane ``ds[:, :, 40]`` (cuts 64 chunks) and a
   strided read ``ds[::4, ::4, ::4]`` (touches every chunk);
 
-through gristmill's array client over gRPC (a real server process, fs
-backend; ``njobs`` 1 and 4), against zarr-python on a local directory of the
-same array and h5py on a local HDF5 file with the same chunks. MB/s counts
+through gristmill's array client (a real server process on this host, fs
+backend; chunk bytes through a shared-memory ring, the default on one host,
+or all over gRPC; ``njobs`` 1 and 4), against zarr-python on a local
+directory of the same array and h5py on a local HDF5 file with the same
+chunks. MB/s counts
 the bytes of the result; the ratio is against zarr-python on a directory
 (page cache warm for everyone), timed again in turn with gristmill's reads
 (interleaved rounds) so that the machine's drifts touch both alike. Aim:
@@ -336,7 +338,8 @@ def main() -> int:
                 print(row("zarr-python, chunks in memory (decode only)", t_mem, expect.nbytes,
                           t_zarr))
                 print(row("h5py, local file", t_h5, expect.nbytes, t_zarr))
-        print("\ngristmill over gRPC (client and server on this machine)")
+        print("\ngristmill, client and server on this machine (shm: chunk bytes through a "
+              "shared-memory ring; gRPC: all over the socket)")
         fs = gristmill_rows("fs", work, data, {}, baselines)
         full, zarr_full = READS[0].label, baselines[f"fs {READS[0].label}"]
         fastest = {shm: min(fs[(full, n, shm)] for n in (1, 4)) for shm in (True, False)}

@@ -50,6 +50,7 @@ _SETTLE_POLL = 0.05
 #: Attempts of one partial-chunk write under contention before it gives up.
 _MAX_ATTEMPTS = 64
 
+
 class _Abandoned(Exception):
     """The fetch of a read whose placing stopped (it failed or was cancelled)."""
 

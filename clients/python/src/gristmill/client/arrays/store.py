@@ -347,7 +347,7 @@ class GrpcZarrStore(Store):
             clean = True
         except FailedPrecondition as e:
             # refused before anything was sent: read the same values without it
-            clean = not started
+            clean = not started and e.reason == RING_UNAVAILABLE
             if started or not self._rings.refused(e):
                 raise
             request.ClearField("ring")
@@ -365,7 +365,7 @@ class GrpcZarrStore(Store):
         call = self._get_keys_raw(request)
         try:
             for message in call:
-                if started is not None:
+                if started is not None and not started:
                     started.append(True)
                 try:
                     response = decode_response(message)
