@@ -27,13 +27,14 @@ class LyingArrays:
 
     def __init__(self, place: tuple[int, int]) -> None:
         self.place = place
+        self.release = 4096
         self.rings: list[str] = []
 
     def GetKeys(self, request: arrays_pb2.GetKeysRequest,
                 context: grpc.ServicerContext) -> Iterator[bytes]:
         self.rings.append(request.ring.name)
         parts = encode_value(0, True, 0, b"", True, "", self.place[1], ring=self.place)
-        yield b"".join(parts) + encode_release(4096)
+        yield b"".join(parts) + (encode_release(self.release) if self.release else b"")
 
 
 @pytest.fixture
@@ -73,5 +74,21 @@ def test_ring_places_outside_the_ring_are_data_loss(lying: tuple[str, LyingArray
         assert not got
         assert bool(servicer.rings[-1]) is shared
         assert not list(shm_dir.iterdir())  # the ring of a failed call is not kept
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("release", [0, -8, 2**63 + 64])
+def test_ring_values_without_a_valid_release_are_data_loss(lying: tuple[str, LyingArrays],
+                                                           shm_dir: Path, release: int) -> None:
+    address, servicer = lying
+    servicer.place, servicer.release = (0, 16), release
+    store = GrpcZarrStore(address, shared_memory=True)
+    try:
+        with pytest.raises(DataLoss, match="release point") as info:
+            store.read_values([("a/c/0", 0, 0)], lambda i, d, v: None, versions=False,
+                              settle=lambda: None)
+        assert info.value.reason == "BAD_RESPONSE"
+        assert not list(shm_dir.iterdir())  # that ring is not used again
     finally:
         store.close()

@@ -7,6 +7,7 @@ session's cluster, a RADOS namespace per server).
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -1132,7 +1133,7 @@ def test_shared_memory_falls_back_to_grpc_or_fails_as_asked(array_server: Runnin
 def test_hostile_rings_are_refused(array_server: Running, shm_dir: Path, name: str,
                                    capacity: int, code: grpc.StatusCode, match: str) -> None:
     request = pb.GetKeysRequest(reads=[pb.KeyRead(key="zarr.json")])
-    request.ring.name, request.ring.capacity = name, capacity
+    request.ring.name, request.ring.capacity, request.ring.token = name, capacity, b"t" * 16
     with pytest.raises(grpc.RpcError) as info:
         list(stub(array_server).GetKeys(request))
     assert info.value.code() == code and match in str(info.value.details())
@@ -1145,6 +1146,7 @@ def test_a_ring_that_is_a_symlink_or_shrunk_is_refused(array_server: Running, sh
     (shm_dir / "gristmill-ring-link").symlink_to(target)
     request = pb.GetKeysRequest(reads=[pb.KeyRead(key="zarr.json")])
     request.ring.name, request.ring.capacity = "gristmill-ring-link", 1 << 20
+    request.ring.token = b"t" * 16
     with pytest.raises(grpc.RpcError) as info:
         list(stub(array_server).GetKeys(request))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -1156,7 +1158,8 @@ def test_a_ring_that_is_a_symlink_or_shrunk_is_refused(array_server: Running, sh
                          chunks=(8, 1024, 64))
     ring = RingReader.create(MIN_RING_BYTES * 16, shm_dir)
     request = pb.GetKeysRequest(reads=[pb.KeyRead(key=f"v/c/{i}/0/0") for i in range(8)])
-    request.ring.name, request.ring.capacity = ring.name, ring.capacity
+    request.ring.name, request.ring.capacity, request.ring.token = (
+        ring.name, ring.capacity, ring.token)
     call = stub(array_server).GetKeys(request)
     next(call)  # the first message's record is written; the ring is now full
     os.truncate(shm_dir / ring.name, 4096)
@@ -1196,4 +1199,66 @@ def test_a_read_cut_short_does_not_reuse_its_ring(array_server: Running, shm_dir
         assert [bytes(d) for d, _ in plain if d is not None] == [out[i] for i in range(16)]
     finally:
         store.close()
+    assert not list(shm_dir.iterdir())
+
+
+def test_a_ring_takes_its_token_and_one_call_at_a_time(array_server: Running, shm_dir: Path
+                                                       ) -> None:
+    with File(array_server.address, "a", api_key=array_server.admin_key) as f:
+        f.create_dataset("t", data=np.ones((64, 1024, 64), dtype="float32"),
+                         chunks=(8, 1024, 64))
+    ring = RingReader.create(MIN_RING_BYTES * 16, shm_dir)
+    reads = [pb.KeyRead(key=f"t/c/{i}/0/0") for i in range(8)]
+
+    def call(token: bytes) -> Any:
+        request = pb.GetKeysRequest(reads=reads)
+        request.ring.name, request.ring.capacity, request.ring.token = (
+            ring.name, ring.capacity, token)
+        return stub(array_server).GetKeys(request)
+
+    try:
+        # knowing the name is not enough: the token must be the ring's own
+        for token, code, match in [(b"", grpc.StatusCode.INVALID_ARGUMENT, "ring.token"),
+                                   (b"x" * 5, grpc.StatusCode.INVALID_ARGUMENT, "ring.token"),
+                                   (bytes(16), grpc.StatusCode.FAILED_PRECONDITION, "token")]:
+            with pytest.raises(grpc.RpcError) as info:
+                list(call(token))
+            assert info.value.code() == code and match in str(info.value.details())
+        # a call on a ring another call still writes into waits for it
+        first = call(ring.token)
+        next(first)  # the first holds the ring: it waits for space now
+        second = call(ring.token)
+        done = threading.Event()
+        got: list[Any] = []
+
+        def drain() -> None:
+            try:
+                got.extend(second)
+            except grpc.RpcError as e:
+                got.append(e)
+            done.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        assert not done.wait(1.0)  # still waiting for the first call's writer
+        first.cancel()
+        ring.release(1 << 40)  # the first call's writer sees it is over and lets go
+        assert done.wait(30)
+        assert got and not isinstance(got[0], grpc.RpcError)
+    finally:
+        ring.close()
+
+
+def test_a_store_never_closed_still_removes_its_rings(array_server: Running, shm_dir: Path
+                                                      ) -> None:
+    with File(array_server.address, "a", api_key=array_server.admin_key) as f:
+        f.create_dataset("n", data=np.arange(100, dtype="int64"), chunks=(10,))
+    store = GrpcZarrStore(array_server.address, api_key=array_server.admin_key,
+                          shared_memory=True)
+    got: dict[int, bytes] = {}
+    store.read_values([(f"n/c/{i}", 0, 0) for i in range(10)],
+                      lambda i, d, v: got.__setitem__(i, bytes(d or b"")), versions=False,
+                      settle=lambda: None)
+    assert len(got) == 10 and len(list(shm_dir.iterdir())) == 1
+    del store
+    gc.collect()
     assert not list(shm_dir.iterdir())

@@ -141,10 +141,17 @@ def test_a_record_that_starts_over_waits_only_for_records_not_yet_released(
     _, _, release = writer.write([b"a" * 1500], lambda: True)
     reader.release(release)
     # 3000 bytes do not fit behind the first record: they start over at 0, and the
-    # skipped tail of the ring holds nothing to wait for (is_active False: no waiting)
+    # skipped tail of the ring holds nothing to wait for
+    asked: list[bool] = []
+
+    def active() -> bool:
+        asked.append(True)
+        return True
+
     offset, length, _ = writer.write([b"b" * 1000, np.full((10, 100, 2), 7, np.uint8)],
-                                     lambda: False)
+                                     active)
     assert (offset, length) == (0, 3000)
+    assert len(asked) == 1  # once, just before writing: it never waited for space
     assert reader.view(offset, length).tobytes() == b"b" * 1000 + b"\7" * 2000
     writer.close()
     reader.close()
@@ -179,3 +186,35 @@ def test_a_ring_refusal_turns_rings_off_only_in_automatic_mode() -> None:
     required = _RingPool(True, "10.0.0.7:1")
     assert required.on and not required.refused(refusal) and required.on
     assert not _RingPool(False, "127.0.0.1:1").on
+
+
+def test_a_writer_whose_call_ended_writes_nothing_more(shm_dir: Path) -> None:
+    reader = RingReader.create(4096, shm_dir)
+    writer = RingWriter.open(shm_dir, reader.name, reader.capacity)
+    with pytest.raises(RingClosed):
+        writer.write([b"late" * 10], lambda: False)
+    assert reader.view(0, 40).tobytes() == bytes(40)
+    writer.close()
+    reader.close()
+
+
+def test_a_writer_checks_the_token_and_takes_the_ring_alone(shm_dir: Path) -> None:
+    reader = RingReader.create(4096, shm_dir)
+    other = RingReader.create(4096, shm_dir)
+    assert len(reader.token) == shm.TOKEN_BYTES and reader.token != other.token
+    with pytest.raises(FailedPrecondition, match="token differs"):
+        RingWriter.open(shm_dir, reader.name, reader.capacity, token=other.token)
+    with pytest.raises(InvalidArgument, match="ring.token"):
+        RingWriter.open(shm_dir, reader.name, reader.capacity, token=b"short")
+    first = RingWriter.open(shm_dir, reader.name, reader.capacity, token=reader.token,
+                            keep_name=True, lock_wait=0)
+    with pytest.raises(FailedPrecondition, match="still written by another call"):
+        RingWriter.open(shm_dir, reader.name, reader.capacity, token=reader.token,
+                        keep_name=True, lock_wait=0.2)
+    first.close()  # the lock goes with the descriptor
+    second = RingWriter.open(shm_dir, reader.name, reader.capacity, token=reader.token,
+                             keep_name=True, lock_wait=0)
+    assert (shm_dir / reader.name).exists()  # keep_name: the client removes it
+    second.close()
+    reader.close()
+    other.close()

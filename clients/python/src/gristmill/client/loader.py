@@ -565,7 +565,8 @@ class Loader:
             try:
                 ring = self._new_ring()
                 if ring is not None and ring.name:
-                    request.ring.name, request.ring.capacity = ring.name, ring.capacity
+                    request.ring.name, request.ring.capacity, request.ring.token = (
+                        ring.name, ring.capacity, ring.token)
                 call = self._transport.stream(request, ring)
                 calls[:] = [call]
                 assembler = _Assembler(ring)

@@ -30,7 +30,17 @@ which a name can outlive its owner) is unlocked; :func:`sweep` removes such
 names when the next ring is created.
 
 File layout: a 4096-byte header (``MAGIC``, then the data capacity and the
-read counter as little-endian uint64 at bytes 8 and 16) and the data area.
+read counter as little-endian uint64 at bytes 8 and 16, then the ring's
+16-byte random token at byte 24) and the data area.
+
+The token is what proves a request's right to the ring: a request names the
+ring and carries its token, and the server writes only into a ring whose
+header holds that token. A client that can learn a ring's name (by listing
+``/dev/shm``) but cannot read the file cannot make the server write into it.
+A server also holds an exclusive lock on byte 64 of the header (an
+open-file-description lock) while it writes into a ring that serves many
+calls in turn, so that two calls never write into one ring at once (a call
+gRPC retried while its first attempt still runs).
 """
 
 from __future__ import annotations
@@ -78,6 +88,9 @@ MAGIC = b"GMRING01"
 HEADER = 4096
 _CAPACITY_AT = 8
 _READ_AT = 16
+_TOKEN_AT = 24
+TOKEN_BYTES = 16
+_LOCK_AT = 64
 #: Records start on cache-line boundaries.
 ALIGN = 64
 PREFIX = "gristmill-ring-"
@@ -149,6 +162,8 @@ class RingReader:
     def __init__(self, path: Path | None, fd: int, mapping: mmap.mmap, capacity: int) -> None:
         self.path = path
         self.capacity = capacity
+        #: the random token in the ring's header; requests carry it (``ring.token``)
+        self.token = bytes(mapping[_TOKEN_AT:_TOKEN_AT + TOKEN_BYTES])
         self._fd = fd
         self._mmap = mapping
         self._data: npt.NDArray[np.uint8] | None = np.frombuffer(mapping, np.uint8)[HEADER:]
@@ -249,13 +264,17 @@ class RingWriter:
         self._written = 0
 
     @classmethod
-    def open(cls, directory: Path | None, name: str, capacity: int, *,
-             keep_name: bool = False, setting: str = "ingest.shm_dir") -> RingWriter:
+    def open(cls, directory: Path | None, name: str, capacity: int, *, token: bytes = b"",
+             keep_name: bool = False, setting: str = "ingest.shm_dir",
+             lock_wait: float | None = None) -> RingWriter:
         """Open the ring ``name`` in ``directory`` and unlink its name (unless ``keep_name``).
 
+        ``token``, when given, must be the one in the ring's header.
         ``keep_name`` is for a ring that serves many calls in turn (GetKeys):
-        its client removes the name when it closes. ``setting`` names the
-        server setting that turns shared memory on, for the error message.
+        its client removes the name when it closes. ``lock_wait`` (seconds):
+        take the ring's writer lock, waiting at most that long for another
+        call's writer to finish. ``setting`` names the server setting that
+        turns shared memory on, for the error message.
 
         Raises:
             InvalidArgument: the name is not a ring name.
@@ -269,6 +288,9 @@ class RingWriter:
         if capacity < ALIGN or capacity % ALIGN:
             raise InvalidArgument("ring.capacity", f"must be a positive multiple of {ALIGN}, "
                                   f"got {capacity}")
+        if token and len(token) != TOKEN_BYTES:
+            raise InvalidArgument("ring.token", f"must be {TOKEN_BYTES} bytes (the ring's own), "
+                                  f"got {len(token)}")
         if directory is None:
             raise unavailable(f"this server does not use shared memory ({setting} is "
                               "not set); stream without a ring")
@@ -291,10 +313,15 @@ class RingWriter:
             if st.st_blocks * 512 < size:
                 raise unavailable(f"ring {path} has no memory reserved (a sparse file): "
                                   "create rings with RingReader.create")
-            header = os.pread(fd, _READ_AT, 0)
-            if header[:len(MAGIC)] != MAGIC or len(header) < _READ_AT or \
+            header = os.pread(fd, _TOKEN_AT + TOKEN_BYTES, 0)
+            if header[:len(MAGIC)] != MAGIC or len(header) < _TOKEN_AT + TOKEN_BYTES or \
                     struct.unpack_from("<Q", header, _CAPACITY_AT)[0] != capacity:
                 raise unavailable(f"{path} is not a gristmill ring of {capacity} bytes")
+            if token and not secrets.compare_digest(header[_TOKEN_AT:], token):
+                raise unavailable(f"ring {name} is not the ring of this request (its token "
+                                  "differs): name a ring this client created")
+            if lock_wait is not None:
+                _lock_writer(fd, name, lock_wait)
         except BaseException:
             os.close(fd)
             raise
@@ -359,6 +386,8 @@ class RingWriter:
                 raise RingClosed("the client went away")
             time.sleep(delay)
             delay = min(delay * 2, 5e-3)
+        if not is_active():  # a call cut short writes nothing more
+            raise RingClosed("the client went away")
         try:
             st = os.fstat(fd)
         except OSError as e:
@@ -398,6 +427,25 @@ def _pwrite_all(fd: int, views: list[memoryview], at: int) -> None:
             i += 1
 
 
+def _lock_writer(fd: int, name: str, wait: float) -> None:
+    """Take the ring's writer lock (an OFD lock, released when ``fd`` closes)."""
+    request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _LOCK_AT, 1, 0)
+    deadline = time.monotonic() + wait
+    delay = 1e-3
+    while True:
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise unavailable(f"cannot lock ring {name}: {e.strerror}") from e
+        if time.monotonic() >= deadline:
+            raise unavailable(f"ring {name} is still written by another call after {wait:.0f} "
+                              "s: use a ring for one call at a time")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 def _map_new(fd: int, capacity: int, directory: Path | None) -> mmap.mmap:
     """Reserve and map a new ring's memory and write its header (``directory`` None: private)."""
     try:
@@ -415,6 +463,7 @@ def _map_new(fd: int, capacity: int, directory: Path | None) -> mmap.mmap:
     mapping = mmap.mmap(fd, HEADER + capacity)
     mapping[:len(MAGIC)] = MAGIC
     struct.pack_into("<QQ", mapping, _CAPACITY_AT, capacity, 0)
+    mapping[_TOKEN_AT:_TOKEN_AT + TOKEN_BYTES] = secrets.token_bytes(TOKEN_BYTES)
     return mapping
 
 

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gristmill/v1/common.proto\x12\x0cgristmill.v1\":\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"2\n\x10SharedMemoryRing\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04*N\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_READER\x10\x01\x12\x0f\n\x0bROLE_WRITER\x10\x02\x12\x0e\n\nROLE_ADMIN\x10\x03*\xc3\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x02\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x03\x12\"\n\x1e\x45RROR_REASON_DATASET_NOT_FOUND\x10\x04\x12\x1f\n\x1b\x45RROR_REASON_DATASET_EXISTS\x10\x05\x12\x1f\n\x1b\x45RROR_REASON_FILE_NOT_FOUND\x10\x06\x12\"\n\x1e\x45RROR_REASON_VERSION_NOT_FOUND\x10\x07\x12\x1e\n\x1a\x45RROR_REASON_HASH_MISMATCH\x10\x08\x12\x1e\n\x1a\x45RROR_REASON_SIZE_MISMATCH\x10\t\x12\x1d\n\x19\x45RROR_REASON_BLOB_CORRUPT\x10\n\x12\x1f\n\x1b\x45RROR_REASON_BLOB_NOT_FOUND\x10\x0b\x12#\n\x1f\x45RROR_REASON_INVALID_PAGE_TOKEN\x10\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gristmill/v1/common.proto\x12\x0cgristmill.v1\":\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"A\n\x10SharedMemoryRing\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\x12\r\n\x05token\x18\x03 \x01(\x0c*N\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_READER\x10\x01\x12\x0f\n\x0bROLE_WRITER\x10\x02\x12\x0e\n\nROLE_ADMIN\x10\x03*\xc3\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x02\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x03\x12\"\n\x1e\x45RROR_REASON_DATASET_NOT_FOUND\x10\x04\x12\x1f\n\x1b\x45RROR_REASON_DATASET_EXISTS\x10\x05\x12\x1f\n\x1b\x45RROR_REASON_FILE_NOT_FOUND\x10\x06\x12\"\n\x1e\x45RROR_REASON_VERSION_NOT_FOUND\x10\x07\x12\x1e\n\x1a\x45RROR_REASON_HASH_MISMATCH\x10\x08\x12\x1e\n\x1a\x45RROR_REASON_SIZE_MISMATCH\x10\t\x12\x1d\n\x19\x45RROR_REASON_BLOB_CORRUPT\x10\n\x12\x1f\n\x1b\x45RROR_REASON_BLOB_NOT_FOUND\x10\x0b\x12#\n\x1f\x45RROR_REASON_INVALID_PAGE_TOKEN\x10\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gristmill.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=155
-  _globals['_ROLE']._serialized_end=233
-  _globals['_ERRORREASON']._serialized_start=236
-  _globals['_ERRORREASON']._serialized_end=687
+  _globals['_ROLE']._serialized_start=170
+  _globals['_ROLE']._serialized_end=248
+  _globals['_ERRORREASON']._serialized_start=251
+  _globals['_ERRORREASON']._serialized_end=702
   _globals['_ITEMERROR']._serialized_start=43
   _globals['_ITEMERROR']._serialized_end=101
   _globals['_SHAREDMEMORYRING']._serialized_start=103
-  _globals['_SHAREDMEMORYRING']._serialized_end=153
+  _globals['_SHAREDMEMORYRING']._serialized_end=168
 # @@protoc_insertion_point(module_scope)

@@ -146,36 +146,47 @@ class SharedMemoryRing(_message.Message):
     """A ring file in the shared-memory directory (/dev/shm) of client and server.
 
     The file is a 4096-byte header (magic "GMRING01", capacity as
-    little-endian uint64 at byte 8, the client's read counter at byte 16)
-    followed by `capacity` bytes of data. The server writes into the data area
-    through its file descriptor (never a mapping) and waits, before reusing
-    space, until the client's read counter has passed it.
+    little-endian uint64 at byte 8, the client's read counter at byte 16, the
+    token at byte 24) followed by `capacity` bytes of data. The server writes
+    into the data area through its file descriptor (never a mapping) and waits,
+    before reusing space, until the client's read counter has passed it.
 
     A StreamBatches ring is the stream's alone: the server unlinks the name
     once it has opened the file, so the memory lives only as long as both sides
     hold it and a killed process leaves nothing behind. A GetKeys ring serves
     one call at a time and many calls in turn: the server leaves its name, the
     client removes it when it closes, and a ring left by a killed client is
-    removed by the next client that creates one (it is no longer locked).
+    removed by the next client that creates one (it is no longer locked). While
+    a GetKeys call writes into a ring the server holds a lock on byte 64 of its
+    header; a second call on the same ring waits for it (a few seconds at most,
+    then FAILED_PRECONDITION).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """File name, "gristmill-ring-" followed by letters, digits, '-' or '_'."""
     capacity: _builtins.int
     """Bytes of the data area."""
+    token: _builtins.bytes
+    """The 16 random bytes at byte 24 of the ring's header, which its creator
+    wrote: the server writes only into a ring whose header holds them, so
+    knowing a ring's name is not enough to have the server write into it.
+    Required by GetKeys; checked by StreamBatches when given.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         capacity: _builtins.int = ...,
+        token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "name", b"name", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -306,7 +306,7 @@ class Ingest:
         chunk = request.chunk_bytes or self.config.chunk_bytes
         if ring is None and request.HasField("ring"):
             ring = RingWriter.open(self.config.shm_dir, request.ring.name,
-                                   request.ring.capacity)
+                                   request.ring.capacity, token=request.ring.token)
         try:
             if ring is None or not ring.fits(batch_bytes):  # pixels may go inline
                 self._check_message(spec, info)

@@ -71,6 +71,9 @@ MIN_RING_BYTES = 64 * 1024
 #: chunk's elements are aligned where the client decodes them in place.
 _RING_ALIGN = 64
 _PADDING = bytes(_RING_ALIGN)
+#: Seconds a GetKeys call waits for another call's writer of the same ring
+#: (a call gRPC sent again while its first attempt still ran).
+_RING_LOCK_WAIT = 10.0
 _GRPC_BYTES = ARRAY_BYTES_OUT.labels("grpc")
 _SHM_BYTES = ARRAY_BYTES_OUT.labels("shm")
 #: Keys of one rolled-up level skipped while listing before the listing starts
@@ -316,8 +319,12 @@ class ArrayStore:
         if request.ring.capacity < MIN_RING_BYTES:
             raise InvalidArgument("ring.capacity", f"a GetKeys ring needs at least "
                                   f"{MIN_RING_BYTES} bytes, got {request.ring.capacity}")
+        if not request.ring.token:
+            raise InvalidArgument("ring.token", "a GetKeys ring needs its token (the 16 bytes "
+                                  "at byte 24 of its header)")
         ring = RingWriter.open(self.shm_dir, request.ring.name, request.ring.capacity,
-                               keep_name=True, setting="store.shm_dir")
+                               token=request.ring.token, keep_name=True,
+                               setting="store.shm_dir", lock_wait=_RING_LOCK_WAIT)
         try:  # two records fit the ring: one the client reads while the next is written
             packer = _RingPacker(min(budget, ring.capacity // 2), ring=ring,
                                  is_active=is_active)

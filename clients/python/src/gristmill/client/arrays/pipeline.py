@@ -128,7 +128,7 @@ class GristmillCodecPipeline(BatchedCodecPipeline):
             placed = threading.Event()
             loop.call_soon_threadsafe(arrived.put_nowait, placed)
             while not placed.wait(_SETTLE_POLL):
-                if stopped.is_set():
+                if stopped.is_set() or loop.is_closed() or not loop.is_running():
                     break
             if not placed.is_set():
                 raise _Abandoned("the read was abandoned")

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -153,21 +154,25 @@ class _RingPool:
         self._closed = False
 
     def take(self) -> RingReader | None:
-        """A ring for one call, or None: read over gRPC."""
+        """A ring for one call, or None: read over gRPC.
+
+        Rings are created under the lock, so that :meth:`close` never misses one.
+        """
         with self._lock:
             if not self.on or self._closed:
                 return None
             if self._free:
                 return self._free.pop()
-        try:
-            ring = RingReader.create(RING_BYTES)
-        except FailedPrecondition as e:
-            if self.refused(e):
-                return None
-            raise
-        with self._lock:
-            self._all.add(ring)
-        return ring
+            try:
+                ring = RingReader.create(RING_BYTES)
+            except FailedPrecondition as e:
+                refusal = e
+            else:
+                self._all.add(ring)
+                return ring
+        if self.refused(refusal):
+            return None
+        raise refusal
 
     def give(self, ring: RingReader, clean: bool) -> None:
         """Return a ring after its call; a call that did not end cleanly loses its ring.
@@ -175,19 +180,27 @@ class _RingPool:
         (A server may still be writing into the ring of a call cut short.)
         """
         with self._lock:
-            if clean and not self._closed:
+            if clean and self.on and not self._closed:
                 self._free.append(ring)
                 return
             self._all.discard(ring)
         ring.close()
 
     def refused(self, error: FailedPrecondition) -> bool:
-        """Whether ``error`` turns rings off (automatic mode, reason SHM_RING_UNAVAILABLE)."""
+        """Whether ``error`` turns rings off (automatic mode, reason SHM_RING_UNAVAILABLE).
+
+        Rings not in use are closed then; those in use are when they come back.
+        """
         if self.mode is not None or error.reason != RING_UNAVAILABLE:
             return False
-        if self.on:
-            log.info("array values go over gRPC: %s", error.message)
-        self.on = False
+        with self._lock:
+            if self.on:
+                log.info("array values go over gRPC: %s", error.message)
+            self.on = False
+            idle, self._free = self._free, []
+            self._all.difference_update(idle)
+        for ring in idle:
+            ring.close()
         return True
 
     def close(self) -> None:
@@ -242,6 +255,8 @@ class GrpcZarrStore(Store):
                                             thread_name_prefix="gristmill-arrays")
             assert self._options.address is not None
             self._rings = _RingPool(shared_memory, self._options.address)
+            # a store never closed still removes its rings' names (at collection or exit)
+            weakref.finalize(self, self._rings.close)
             self._owner = True
         self._stub = arrays_pb2_grpc.ArrayServiceStub(self._channel)
         self._pid = os.getpid()
@@ -338,7 +353,8 @@ class GrpcZarrStore(Store):
         if ring is None:
             self._stream(request, asked, deliver, None, None)
             return
-        request.ring.name, request.ring.capacity = ring.name, ring.capacity
+        request.ring.name, request.ring.capacity, request.ring.token = (
+            ring.name, ring.capacity, ring.token)
         ring.release(0)  # each call's writer starts at the ring's beginning
         clean = False
         started: list[bool] = []
@@ -372,6 +388,7 @@ class GrpcZarrStore(Store):
                 except ValueError as e:
                     raise DataLoss(f"a GetKeys response from {self.address} does not parse "
                                    f"({e}); retry", reason="BAD_RESPONSE") from None
+                in_ring = False  # whether this message's values lie in the ring
                 for v in response.values:
                     if v.index != expect or v.index >= len(asked):
                         raise DataLoss(f"the server sent value {v.index} where {expect} was due; "
@@ -382,7 +399,8 @@ class GrpcZarrStore(Store):
                         continue
                     data: Chunk = v.data
                     if v.ring_length or v.ring_offset:
-                        data = self._in_ring(ring, v.ring_offset, v.ring_length)
+                        data = self._in_ring(ring, settle, v.ring_offset, v.ring_length)
+                        in_ring = True
                     if pending is None:
                         version = v.version
                         if v.last:  # the common case: one piece, no copy
@@ -399,9 +417,14 @@ class GrpcZarrStore(Store):
                         deliver(asked[v.index], memoryview(pending), version)
                         pending = None
                         expect += 1
-                if ring is not None and response.ring_release:
-                    if settle is not None:
-                        settle()
+                if in_ring:
+                    if not 0 < response.ring_release < 1 << 63:
+                        raise DataLoss(f"a GetKeys response from {self.address} placed values "
+                                       f"in the ring without a valid release point "
+                                       f"({response.ring_release}); retry",
+                                       reason="BAD_RESPONSE")
+                    assert ring is not None and settle is not None
+                    settle()
                     ring.release(response.ring_release)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
@@ -411,9 +434,11 @@ class GrpcZarrStore(Store):
             raise DataLoss(f"the server ended GetKeys after {expect} of {len(asked)} values; "
                            "retry", reason="BAD_RESPONSE")
 
-    def _in_ring(self, ring: RingReader | None, offset: int, length: int) -> memoryview:
+    def _in_ring(self, ring: RingReader | None, settle: Callable[[], None] | None, offset: int,
+                 length: int) -> memoryview:
         """A value's bytes in the call's ring, checked against the ring's bounds."""
-        if ring is None or offset < 0 or length < 0 or offset + length > ring.capacity:
+        if ring is None or offset < 0 or length < 0 or offset + length > ring.capacity or \
+                settle is None:
             raise DataLoss(f"the server from {self.address} placed a value at {offset}+{length}, "
                            "outside the call's ring; retry", reason="BAD_RESPONSE")
         return memoryview(ring.view(offset, length).data)
