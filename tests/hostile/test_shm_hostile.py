@@ -46,8 +46,8 @@ def test_a_client_truncating_its_ring_fails_its_stream_only(
     ring = RingReader.create(ONE_BATCH)
     try:
         call = stub.StreamBatches(ingest_pb2.StreamBatchesRequest(
-            spec=spec, ring=common_pb2.SharedMemoryRing(name=ring.name,
-                                                        capacity=ring.capacity)))
+            spec=spec, ring=common_pb2.SharedMemoryRing(name=ring.name, capacity=ring.capacity,
+                                            token=ring.token)))
         first = next(call)
         assert first.HasField("ring_slice")
         # the server now waits for the release of batch 0 before writing batch 1;

@@ -35,7 +35,7 @@ from gristmill.client.arrays import Dataset, File, GrpcZarrStore
 from gristmill.client.arrays.store import KeyWriteOp
 from gristmill.client.arraywire import decode_response, encode_release, encode_value
 from gristmill.client.errors import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
-from gristmill.client.shm import RING_UNAVAILABLE, RingReader
+from gristmill.client.shm import RING_UNAVAILABLE, RingReader, RingWriter
 from gristmill.common.server import create_server, ensure_admin_key
 from gristmill.common.service import select_services
 from gristmill.store.arrays import MIN_RING_BYTES, ArrayStore
@@ -1261,4 +1261,76 @@ def test_a_store_never_closed_still_removes_its_rings(array_server: Running, shm
     assert len(got) == 10 and len(list(shm_dir.iterdir())) == 1
     del store
     gc.collect()
+    assert not list(shm_dir.iterdir())
+
+
+def test_rings_outlive_a_forked_child_and_a_dropped_parent_store(array_server: Running,
+                                                                  shm_dir: Path) -> None:
+    with File(array_server.address, "a", api_key=array_server.admin_key) as f:
+        f.create_dataset("k", data=np.arange(100, dtype="int64"), chunks=(10,))
+    reads = [(f"k/c/{i}", 0, 0) for i in range(10)]
+
+    def read_through(store: GrpcZarrStore) -> list[bytes]:
+        got: dict[int, bytes] = {}
+        store.read_values(reads, lambda i, d, v: got.__setitem__(i, bytes(d or b"")),
+                          versions=False, settle=lambda: None)
+        return [got[i] for i in range(10)]
+
+    owner = GrpcZarrStore(array_server.address, api_key=array_server.admin_key,
+                          shared_memory=True)
+    derived = owner.with_read_only(True)
+    expect = read_through(owner)
+    rings = sorted(p.name for p in shm_dir.iterdir())
+    assert len(rings) == 1
+    # a forked child that drops its copy of the store leaves the parent's rings alone
+    pid = os.fork()
+    if pid == 0:  # the child: collect the store (its finalizer runs here), then leave
+        code = 1
+        try:
+            del owner, derived
+            gc.collect()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert sorted(p.name for p in shm_dir.iterdir()) == rings
+    # the store zarr derives (with_read_only) keeps the rings while it lives
+    del owner
+    gc.collect()
+    before = array_shm_bytes("shm")
+    assert read_through(derived) == expect
+    assert array_shm_bytes("shm") > before
+    assert sorted(p.name for p in shm_dir.iterdir()) == rings
+    del derived
+    gc.collect()
+    assert not list(shm_dir.iterdir())
+
+
+def test_a_ring_another_call_still_writes_is_read_around(array_server: Running, shm_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gristmill.store.arrays._RING_LOCK_WAIT", 0.3)
+    with File(array_server.address, "a", api_key=array_server.admin_key) as f:
+        f.create_dataset("b", data=np.arange(100, dtype="int64"), chunks=(10,))
+    store = GrpcZarrStore(array_server.address, api_key=array_server.admin_key)
+    try:
+        got: dict[int, bytes] = {}
+        reads = [(f"b/c/{i}", 0, 0) for i in range(10)]
+        store.read_values(reads, lambda i, d, v: got.__setitem__(i, bytes(d or b"")),
+                          versions=False, settle=lambda: None)
+        [name] = [p.name for p in shm_dir.iterdir()]
+        ring = store._rings._free[0]
+        # a writer of another call holds the ring (as a call gRPC retried would)
+        other = RingWriter.open(shm_dir, name, ring.capacity, token=ring.token,
+                                keep_name=True, lock_wait=0)
+        try:
+            again: dict[int, bytes] = {}
+            store.read_values(reads, lambda i, d, v: again.__setitem__(i, bytes(d or b"")),
+                              versions=False, settle=lambda: None)
+        finally:
+            other.close()
+        assert again == got  # this call went over gRPC ...
+        assert store._rings.on  # ... and rings stay on for the next ones
+    finally:
+        store.close()
     assert not list(shm_dir.iterdir())

@@ -75,8 +75,8 @@ def test_a_ring_too_small_for_a_batch_gets_it_inline(fed: Running) -> None:
         ring = RingReader.create(capacity)
         try:
             msgs = list(stub.StreamBatches(ingest_pb2.StreamBatchesRequest(
-                spec=spec, ring=common_pb2.SharedMemoryRing(name=ring.name,
-                                                            capacity=ring.capacity))))
+                spec=spec, ring=common_pb2.SharedMemoryRing(name=ring.name, capacity=ring.capacity,
+                                            token=ring.token))))
             # unlike a Loader, this reads only after the stream ended: every batch
             # must have fitted beside the unreleased ones, or come inline
             batches, assembler = [], _Assembler(ring)
@@ -148,3 +148,22 @@ def test_from_folder_has_nothing_to_share(photos: Path) -> None:
         Loader.from_folder(photos, shared_memory=True, show_progress=False)
     with Loader.from_folder(photos, show_progress=False, **SMALL) as ld:  # type: ignore[arg-type]
         assert ld.pixel_path == "in-process" and len(epoch(ld)) == len(ld)
+
+
+def test_a_ring_named_without_its_token_is_not_written(fed: Running, shm_dir: Path) -> None:
+    """Knowing a ring's name (listing /dev/shm) is not enough to have the server write it."""
+    spec = loader(fed).spec
+    stub = ingest_pb2_grpc.IngestServiceStub(fed.channel())
+    ring = RingReader.create(4 * 1024 * 1024)
+    try:
+        for token in (b"", bytes(16)):
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.StreamBatches(ingest_pb2.StreamBatchesRequest(
+                    spec=spec, ring=common_pb2.SharedMemoryRing(
+                        name=ring.name, capacity=ring.capacity, token=token))))
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "token" in (info.value.details() or "")
+            assert (shm_dir / ring.name).exists()  # not opened for writing, not unlinked
+        assert not ring.view(0, 4096).any()
+    finally:
+        ring.close()

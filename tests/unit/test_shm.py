@@ -218,3 +218,24 @@ def test_a_writer_checks_the_token_and_takes_the_ring_alone(shm_dir: Path) -> No
     second.close()
     reader.close()
     other.close()
+
+
+def test_a_busy_ring_is_its_own_reason_and_a_gone_client_stops_the_wait(shm_dir: Path) -> None:
+    reader = RingReader.create(4096, shm_dir)
+    holder = RingWriter.open(shm_dir, reader.name, reader.capacity, token=reader.token,
+                             keep_name=True, lock_wait=0)
+    with pytest.raises(FailedPrecondition) as busy:
+        RingWriter.open(shm_dir, reader.name, reader.capacity, token=reader.token,
+                        keep_name=True, lock_wait=0.1)
+    assert busy.value.reason == shm.RING_BUSY
+    start = time.monotonic()
+    with pytest.raises(RingClosed):
+        RingWriter.open(shm_dir, reader.name, reader.capacity, token=reader.token,
+                        keep_name=True, lock_wait=30, is_active=lambda: False)
+    assert time.monotonic() - start < 5
+    with pytest.raises(FailedPrecondition, match="without its token") as missing:
+        RingWriter.open(shm_dir, reader.name, reader.capacity, token=b"")
+    assert missing.value.reason == shm.RING_UNAVAILABLE
+    assert (shm_dir / reader.name).exists()
+    holder.close()
+    reader.close()

@@ -66,12 +66,14 @@ from gristmill.client.errors import FailedPrecondition, Internal, InvalidArgumen
 __all__ = [
     "DEFAULT_DIR",
     "RING_BROKEN",
+    "RING_BUSY",
     "RING_UNAVAILABLE",
     "RingClosed",
     "RingReader",
     "RingWriter",
     "ring_dir",
     "sweep",
+    "unavailable",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,8 @@ RING_UNAVAILABLE = "SHM_RING_UNAVAILABLE"
 #: ErrorInfo reason when a ring became unusable mid-stream (the client truncated,
 #: shrank or closed it).
 RING_BROKEN = "SHM_RING_BROKEN"
+#: ErrorInfo reason when another call still writes into the ring a request named.
+RING_BUSY = "SHM_RING_BUSY"
 MAGIC = b"GMRING01"
 HEADER = 4096
 _CAPACITY_AT = 8
@@ -264,17 +268,22 @@ class RingWriter:
         self._written = 0
 
     @classmethod
-    def open(cls, directory: Path | None, name: str, capacity: int, *, token: bytes = b"",
+    def open(cls, directory: Path | None, name: str, capacity: int, *,
+             token: bytes | None = None,
              keep_name: bool = False, setting: str = "ingest.shm_dir",
-             lock_wait: float | None = None) -> RingWriter:
+             lock_wait: float | None = None,
+             is_active: Callable[[], bool] = lambda: True) -> RingWriter:
         """Open the ring ``name`` in ``directory`` and unlink its name (unless ``keep_name``).
 
-        ``token``, when given, must be the one in the ring's header.
+        ``token`` must be the one in the ring's header (None: not checked,
+        for a ring of this process; empty: refused, a client from before tokens).
         ``keep_name`` is for a ring that serves many calls in turn (GetKeys):
         its client removes the name when it closes. ``lock_wait`` (seconds):
         take the ring's writer lock, waiting at most that long for another
-        call's writer to finish. ``setting`` names the server setting that
-        turns shared memory on, for the error message.
+        call's writer to finish (FAILED_PRECONDITION, reason
+        ``SHM_RING_BUSY``, after that; RingClosed once ``is_active`` turns
+        false). ``setting`` names the server setting that turns shared memory
+        on, for the error message.
 
         Raises:
             InvalidArgument: the name is not a ring name.
@@ -288,7 +297,10 @@ class RingWriter:
         if capacity < ALIGN or capacity % ALIGN:
             raise InvalidArgument("ring.capacity", f"must be a positive multiple of {ALIGN}, "
                                   f"got {capacity}")
-        if token and len(token) != TOKEN_BYTES:
+        if token is not None and len(token) != TOKEN_BYTES:
+            if not token:  # a client from before tokens: it streams over gRPC then
+                raise unavailable("the request names a ring without its token (ring.token); "
+                                  "update the client, or stream without a ring")
             raise InvalidArgument("ring.token", f"must be {TOKEN_BYTES} bytes (the ring's own), "
                                   f"got {len(token)}")
         if directory is None:
@@ -317,11 +329,11 @@ class RingWriter:
             if header[:len(MAGIC)] != MAGIC or len(header) < _TOKEN_AT + TOKEN_BYTES or \
                     struct.unpack_from("<Q", header, _CAPACITY_AT)[0] != capacity:
                 raise unavailable(f"{path} is not a gristmill ring of {capacity} bytes")
-            if token and not secrets.compare_digest(header[_TOKEN_AT:], token):
+            if token is not None and not secrets.compare_digest(header[_TOKEN_AT:], token):
                 raise unavailable(f"ring {name} is not the ring of this request (its token "
                                   "differs): name a ring this client created")
             if lock_wait is not None:
-                _lock_writer(fd, name, lock_wait)
+                _lock_writer(fd, name, lock_wait, is_active)
         except BaseException:
             os.close(fd)
             raise
@@ -427,7 +439,7 @@ def _pwrite_all(fd: int, views: list[memoryview], at: int) -> None:
             i += 1
 
 
-def _lock_writer(fd: int, name: str, wait: float) -> None:
+def _lock_writer(fd: int, name: str, wait: float, is_active: Callable[[], bool]) -> None:
     """Take the ring's writer lock (an OFD lock, released when ``fd`` closes)."""
     request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _LOCK_AT, 1, 0)
     deadline = time.monotonic() + wait
@@ -439,9 +451,12 @@ def _lock_writer(fd: int, name: str, wait: float) -> None:
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise unavailable(f"cannot lock ring {name}: {e.strerror}") from e
+        if not is_active():
+            raise RingClosed("the client went away")
         if time.monotonic() >= deadline:
-            raise unavailable(f"ring {name} is still written by another call after {wait:.0f} "
-                              "s: use a ring for one call at a time")
+            raise FailedPrecondition(f"ring {name} is still written by another call after "
+                                     f"{wait:.0f} s: use a ring for one call at a time",
+                                     reason=RING_BUSY)
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
 

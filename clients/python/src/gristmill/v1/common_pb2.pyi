@@ -159,7 +159,7 @@ class SharedMemoryRing(_message.Message):
     removed by the next client that creates one (it is no longer locked). While
     a GetKeys call writes into a ring the server holds a lock on byte 64 of its
     header; a second call on the same ring waits for it (a few seconds at most,
-    then FAILED_PRECONDITION).
+    then FAILED_PRECONDITION with reason SHM_RING_BUSY).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -175,7 +175,9 @@ class SharedMemoryRing(_message.Message):
     """The 16 random bytes at byte 24 of the ring's header, which its creator
     wrote: the server writes only into a ring whose header holds them, so
     knowing a ring's name is not enough to have the server write into it.
-    Required by GetKeys; checked by StreamBatches when given.
+    Required: without it the server refuses the ring (StreamBatches:
+    FAILED_PRECONDITION, reason SHM_RING_UNAVAILABLE, so that older clients
+    stream over gRPC; GetKeys: INVALID_ARGUMENT).
     """
     def __init__(
         self,

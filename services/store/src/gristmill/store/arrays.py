@@ -322,9 +322,13 @@ class ArrayStore:
         if not request.ring.token:
             raise InvalidArgument("ring.token", "a GetKeys ring needs its token (the 16 bytes "
                                   "at byte 24 of its header)")
-        ring = RingWriter.open(self.shm_dir, request.ring.name, request.ring.capacity,
-                               token=request.ring.token, keep_name=True,
-                               setting="store.shm_dir", lock_wait=_RING_LOCK_WAIT)
+        try:
+            ring = RingWriter.open(self.shm_dir, request.ring.name, request.ring.capacity,
+                                   token=request.ring.token, keep_name=True,
+                                   setting="store.shm_dir", lock_wait=_RING_LOCK_WAIT,
+                                   is_active=is_active)
+        except RingClosed:
+            return
         try:  # two records fit the ring: one the client reads while the next is written
             packer = _RingPacker(min(budget, ring.capacity // 2), ring=ring,
                                  is_active=is_active)

@@ -55,7 +55,7 @@ from gristmill.client.errors import (
     call_rpc,
     from_rpc_error,
 )
-from gristmill.client.shm import RING_UNAVAILABLE, RingReader
+from gristmill.client.shm import RING_BUSY, RING_UNAVAILABLE, RingReader
 from gristmill.v1 import arrays_pb2, arrays_pb2_grpc
 
 __all__ = ["MAX_KEYS_PER_CALL", "Chunk", "GrpcZarrStore", "KeyOutcome", "KeyWriteOp", "valid_key"]
@@ -152,6 +152,7 @@ class _RingPool:
         self._all: set[RingReader] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()  # rings belong to this process, not to a forked child
 
     def take(self) -> RingReader | None:
         """A ring for one call, or None: read over gRPC.
@@ -159,7 +160,7 @@ class _RingPool:
         Rings are created under the lock, so that :meth:`close` never misses one.
         """
         with self._lock:
-            if not self.on or self._closed:
+            if not self.on or self._closed or os.getpid() != self._pid:
                 return None
             if self._free:
                 return self._free.pop()
@@ -204,7 +205,13 @@ class _RingPool:
         return True
 
     def close(self) -> None:
-        """Close every ring (their names go from /dev/shm)."""
+        """Close every ring (their names go from /dev/shm); in a forked child, nothing.
+
+        A child that drops its copy of the store must not remove the rings
+        its parent still uses.
+        """
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             self._closed = True
             rings, self._all, self._free = list(self._all), set(), []
@@ -247,6 +254,7 @@ class GrpcZarrStore(Store):
             self._pool = _shared._pool
             self._rings = _shared._rings
             self._owner = False
+            self._parent: GrpcZarrStore | None = _shared  # its rings live while this store does
         else:
             self._options = ConnectionOptions(address, api_key,
                                               Path(ca_file) if ca_file else None).resolved()
@@ -258,6 +266,7 @@ class GrpcZarrStore(Store):
             # a store never closed still removes its rings' names (at collection or exit)
             weakref.finalize(self, self._rings.close)
             self._owner = True
+            self._parent = None
         self._stub = arrays_pb2_grpc.ArrayServiceStub(self._channel)
         self._pid = os.getpid()
         # GetKeys responses are read as wire bytes (gristmill.client.arraywire): no copies
@@ -332,6 +341,7 @@ class GrpcZarrStore(Store):
         after each message's values and must return once the caller is done
         with every value delivered so far (or raise to abandon the read).
         """
+        self._check_process()
         for start in range(0, len(reads), MAX_KEYS_PER_CALL):
             part = reads[start:start + MAX_KEYS_PER_CALL]
             asked: list[int] = []
@@ -362,9 +372,10 @@ class GrpcZarrStore(Store):
             self._stream(request, asked, deliver, settle, ring, started)
             clean = True
         except FailedPrecondition as e:
-            # refused before anything was sent: read the same values without it
+            # refused before anything was sent: read the same values without it (a ring
+            # another call still writes into is given up; a refusal turns rings off)
             clean = not started and e.reason == RING_UNAVAILABLE
-            if started or not self._rings.refused(e):
+            if started or not (e.reason == RING_BUSY or self._rings.refused(e)):
                 raise
             request.ClearField("ring")
             self._stream(request, asked, deliver, None, None)
