@@ -455,7 +455,7 @@ def _lock_writer(fd: int, name: str, wait: float, is_active: Callable[[], bool])
             raise RingClosed("the client went away")
         if time.monotonic() >= deadline:
             raise FailedPrecondition(f"ring {name} is still written by another call after "
-                                     f"{wait:.0f} s: use a ring for one call at a time",
+                                     f"{wait:g} s: use a ring for one call at a time",
                                      reason=RING_BUSY)
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
