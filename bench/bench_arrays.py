@@ -99,6 +99,19 @@ def median_seconds(fn: Callable[[], np.ndarray], expect: np.ndarray) -> float:
     return statistics.median(times)
 
 
+def median_read_seconds(read: Callable[[], int], total: int, what: str) -> float:
+    """Median wall time of ``read`` (which returns the bytes it read) over REPEATS runs
+    after a warm-up; each timed run must read ``total`` bytes."""
+    read()
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        if read() != total:
+            raise RuntimeError(f"short {what} read")
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def interleaved_seconds(fns: dict[str, Callable[[], np.ndarray]], expect: np.ndarray
                         ) -> dict[str, float]:
     """Median wall time of each function, timed in turn round after round.
@@ -230,14 +243,7 @@ def raw_fetch_seconds(address: str, key: str, shm: bool) -> float:
             store.read_values(reads, deliver, versions=False, settle=lambda: None)
             return got[0]
 
-        fetch_all()
-        times = []
-        for _ in range(REPEATS):
-            start = time.perf_counter()
-            if fetch_all() != total:
-                raise RuntimeError("short GetKeys read")
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_read_seconds(fetch_all, total, "GetKeys")
 
 
 @contextlib.contextmanager
@@ -287,15 +293,9 @@ def rados_full_read(conf: str, pool: str) -> tuple[float, int]:
                     c.wait_for_complete_and_cb()
             return sum(got)
 
-        read_all()
-        times = []
-        for _ in range(REPEATS):
-            start = time.perf_counter()
-            if read_all() != total:
-                raise RuntimeError("short rados read")
-            times.append(time.perf_counter() - start)
+        seconds = median_read_seconds(read_all, total, "rados")
         io.close()
-        return statistics.median(times), total
+        return seconds, total
     finally:
         client.shutdown()
 

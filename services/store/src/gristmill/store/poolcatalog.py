@@ -491,15 +491,8 @@ class PoolCatalog:
         self._write(_DATASETS, "finish deleting a dataset", removes=["t:" + rec.uid])
 
     def _all(self, oid: str, prefix: str) -> list[tuple[str, bytes]]:
-        """Every omap entry of ``oid`` under ``prefix``, page by page."""
-        out: list[tuple[str, bytes]] = []
-        after = ""
-        while True:
-            got = self._read(oid, after=after, prefix=prefix)[0]
-            out += got
-            if len(got) < _PAGE:
-                return out
-            after = got[-1][0]
+        """Every omap entry of ``oid`` under ``prefix`` (a printable one), page by page."""
+        return list(self._scan(oid, prefix=prefix))
 
     def purge_deleted(self) -> int:
         """Finish deleting datasets whose removal a crash interrupted; returns how many."""

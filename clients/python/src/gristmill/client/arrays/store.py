@@ -410,7 +410,7 @@ class GrpcZarrStore(Store):
                         continue
                     data: Chunk = v.data
                     if v.ring_length or v.ring_offset:
-                        data = self._in_ring(ring, settle, v.ring_offset, v.ring_length)
+                        data = self._in_ring(ring, v.ring_offset, v.ring_length)
                         in_ring = True
                     if pending is None:
                         version = v.version
@@ -445,11 +445,12 @@ class GrpcZarrStore(Store):
             raise DataLoss(f"the server ended GetKeys after {expect} of {len(asked)} values; "
                            "retry", reason="BAD_RESPONSE")
 
-    def _in_ring(self, ring: RingReader | None, settle: Callable[[], None] | None, offset: int,
-                 length: int) -> memoryview:
-        """A value's bytes in the call's ring, checked against the ring's bounds."""
-        if ring is None or offset < 0 or length < 0 or offset + length > ring.capacity or \
-                settle is None:
+    def _in_ring(self, ring: RingReader | None, offset: int, length: int) -> memoryview:
+        """A value's bytes in the call's ring, checked against the ring's bounds.
+
+        (A call has a ring only when its caller gave ``settle``: see :meth:`_get_keys`.)
+        """
+        if ring is None or offset < 0 or length < 0 or offset + length > ring.capacity:
             raise DataLoss(f"the server from {self.address} placed a value at {offset}+{length}, "
                            "outside the call's ring; retry", reason="BAD_RESPONSE")
         return memoryview(ring.view(offset, length).data)
