@@ -57,7 +57,7 @@ def _gc(args: argparse.Namespace) -> int:
         print("error: --grace-minutes must not be negative", file=sys.stderr)
         return 2
     catalog = config.data_dir / "store" / "catalog.sqlite"
-    in_pool = (getattr(StoreConfig.of(config).backend, "catalog", "local") == "pool")
+    in_pool = StoreConfig.of(config).catalog_in_pool
     if not in_pool and not catalog.is_file():
         print(f"error: {config.data_dir} holds no store (no {catalog}); pass the server's "
               "--data directory", file=sys.stderr)

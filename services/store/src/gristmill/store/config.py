@@ -106,6 +106,11 @@ class StoreConfig(ServiceConfig):
     #: socket (docs/arrays.md). None turns it off: values go over gRPC.
     shm_dir: Path | None = Path("/dev/shm")
 
+    @property
+    def catalog_in_pool(self) -> bool:
+        """Whether the catalog lives in the Ceph pool (shared by replicas), not in data_dir."""
+        return isinstance(self.backend, CephBackendConfig) and self.backend.catalog == "pool"
+
     def check(self, server: ServerConfig) -> None:
         """ReadFiles messages fit in the server's message size."""
         if self.read_message_bytes > server.max_message_bytes - 64 * 1024:

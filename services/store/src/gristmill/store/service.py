@@ -169,10 +169,9 @@ def open_store(ctx: ServiceContext) -> Store:
     reserve = DiskReserve(root / "reserve", config.disk_reserve_bytes)
     backend = open_backend(config, root)
     catalog: CatalogApi
-    if isinstance(backend, CephBackend) and config.backend.kind == "ceph" \
-            and config.backend.catalog == "pool":
+    if isinstance(backend, CephBackend) and config.catalog_in_pool:
         _refuse_local_catalog(root / "catalog.sqlite")
-        catalog = PoolCatalog(backend, root / "catalog", config.backend.catalog_shards)
+        catalog = PoolCatalog(backend, root / "catalog", backend.config.catalog_shards)
     else:
         catalog = Catalog(root / "catalog.sqlite")
     return Store(catalog, BlobStore(backend), read_message_bytes=config.read_message_bytes,
